@@ -1,0 +1,1 @@
+"""Target assignment: anchor IoU matching (EfficientDet) and the dynamic soft-label assigner (NanoDet-Plus)."""

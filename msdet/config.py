@@ -1,0 +1,315 @@
+"""Typed, validated view of ``params.yaml``.
+
+``params.yaml`` is the only place hyperparameters live. Every stage calls :func:`load_params` once at
+start; the YAML is checked against the dataclasses below (unknown keys, wrong types and out-of-range
+values stop the stage with a message naming the key) and the stage then reads plain typed attributes.
+
+A field's constraints are declared in its ``metadata``: ``range=(lo, hi)`` (inclusive, ``None`` for
+open), ``choices=(...)``, ``multiple_of=N``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is unknown, of the wrong type or out of range."""
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared blocks
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device_target: str = _f("CPU", choices=("CPU", "GPU", "Ascend"))
+    seed: int = _f(0, range=(0, 2**31 - 1))
+    graph_mode: bool = _f(True)
+    # Host threads for MindSpore's CPU kernels; 0 leaves MindSpore's default.
+    cpu_threads: int = _f(0, range=(0, 1024))
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded data set: shapes on textured backgrounds, made deterministically from ``seed``."""
+
+    num_train: int = _f(400, range=(1, 1_000_000))
+    num_val: int = _f(100, range=(1, 1_000_000))
+    image_size: int = _f(256, range=(32, 4096))
+    min_objects: int = _f(1, range=(1, 100))
+    max_objects: int = _f(8, range=(1, 100))
+    min_object_frac: float = _f(0.06, range=(0.01, 1.0))
+    max_object_frac: float = _f(0.6, range=(0.01, 1.0))
+    seed: int = _f(2017, range=(0, 2**31 - 1))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "synthetic" (embedded set, made on the spot), "coco2017" (downloaded), or a path to a local COCO tree.
+    source: str = _f("synthetic")
+    # Where the download stage materialises the COCO-format tree.
+    root: str = _f("data/coco")
+    synthetic: SyntheticConfig = _f(SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    base_url: str = _f("http://images.cocodataset.org")
+    retries: int = _f(5, range=(0, 100))
+    backoff_seconds: float = _f(2.0, range=(0.0, 600.0))
+    timeout_seconds: float = _f(60.0, range=(1.0, 3600.0))
+    chunk_bytes: int = _f(1 << 20, range=(1024, 1 << 30))
+
+
+@dataclass(frozen=True)
+class MindrecordConfig:
+    out_dir: str = _f("data/mindrecord")
+    train_shards: int = _f(4, range=(1, 1000))
+    val_shards: int = _f(1, range=(1, 1000))
+    workers: int = _f(2, range=(1, 256))
+    # Keep training images that have no (non-crowd) annotation as pure-background samples.
+    keep_empty_images: bool = _f(False)
+    skip_bad_images: bool = _f(False)
+    # Boxes narrower or lower than this (pixels, after clipping to the image) are dropped.
+    min_box_side: float = _f(1.0, range=(0.0, 1e4))
+
+
+# --------------------------------------------------------------------------------------------------
+# training (one engine, one schema; each model block carries its own values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(10, range=(1, 100_000))
+    batch_size: int = _f(8, range=(1, 4096))
+    optimizer: str = _f("adamw", choices=("sgd", "adamw"))
+    # Peak learning rate at ``lr_reference_batch`` images per step; scaled linearly with the global batch
+    # when ``scale_lr_with_batch`` is set.
+    lr: float = _f(1e-3, range=(0.0, 10.0))
+    lr_reference_batch: int = _f(64, range=(1, 1 << 20))
+    scale_lr_with_batch: bool = _f(True)
+    warmup_steps: int = _f(100, range=(0, 10**9))
+    warmup_ratio: float = _f(1e-3, range=(0.0, 1.0))
+    # Cosine decay ends at lr * min_lr_ratio.
+    min_lr_ratio: float = _f(0.05, range=(0.0, 1.0))
+    weight_decay: float = _f(0.05, range=(0.0, 1.0))
+    # automl exempts BN scales and biases from weight decay; nanodet's AdamW decays every tensor.
+    decay_norm_and_bias: bool = _f(False)
+    momentum: float = _f(0.9, range=(0.0, 1.0))
+    grad_clip_norm: float = _f(35.0, range=(0.0, 1e6))
+    ema_decay: float = _f(0.9998, range=(0.0, 1.0))
+    # EMA decay ramps up as decay * (1 - exp(-step / ema_ramp_steps)) (nanodet: 2000).
+    ema_ramp_steps: float = _f(2000.0, range=(1.0, 1e9))
+    # Padded ground-truth boxes per image: static shapes so the step compiles once.
+    max_gt_boxes: int = _f(32, range=(1, 1000))
+    num_workers: int = _f(2, range=(1, 64))
+    log_every_steps: int = _f(1, range=(1, 10**6))
+    # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
+    max_steps_per_epoch: int = _f(0, range=(0, 10**9))
+
+
+@dataclass(frozen=True)
+class D0AugmentConfig:
+    scale_min: float = _f(0.5, range=(0.01, 10.0))
+    scale_max: float = _f(1.5, range=(0.01, 10.0))
+    flip_prob: float = _f(0.5, range=(0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class D0Config:
+    input_size: int = _f(256, range=(128, 4096), multiple_of=128)
+    # "none", a path to a MindSpore checkpoint of EfficientNet-B0, or "mindcv" (ImageNet weights, online).
+    pretrained_backbone: str = _f("none")
+    # "none" or a checkpoint of the whole detector (ours or converted from the official weights).
+    init: str = _f("none")
+    drop_connect_rate: float = _f(0.2, range=(0.0, 0.9))
+    anchor_scale: float = _f(4.0, range=(0.1, 100.0))
+    pos_iou: float = _f(0.5, range=(0.0, 1.0))
+    neg_iou: float = _f(0.4, range=(0.0, 1.0))
+    focal_alpha: float = _f(0.25, range=(0.0, 1.0))
+    focal_gamma: float = _f(2.0, range=(0.0, 10.0))
+    box_loss_weight: float = _f(50.0, range=(0.0, 1e4))
+    huber_delta: float = _f(0.1, range=(1e-6, 10.0))
+    train: TrainConfig = _f(TrainConfig)
+    augment: D0AugmentConfig = _f(D0AugmentConfig)
+
+
+@dataclass(frozen=True)
+class NanoDetAugmentConfig:
+    scale_min: float = _f(0.6, range=(0.01, 10.0))
+    scale_max: float = _f(1.4, range=(0.01, 10.0))
+    stretch_min: float = _f(0.8, range=(0.01, 10.0))
+    stretch_max: float = _f(1.2, range=(0.01, 10.0))
+    translate: float = _f(0.2, range=(0.0, 1.0))
+    flip_prob: float = _f(0.5, range=(0.0, 1.0))
+    brightness: float = _f(0.2, range=(0.0, 1.0))
+    contrast_min: float = _f(0.6, range=(0.0, 10.0))
+    contrast_max: float = _f(1.4, range=(0.0, 10.0))
+    saturation_min: float = _f(0.5, range=(0.0, 10.0))
+    saturation_max: float = _f(1.2, range=(0.0, 10.0))
+
+
+@dataclass(frozen=True)
+class NanoDetConfig:
+    input_size: int = _f(320, range=(64, 4096), multiple_of=64)
+    pretrained_backbone: str = _f("none")
+    init: str = _f("none")
+    reg_max: int = _f(7, range=(1, 64))
+    detach_epoch: int = _f(10, range=(0, 100_000))
+    assigner_topk: int = _f(13, range=(1, 1000))
+    assigner_iou_factor: float = _f(3.0, range=(0.0, 100.0))
+    qfl_beta: float = _f(2.0, range=(0.0, 10.0))
+    qfl_weight: float = _f(1.0, range=(0.0, 100.0))
+    dfl_weight: float = _f(0.25, range=(0.0, 100.0))
+    giou_weight: float = _f(2.0, range=(0.0, 100.0))
+    train: TrainConfig = _f(TrainConfig)
+    augment: NanoDetAugmentConfig = _f(NanoDetAugmentConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _f(8, range=(1, 4096))
+    score_threshold: float = _f(0.05, range=(0.0, 1.0))
+    # Per model: D0 0.5, NanoDet 0.6, as the official implementations.
+    nms_iou_d0: float = _f(0.5, range=(0.0, 1.0))
+    nms_iou_nanodet: float = _f(0.6, range=(0.0, 1.0))
+    max_detections: int = _f(100, range=(1, 10_000))
+    num_plot_images: int = _f(4, range=(0, 1000))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: list = _f(["MINDIR", "ONNX"])
+    tolerance: float = _f(1e-4, range=(0.0, 1.0))
+    num_check_images: int = _f(4, range=(1, 1000))
+    latency_repeats: int = _f(10, range=(1, 10_000))
+
+
+@dataclass(frozen=True)
+class Params:
+    runtime: RuntimeConfig = _f(RuntimeConfig)
+    data: DataConfig = _f(DataConfig)
+    download: DownloadConfig = _f(DownloadConfig)
+    mindrecord: MindrecordConfig = _f(MindrecordConfig)
+    d0: D0Config = _f(D0Config)
+    nanodet: NanoDetConfig = _f(NanoDetConfig)
+    eval: EvalConfig = _f(EvalConfig)
+    export: ExportConfig = _f(ExportConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: dict, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, source, prefix=key + ".")
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        tp = args[0]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    elif tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+    lo_hi = meta.get("range")
+    if lo_hi is not None:
+        lo, hi = lo_hi
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{source}: '{key}' = {value!r} is out of range [{lo}, {hi}]")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{source}: '{key}' = {value!r} is not one of {list(choices)}")
+    mult = meta.get("multiple_of")
+    if mult is not None and value % mult != 0:
+        raise ConfigError(f"{source}: '{key}' = {value!r} must be a multiple of {mult}")
+    return value
+
+
+def from_dict(cls: type, data: dict, source: str = "params.yaml", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and bad values by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"allowed under '{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _check_value(prefix + name, value, hints[name], dict(fields[name].metadata), source)
+    obj = cls(**kwargs)
+    _check_cross(obj, source, prefix)
+    return obj
+
+
+def _check_cross(obj: Any, source: str, prefix: str) -> None:
+    """Constraints between fields of one block."""
+    pairs = [("min_objects", "max_objects"), ("min_object_frac", "max_object_frac"), ("scale_min", "scale_max"),
+             ("stretch_min", "stretch_max"), ("contrast_min", "contrast_max"), ("saturation_min", "saturation_max"),
+             ("neg_iou", "pos_iou")]
+    for lo, hi in pairs:
+        if hasattr(obj, lo) and hasattr(obj, hi) and getattr(obj, lo) > getattr(obj, hi):
+            raise ConfigError(f"{source}: '{prefix}{lo}' ({getattr(obj, lo)}) must not exceed "
+                              f"'{prefix}{hi}' ({getattr(obj, hi)})")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
+    """Read and validate ``path``; ``overrides`` (nested dict) is merged on top, for tests and tools."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if overrides:
+        raw = merge(raw, overrides)
+    return from_dict(Params, raw, str(path))
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge: ``over`` wins; neither input is modified."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

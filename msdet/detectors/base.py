@@ -1,0 +1,41 @@
+"""The interface every detector offers to the training engine, evaluation, export and conversion.
+
+The engine knows nothing model-specific: it builds the network, wraps it in the detector's loss cell and
+trains. Shapes are static (fixed input size, ground truth padded to ``max_gt_boxes``) so graph mode
+compiles the step once.
+
+Batch conventions (produced by ``msdet.data.pipeline``):
+  image      float32 [B, 3, S, S]  normalised as the model expects (D0: RGB ImageNet; NanoDet: BGR official)
+  gt_boxes   float32 [B, M, 4]     x1, y1, x2, y2 in network-input pixels; padding rows are zeros
+  gt_labels  int32   [B, M]        contiguous class index 0..C-1; -1 marks padding
+  epoch      int32   []            current epoch (0-based), for schedules inside the loss (NanoDet detach)
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+from mindspore import nn
+
+
+class Detector(Protocol):
+    name: str
+    #: names of the loss components returned by the loss cell, in order (total first).
+    loss_names: Sequence[str]
+    input_size: int
+    num_classes: int
+
+    def build_network(self) -> nn.Cell:
+        """The full network, training-only branches included (their parameters are checkpointed)."""
+
+    def loss_cell(self, network: nn.Cell) -> nn.Cell:
+        """Cell: (image, gt_boxes, gt_labels, epoch) -> (total_loss scalar, components float32 [K])."""
+
+    def inference_cell(self, network: nn.Cell) -> nn.Cell:
+        """Cell: image -> outputs in the official layout (what export writes)."""
+
+    def decode(self, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Official-layout outputs -> (boxes [B, A, 4] x1y1x2y2 in input pixels, scores [B, A, C] in [0, 1])."""
+
+    def official_name_map(self, network: nn.Cell) -> dict[str, str]:
+        """Official PyTorch state-dict key -> our MindSpore parameter name, one to one."""

@@ -1,0 +1,1 @@
+"""Training engine shared by both detectors: train step, schedules, EMA, checkpoints, distributed."""

@@ -1,0 +1,55 @@
+"""Data-parallel setup on MindSpore's own launcher (msrun) or an Ascend rank table.
+
+One code path for every backend: ``mindspore.communication.init()`` picks HCCL on Ascend, NCCL on GPU
+and MindSpore's own collectives on CPU. Gradients are averaged across ranks; BatchNorm statistics stay
+per device (each rank normalises with its own batch), as the seed scripts do.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    group_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.group_size > 1
+
+
+def launched_distributed() -> bool:
+    """True under msrun (MS_WORKER_NUM) or an Ascend rank table (RANK_TABLE_FILE with RANK_SIZE > 1)."""
+    if int(os.environ.get("MS_WORKER_NUM", "0") or 0) > 1:
+        return True
+    return bool(os.environ.get("RANK_TABLE_FILE")) and int(os.environ.get("RANK_SIZE", "1")) > 1
+
+
+def init_distributed() -> DistInfo:
+    """Initialise collectives when launched as several workers; a single process gets rank 0 of 1."""
+    if not launched_distributed():
+        return DistInfo()
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    info = DistInfo(rank=get_rank(), group_size=get_group_size())
+    ms.reset_auto_parallel_context()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=info.group_size)
+    return info
+
+
+def gradient_reducer(parameters, info: DistInfo):
+    """Mean all-reduce of gradients across ranks; identity for a single process."""
+    from mindspore import nn
+
+    if not info.enabled:
+        return lambda grads: grads
+    return nn.DistributedGradReducer(parameters, mean=True, degree=info.group_size)

@@ -1,0 +1,24 @@
+"""Process-wide MindSpore setup: device, execution mode, threads, seeds."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+
+from msdet.config import RuntimeConfig
+
+
+def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
+    """Set device target, graph/pynative mode, CPU threads and every seed before any network is built."""
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
+    ms.set_device(cfg.device_target)
+    if cfg.cpu_threads:
+        ms.set_context(runtime_num_threads=cfg.cpu_threads)
+    seed = cfg.seed + seed_offset
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,278 @@
+"""The one training loop both detectors share.
+
+Each detector contributes its network, loss cell (target assignment included) and data layout; this module
+owns everything else: optimizer and schedule, gradient clipping and all-reduce, EMA, per-step logging,
+NaN/inf stops, and epoch checkpoints that a rerun resumes from with identical results.
+
+Output directory layout (``out_dir``, a persisted DVC output):
+  checkpoints/last.ckpt   network + EMA + optimizer state after the last finished epoch (resume point)
+  final.ckpt              network weights at the end (fine-tuning starts here)
+  ema.ckpt                EMA weights under the network's names (eval and export use these)
+  train_log.csv           one row per logged step (copied to the DVC plots file at the end)
+  run_key.json            what the checkpoints were trained with; a resume only happens when it matches
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from msdet.atomic import atomic_path, write_json, write_text
+from msdet.config import TrainConfig
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
+from msdet.engine.distributed import DistInfo, gradient_reducer
+from msdet.engine.ema import EMA
+from msdet.engine.schedules import warmup_cosine
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; no checkpoint of that state is written."""
+
+
+@dataclass
+class TrainData:
+    """How the engine gets batches: ``make_dataset(epoch)`` yields (image, gt_boxes, gt_labels) tuples."""
+
+    make_dataset: Callable[[int], Any]
+    num_train_images: int
+
+
+@dataclass
+class TrainSummary:
+    epochs: int
+    steps: int
+    global_batch: int
+    wall_time_s: float
+    images_per_s: float
+    final_losses: dict[str, float]
+    resumed_from_epoch: int
+    history_rows: int
+    compile_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _param_groups(network, cfg: TrainConfig) -> list[dict]:
+    """Weight decay on conv/dense weights; norm scales and biases get none unless ``decay_norm_and_bias``."""
+    params = network.trainable_params()
+    if cfg.decay_norm_and_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(network, cfg: TrainConfig, lr_per_step: np.ndarray):
+    from mindspore import Tensor, nn
+
+    lr = Tensor(lr_per_step)
+    groups = _param_groups(network, cfg)
+    if cfg.optimizer == "sgd":
+        return nn.Momentum(groups, learning_rate=lr, momentum=cfg.momentum)
+    return nn.AdamWeightDecay(groups, learning_rate=lr, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+class Trainer:
+    """Builds the compiled step for ``detector`` and runs epochs; see the module docstring for outputs."""
+
+    def __init__(self, detector, network, cfg: TrainConfig, data: TrainData, out_dir: str | Path,
+                 dist: DistInfo = DistInfo(), key_payload: Optional[dict] = None, progress: bool = True) -> None:
+        import mindspore as ms
+        from mindspore import ops
+
+        self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
+        self.out_dir, self.dist, self.progress = Path(out_dir), dist, progress
+        self.global_batch = cfg.batch_size * dist.group_size
+        per_rank = data.num_train_images // self.global_batch
+        if per_rank < 1:
+            raise ValueError(f"{data.num_train_images} training images cannot fill one global batch of "
+                             f"{self.global_batch} (batch_size {cfg.batch_size} x {dist.group_size} devices)")
+        self.steps_per_epoch = min(per_rank, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else per_rank
+        self.lr = warmup_cosine(cfg, self.steps_per_epoch, self.global_batch)
+        self.key = run_key({"train": key_payload or {}, "steps_per_epoch": self.steps_per_epoch,
+                            "group_size": dist.group_size})
+
+        self.loss_cell = detector.loss_cell(network)
+        self.optimizer = build_optimizer(network, cfg, self.lr)
+        self.ema = EMA(network, cfg.ema_decay, cfg.ema_ramp_steps)
+        reducer = gradient_reducer(self.optimizer.parameters, dist)
+        grad_fn = ms.value_and_grad(self.loss_cell, None, self.optimizer.parameters, has_aux=True)
+        clip = cfg.grad_clip_norm
+        optimizer, ema = self.optimizer, self.ema
+
+        def step_fn(image, gt_boxes, gt_labels, epoch, step):
+            (loss, parts), grads = grad_fn(image, gt_boxes, gt_labels, epoch)
+            grads = reducer(grads)
+            if clip > 0:
+                grads = ops.clip_by_global_norm(grads, clip)
+            loss = ops.depend(loss, optimizer(grads))
+            loss = ops.depend(loss, ema(step))
+            return loss, parts
+
+        self.step_fn = ms.jit(step_fn) if ms.get_context("mode") == ms.GRAPH_MODE else step_fn
+        self.loss_names = list(detector.loss_names)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def resume_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.ckpt"
+
+    def _save_resume(self, epoch: int, step: int, rows: list[dict]) -> None:
+        import mindspore as ms
+
+        items = [{"name": p.name, "data": p} for p in self.network.get_parameters()]
+        items += [{"name": p.name, "data": p} for p in self.ema.shadows]
+        seen = {i["name"] for i in items}
+        items += [{"name": p.name, "data": p} for p in self.optimizer.get_parameters() if p.name not in seen]
+        # the training log is part of the resume state: a resumed run's curves equal an uninterrupted run's
+        write_text(self.out_dir / "train_log.csv", _rows_to_csv(rows))
+        save_weights(self.resume_path, items, {"epoch": epoch, "step": step, "run_key": self.key,
+                                               "rng": ms.get_rng_state().asnumpy().tolist()})
+
+    def _try_resume(self) -> tuple[int, int, list[dict]]:
+        """(next epoch, global step, log rows) from a matching resume checkpoint, else a fresh start."""
+        import mindspore as ms
+        from mindspore import Tensor
+
+        key_file = self.out_dir / "run_key.json"
+        stored = json.loads(key_file.read_text()).get("run_key") if key_file.is_file() else None
+        if stored != self.key or not self.resume_path.is_file():
+            if self.dist.is_main:
+                for stale in (self.out_dir / "checkpoints", self.out_dir / "train_log.csv"):
+                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                write_json(key_file, {"run_key": self.key})
+            return 0, 0, []
+        params = read_checkpoint(self.resume_path)
+        if checkpoint_meta(params, "run_key") != self.key:
+            return 0, 0, []
+        ms.load_param_into_net(self.network, params, strict_load=False)
+        ms.load_param_into_net(self.ema, params, strict_load=False)
+        ms.load_param_into_net(self.optimizer, params, strict_load=False)
+        rng = checkpoint_meta(params, "rng")
+        if rng is not None:
+            ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
+        rows = _csv_to_rows((self.out_dir / "train_log.csv").read_text()) \
+            if (self.out_dir / "train_log.csv").is_file() else []
+        return int(checkpoint_meta(params, "epoch")) + 1, int(checkpoint_meta(params, "step")), rows
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_after_epochs: Optional[int] = None,
+            on_epoch_end: Optional[Callable[[int], None]] = None) -> TrainSummary:
+        """Train to ``cfg.epochs`` (resuming if possible); ``stop_after_epochs`` ends early, as an interruption."""
+        from mindspore import Tensor
+        import mindspore as ms
+        from tqdm import tqdm
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start_epoch, step, rows = self._try_resume()
+        resumed = start_epoch
+        t_start, compile_time, timed_images, timed_seconds = time.time(), 0.0, 0, 0.0
+        last_parts = None
+        epochs_run = 0
+        for epoch in range(start_epoch, self.cfg.epochs):
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                break
+            self.network.set_train(True)
+            dataset = self.data.make_dataset(epoch)
+            bar = tqdm(total=self.steps_per_epoch, desc=f"{self.detector.name} epoch {epoch + 1}/{self.cfg.epochs}",
+                       disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
+            iterator = dataset.create_tuple_iterator(num_epochs=1)
+            for i, (image, gt_boxes, gt_labels) in enumerate(iterator):
+                if i >= self.steps_per_epoch:
+                    break
+                t0 = time.time()
+                loss, parts = self.step_fn(image, gt_boxes, gt_labels, Tensor(epoch, ms.int32),
+                                           Tensor(step + 1, ms.float32))
+                parts_np = parts.asnumpy()
+                dt = time.time() - t0
+                if step == start_epoch * self.steps_per_epoch and i == 0:
+                    compile_time = dt
+                else:
+                    timed_images += self.global_batch
+                    timed_seconds += dt
+                if not np.all(np.isfinite(parts_np)):
+                    bar.close()
+                    detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.loss_names, parts_np))
+                    raise TrainingDiverged(
+                        f"{self.detector.name}: non-finite loss at epoch {epoch + 1}, step {step + 1} ({detail}); "
+                        f"stopping without writing a checkpoint of this state. Lower the learning rate "
+                        f"(lr={self.lr[min(step, len(self.lr) - 1)]:.3g}) or check the data.")
+                lr = float(self.lr[min(step, len(self.lr) - 1)])
+                step += 1
+                last_parts = parts_np
+                if step % self.cfg.log_every_steps == 0:
+                    row = {"step": step, "epoch": epoch + 1, "lr": lr}
+                    row.update({n: float(v) for n, v in zip(self.loss_names, parts_np)})
+                    rows.append(row)
+                bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, parts_np)} | {"lr": f"{lr:.2e}"})
+                bar.update(1)
+            bar.close()
+            if self.dist.is_main:
+                self._save_resume(epoch, step, rows)
+                loss_txt = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, last_parts)) \
+                    if last_parts is not None else ""
+                print(f"[{self.detector.name}] epoch {epoch + 1}/{self.cfg.epochs} step {step} {loss_txt}",
+                      flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+            epochs_run += 1
+        wall = time.time() - t_start
+        if last_parts is None and rows:
+            last_parts = [rows[-1].get(n, float("nan")) for n in self.loss_names]
+        return TrainSummary(
+            epochs=self.cfg.epochs, steps=step, global_batch=self.global_batch, wall_time_s=round(wall, 2),
+            images_per_s=round(timed_images / timed_seconds, 3) if timed_seconds > 0 else 0.0,
+            final_losses={n: float(v) for n, v in zip(self.loss_names, last_parts)} if last_parts is not None else {},
+            resumed_from_epoch=resumed, history_rows=len(rows), compile_time_s=round(compile_time, 2),
+        )
+
+    def finished(self) -> bool:
+        if not self.resume_path.is_file():
+            return False
+        params = read_checkpoint(self.resume_path)
+        return int(checkpoint_meta(params, "epoch", -1)) + 1 >= self.cfg.epochs
+
+    def write_final(self, plots_csv: Optional[str | Path] = None) -> None:
+        """final.ckpt, ema.ckpt and the plots CSV, from the current (finished) state. Rank 0 only."""
+        if not self.dist.is_main:
+            return
+        save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
+        save_weights(self.out_dir / "ema.ckpt", self.ema.weights(), {"model": self.detector.name})
+        if plots_csv is not None:
+            src = self.out_dir / "train_log.csv"
+            with atomic_path(plots_csv) as tmp:
+                shutil.copyfile(src, tmp)
+
+
+def _rows_to_csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _csv_to_rows(text: str) -> list[dict]:
+    if not text.strip():
+        return []
+    out = []
+    for r in csv.DictReader(io.StringIO(text)):
+        row: dict[str, Any] = {}
+        for k, v in r.items():
+            row[k] = int(v) if k in ("step", "epoch") else float(v)
+        out.append(row)
+    return out
+

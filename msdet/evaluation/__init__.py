@@ -1,0 +1,1 @@
+"""Post-processing to detections, COCO evaluation, plots."""

@@ -1,0 +1,1 @@
+"""MINDIR / ONNX export and verification."""

@@ -1,0 +1,1 @@
+"""Loss functions (focal, quality focal, distribution focal, GIoU, Huber)."""

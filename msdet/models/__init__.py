@@ -1,0 +1,1 @@
+"""Networks: backbones, necks, heads. Pure MindSpore cells; no losses, no data."""

@@ -1,0 +1,1 @@
+"""Box operations: anchors/priors, box coders, IoU, NMS."""

@@ -1,0 +1,156 @@
+"""The shared training engine on a toy detector: schedule, EMA, loss going down, resume, NaN stop."""
+from __future__ import annotations
+
+import dataclasses
+
+import mindspore as ms
+import mindspore.dataset as mds
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+
+from msdet.config import TrainConfig
+from msdet.engine.checkpoint import read_checkpoint
+from msdet.engine.ema import EMA
+from msdet.engine.schedules import warmup_cosine
+from msdet.engine.trainer import Trainer, TrainData, TrainingDiverged
+
+ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_device("CPU")
+
+
+class ToyNet(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
+        self.bn = nn.BatchNorm2d(4, momentum=0.9)
+        self.fc = nn.Dense(4, 4)
+
+    def construct(self, x):
+        x = ops.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean(axis=(2, 3)))
+
+
+class ToyLoss(nn.Cell):
+    """Regress the first GT box (scaled) from the image; a second component counts valid GT."""
+
+    def __init__(self, net, scale=1.0):
+        super().__init__()
+        self.net = net
+        self.scale = scale
+
+    def construct(self, image, gt_boxes, gt_labels, epoch):
+        pred = self.net(image)
+        target = gt_boxes[:, 0, :] / 32.0
+        mse = ((pred - target) ** 2).mean() * self.scale
+        valid = (gt_labels >= 0).astype(ms.float32).sum()
+        return mse, ops.stack([mse, mse * 0.0 + valid])
+
+
+class ToyDetector:
+    name = "toy"
+    loss_names = ("loss", "valid")
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def loss_cell(self, network):
+        return ToyLoss(network, self.scale)
+
+
+def toy_data(n=32, batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
+    boxes = np.zeros((n, 2, 4), np.float32)
+    boxes[:, 0] = images[:, :, :4, :4].mean(axis=(1, 2))[:, :4] * 16 + 16  # learnable from pixels
+    labels = np.full((n, 2), -1, np.int32)
+    labels[:, 0] = 1
+
+    def make(epoch):
+        order = np.random.default_rng(seed * 1000 + epoch).permutation(n)
+        ds = mds.NumpySlicesDataset((images[order], boxes[order], labels[order]),
+                                    column_names=["image", "gt_boxes", "gt_labels"], shuffle=False)
+        return ds.batch(batch, drop_remainder=True)
+
+    return TrainData(make_dataset=make, num_train_images=n)
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=4, optimizer="adamw", lr=0.01, lr_reference_batch=4, warmup_steps=2,
+                weight_decay=0.0, grad_clip_norm=10.0, ema_decay=0.9, ema_ramp_steps=1.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fresh_trainer(tmp_path, config, scale=1.0, sub="run"):
+    ms.set_seed(0)
+    net = ToyNet()
+    return Trainer(ToyDetector(scale), net, config, toy_data(), tmp_path / sub, progress=False,
+                   key_payload=dataclasses.asdict(config)), net
+
+
+def test_warmup_cosine_shape_and_values():
+    c = TrainConfig(epochs=2, lr=0.1, lr_reference_batch=8, warmup_steps=5, warmup_ratio=0.1, min_lr_ratio=0.01)
+    lr = warmup_cosine(c, steps_per_epoch=10, global_batch=16)
+    assert lr.shape == (20,)
+    peak = 0.2  # linear scaling: 0.1 * 16 / 8
+    assert lr[0] == pytest.approx(peak * 0.1, rel=1e-5)
+    assert lr[5] == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 5 / 20)) * 0.99 + peak * 0.01, rel=1e-5)
+    assert np.all(np.diff(lr[5:]) <= 0)
+    assert lr[-1] >= peak * 0.01
+
+
+def test_ema_matches_numpy():
+    net = nn.Dense(2, 2)
+    ema = EMA(net, decay=0.5, ramp_steps=1.0)
+    w0 = net.weight.asnumpy().copy()
+    net.weight.set_data(Tensor(w0 + 1.0))
+    d = ema(Tensor(1.0, ms.float32)).asnumpy()
+    assert d == pytest.approx(0.5 * (1 - np.exp(-1.0)), rel=1e-5)
+    expect = w0 * d + (w0 + 1.0) * (1 - d)
+    np.testing.assert_allclose(ema.shadows[0].asnumpy(), expect, rtol=1e-6)
+    assert [w["name"] for w in ema.weights()] == [p.name for p in net.get_parameters()]
+
+
+def test_loss_goes_down_and_outputs(tmp_path):
+    trainer, net = fresh_trainer(tmp_path, cfg(epochs=4))
+    summary = trainer.fit()
+    trainer.write_final(tmp_path / "plots.csv")
+    lines = (tmp_path / "plots.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,lr,loss,valid"
+    losses = [float(line.split(",")[3]) for line in lines[1:]]
+    assert len(losses) == 4 * 8 == summary.steps
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    assert float(lines[1].split(",")[4]) == 4.0  # 4 images x 1 valid GT each
+    ema_params = read_checkpoint(tmp_path / "run" / "ema.ckpt")
+    assert set(ema_params) >= {p.name for p in net.get_parameters()}
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    full, net_full = fresh_trainer(tmp_path, cfg(), sub="full")
+    full.fit()
+    part, _ = fresh_trainer(tmp_path, cfg(), sub="part")
+    part.fit(stop_after_epochs=1)
+    assert not part.finished()
+    resumed, net_resumed = fresh_trainer(tmp_path, cfg(), sub="part")  # a new process would start like this
+    summary = resumed.fit()
+    assert summary.resumed_from_epoch == 1 and resumed.finished()
+    for a, b in zip(net_full.get_parameters(), net_resumed.get_parameters()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    for a, b in zip(full.ema.shadows, resumed.ema.shadows):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    assert (tmp_path / "full" / "train_log.csv").read_text() == (tmp_path / "part" / "train_log.csv").read_text()
+
+
+def test_changed_params_start_fresh(tmp_path):
+    first, _ = fresh_trainer(tmp_path, cfg(), sub="x")
+    first.fit(stop_after_epochs=1)
+    second, _ = fresh_trainer(tmp_path, cfg(lr=0.02), sub="x")
+    assert second.fit().resumed_from_epoch == 0
+
+
+def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path):
+    trainer, _ = fresh_trainer(tmp_path, cfg(), scale=float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 "):
+        trainer.fit()
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
