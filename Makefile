@@ -1,0 +1,60 @@
+# msdet: EfficientDet-D0 and NanoDet-Plus-m with MindSpore, driven by DVC.
+# `make repro` sets everything up and runs the pipeline; `make test` sets up and runs the tests.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DVC    := $(VENV)/bin/dvc
+STAMP  := $(VENV)/.installed
+MODEL  ?= nanodet
+WORKERS ?= 8
+PARAMS ?= params.yaml
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv repro test test-fast clean model-summary train-8p sweep coco bench dag
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps mindcv==0.3.0
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv with the pinned stack
+
+repro: $(STAMP)  ## run the whole DVC pipeline on params.yaml (embedded data set by default)
+	$(DVC) repro
+
+test: $(STAMP)  ## run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-fast: $(STAMP)  ## the test suite without the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+dag: $(STAMP)  ## print the stage graph
+	$(DVC) dag
+
+model-summary: $(STAMP)  ## parameter counts and GFLOPs of both models at the COCO setting, as JSON
+	$(PY) -m stages.model_summary
+
+train-8p: $(STAMP)  ## data-parallel training on WORKERS devices with msrun (MODEL=d0|nanodet, WORKERS=8)
+	$(PY) -m stages.launch_distributed --model $(MODEL) --workers $(WORKERS)
+
+sweep: $(STAMP)  ## queue and run a small documented hyperparameter grid with dvc exp
+	$(DVC) exp run --queue -S 'nanodet.train.lr=0.001,0.002' -S 'nanodet.train.epochs=10'
+	$(DVC) queue start --jobs 1
+	$(DVC) queue status
+	$(DVC) exp show --only-changed
+
+coco: $(STAMP)  ## the seed documents' setting: COCO 2017, Ascend, 8 devices (see params_coco.yaml)
+	$(PY) -m stages.coco_overrides params_coco.yaml | xargs $(DVC) exp run
+
+bench: $(STAMP)  ## speed and memory benchmarks -> metrics/bench.json
+	$(PY) -m stages.bench
+
+clean:  ## remove generated data, models, plots and caches (keeps .venv and committed metrics)
+	rm -rf data models/d0 models/nanodet plots .pytest_cache kernel_meta rank_* bench_out
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

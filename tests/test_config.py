@@ -1,0 +1,57 @@
+"""params.yaml validation: unknown keys, wrong types and out-of-range values are named."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msdet.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repo_params_load_and_cover_every_field():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.runtime.device_target == "CPU"
+    assert params.data.source == "synthetic"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(raw) == {"runtime", "data", "download", "mindrecord", "d0", "nanodet", "eval", "export"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"d0": {"input_size": 300}}, r"'d0.input_size' = 300 must be a multiple of 128"),
+    ({"nanodet": {"train": {"lr": "fast"}}}, r"'nanodet.train.lr' must be a number"),
+    ({"nanodet": {"train": {"lrr": 0.1}}}, r"unknown key\(s\) nanodet.train.lrr"),
+    ({"runtime": {"device_target": "TPU"}}, r"'runtime.device_target' = 'TPU' is not one of"),
+    ({"mindrecord": {"workers": 0}}, r"'mindrecord.workers' = 0 is out of range"),
+    ({"data": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, r"'data.synthetic.min_objects' \(5\)"),
+    ({"runtime": {"graph_mode": "yes"}}, r"'runtime.graph_mode' must be true or false"),
+    ({"bogus": {}}, r"unknown key\(s\) bogus"),
+    ({"eval": {"batch_size": 2.5}}, r"'eval.batch_size' must be an integer"),
+])
+def test_invalid_values_are_named(tmp_path, raw, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, raw))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("d0: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_merge(tmp_path):
+    params = load_params(ROOT / "params.yaml", overrides={"nanodet": {"train": {"epochs": 2}}})
+    assert params.nanodet.train.epochs == 2
+    assert params.nanodet.train.batch_size == load_params(ROOT / "params.yaml").nanodet.train.batch_size
