@@ -41,7 +41,8 @@ model-summary: $(STAMP)  ## parameter counts and GFLOPs of both models at the CO
 	$(PY) -m stages.model_summary
 
 train-8p: $(STAMP)  ## data-parallel training on WORKERS devices with msrun (MODEL=d0|nanodet, WORKERS=8)
-	$(PY) -m stages.launch_distributed --model $(MODEL) --workers $(WORKERS)
+	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS)
+	$(DVC) commit -f train_$(MODEL)
 
 sweep: $(STAMP)  ## queue and run a small documented hyperparameter grid with dvc exp
 	$(DVC) exp run --queue -S 'nanodet.train.lr=0.001,0.002' -S 'nanodet.train.epochs=10'
@@ -50,7 +51,7 @@ sweep: $(STAMP)  ## queue and run a small documented hyperparameter grid with dv
 	$(DVC) exp show --only-changed
 
 coco: $(STAMP)  ## the seed documents' setting: COCO 2017, Ascend, 8 devices (see params_coco.yaml)
-	$(PY) -m stages.coco_overrides params_coco.yaml | xargs $(DVC) exp run
+	$(DVC) exp run $$($(PY) -m stages.coco_overrides params_coco.yaml)
 
 bench: $(STAMP)  ## speed and memory benchmarks -> metrics/bench.json
 	$(PY) -m stages.bench

@@ -41,6 +41,10 @@ class RuntimeConfig:
     graph_mode: bool = _f(True)
     # Host threads for MindSpore's CPU kernels; 0 leaves MindSpore's default.
     cpu_threads: int = _f(0, range=(0, 1024))
+    # Data-parallel training processes on this host (msrun); 1 = a single process.
+    workers: int = _f(1, range=(1, 4096))
+    # Ascend HCCL rank-table JSON, the seed scripts' multi-device setup; "" = let msrun build the cluster.
+    rank_table: str = _f("")
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ class EvalConfig:
     nms_iou_d0: float = _f(0.5, range=(0.0, 1.0))
     nms_iou_nanodet: float = _f(0.6, range=(0.0, 1.0))
     max_detections: int = _f(100, range=(1, 10_000))
+    # Highest-scoring (anchor, class) candidates per image kept before NMS, bounding its cost.
+    pre_nms_top_k: int = _f(1000, range=(1, 1_000_000))
     num_plot_images: int = _f(4, range=(0, 1000))
 
 
@@ -313,3 +319,12 @@ def merge(base: dict, over: dict) -> dict:
 
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
+
+
+def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mapping -> [("a.b.c", value)], the form ``dvc exp run -S a.b.c=value`` takes."""
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.extend(flatten(v, key + ".") if isinstance(v, dict) else [(key, v)])
+    return out

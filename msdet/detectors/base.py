@@ -24,6 +24,10 @@ class Detector(Protocol):
     loss_names: Sequence[str]
     input_size: int
     num_classes: int
+    #: human-readable architecture summary for the model card
+    architecture: str
+    #: parameter-name prefixes of training-only branches (not in the inference network)
+    training_only_prefixes: Sequence[str]
 
     def build_network(self) -> nn.Cell:
         """The full network, training-only branches included (their parameters are checkpointed)."""
@@ -39,3 +43,9 @@ class Detector(Protocol):
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
         """Official PyTorch state-dict key -> our MindSpore parameter name, one to one."""
+
+    def class_head_param_names(self, network: nn.Cell) -> list[str]:
+        """Parameters whose shape depends on num_classes (re-initialised when fine-tuning on other classes)."""
+
+    def load_pretrained_backbone(self, network: nn.Cell, spec: str) -> None:
+        """spec: a local MindSpore checkpoint of the ImageNet backbone, or "mindcv"; clear error if unusable."""

@@ -1,0 +1,120 @@
+"""Train one of our detectors from validated params: the library behind ``stages/train.py``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from msdet.atomic import write_json
+from msdet.config import Params
+from msdet.detectors import get_detector
+from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint
+from msdet.engine.distributed import DistInfo, init_distributed
+from msdet.engine.runtime import setup_runtime
+from msdet.engine.trainer import Trainer, TrainData, TrainSummary
+
+
+def read_meta(mindrecord_dir: str | Path) -> dict[str, Any]:
+    path = Path(mindrecord_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: MindRecord metadata not found; run the mindrecord stage first")
+    return json.loads(path.read_text())
+
+
+def init_from_checkpoint(detector, network, path: str) -> list[str]:
+    """Start from a whole-detector checkpoint (ours or converted); class-head tensors whose shape differs
+    (another number of classes) keep their fresh initialisation. Returns the names re-initialised."""
+    params = read_checkpoint(path)
+    head = set(detector.class_head_param_names(network))
+    reinit = [p.name for p in network.get_parameters()
+              if p.name in head and p.name in params and tuple(params[p.name].shape) != tuple(p.shape)]
+    load_weights(network, path, strict=True, skip=reinit)
+    return reinit
+
+
+def count_params(network, exclude_prefixes: tuple[str, ...] = ()) -> int:
+    return int(sum(p.size for p in network.trainable_params() if not p.name.startswith(exclude_prefixes)))
+
+
+def build_detector(params: Params, model: str, num_classes: int):
+    return get_detector(model, getattr(params, model), num_classes)
+
+
+def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
+                plots_csv: Optional[str | Path] = None, stop_after_epochs: Optional[int] = None,
+                progress: bool = True) -> Optional[dict]:
+    """Train ``model`` ("d0" | "nanodet"); writes ``out_dir`` (see msdet.engine.trainer) and the model card.
+
+    Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
+    Returns the model card (rank 0) or None.
+    """
+    from msdet.data.pipeline import create_train_dataset, num_samples
+
+    dist: DistInfo = init_distributed()
+    setup_runtime(params.runtime)
+    mcfg = getattr(params, model)
+    tcfg = mcfg.train
+    meta = read_meta(mindrecord_dir)
+    detector = build_detector(params, model, int(meta["num_classes"]))
+    network = detector.build_network()
+    reinit: list[str] = []
+    if mcfg.init != "none":
+        reinit = init_from_checkpoint(detector, network, mcfg.init)
+    elif mcfg.pretrained_backbone != "none":
+        detector.load_pretrained_backbone(network, mcfg.pretrained_backbone)
+
+    def make_dataset(epoch: int):
+        return create_train_dataset(
+            mindrecord_dir, model=model, input_size=mcfg.input_size, augment_cfg=mcfg.augment,
+            batch_size=tcfg.batch_size, max_gt_boxes=tcfg.max_gt_boxes, num_workers=tcfg.num_workers,
+            seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size)
+
+    data = TrainData(make_dataset=make_dataset, num_train_images=num_samples(mindrecord_dir, "train"))
+    payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta}
+    trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
+    summary = trainer.fit(stop_after_epochs=stop_after_epochs)
+    if not trainer.finished():
+        return None
+    trainer.write_final(plots_csv)
+    if not dist.is_main:
+        return None
+    card = model_card(detector, network, mcfg, meta, summary, dist, reinit)
+    write_json(Path(out_dir) / "model_card.json", card)
+    return card
+
+
+def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
+               reinit: list[str]) -> dict[str, Any]:
+    from msdet.models.flops import count_gflops
+
+    inference = detector.inference_cell(network)
+    return {
+        "model": detector.name,
+        "architecture": detector.architecture,
+        "input_size": mcfg.input_size,
+        "num_classes": detector.num_classes,
+        "classes": [c["name"] for c in meta["categories"]],
+        "category_ids": [c["id"] for c in meta["categories"]],
+        "params_train": count_params(network),
+        "params_inference": count_params(network, tuple(detector.training_only_prefixes)),
+        "gflops": round(count_gflops(inference, mcfg.input_size), 3),
+        "epochs": summary.epochs,
+        "steps": summary.steps,
+        "global_batch": summary.global_batch,
+        "devices": dist.group_size,
+        "wall_time_s": summary.wall_time_s,
+        "train_images_per_s": summary.images_per_s,
+        "compile_time_s": summary.compile_time_s,
+        "resumed_from_epoch": summary.resumed_from_epoch,
+        "final_losses": summary.final_losses,
+        "init": mcfg.init,
+        "pretrained_backbone": mcfg.pretrained_backbone,
+        "class_head_reinitialised": reinit,
+        "weights": {"ema": "ema.ckpt", "final": "final.ckpt"},
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+__all__ = ["train_model", "model_card", "read_meta", "init_from_checkpoint", "build_detector", "CheckpointError"]
