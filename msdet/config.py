@@ -77,6 +77,8 @@ class DownloadConfig:
     backoff_seconds: float = _f(2.0, range=(0.0, 600.0))
     timeout_seconds: float = _f(60.0, range=(1.0, 3600.0))
     chunk_bytes: int = _f(1 << 20, range=(1024, 1 << 30))
+    # Keep the zips in <root>/downloads after extraction (else DVC would also cache ~20 GB of archives).
+    keep_archives: bool = _f(False)
 
 
 @dataclass(frozen=True)
