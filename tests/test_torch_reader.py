@@ -1,0 +1,317 @@
+"""The NumPy-only torch checkpoint reader against genuine torch.save files (tests/fixtures/torch/README.md)."""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msdet.conversion.torch_reader import (
+    CheckpointFormatError,
+    LegacyCheckpointError,
+    UnsafeCheckpointError,
+    flatten_state_dict,
+    load_torch_pickle,
+    load_torch_state,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "torch"
+MARKER = Path("/tmp/PWNED_msdet_3f9c2a71d4")  # what fixture (e) would create if it were executed
+TORCH_FILES = ["nanodet_lightning.ckpt", "nanodet_module_prefix.pth", "zylo117_bare.pth"]
+
+
+def tree_arrays(obj, path=""):
+    """(path, array) for every array in a nested dict/list tree, paths as in the fixtures' .npz files."""
+    if isinstance(obj, np.ndarray):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tree_arrays(v, f"{path}/{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tree_arrays(v, f"{path}/{i}" if path else str(i))
+
+
+def expected_arrays(name: str) -> dict[str, np.ndarray]:
+    with np.load(FIXTURES / (Path(name).stem + ".npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def assert_same(got: np.ndarray, want: np.ndarray, key: str) -> None:
+    assert got.dtype == want.dtype, key
+    assert got.shape == want.shape, key
+    assert np.array_equal(got, want), key
+    assert got.flags.c_contiguous and got.flags.owndata, key
+
+
+@pytest.mark.parametrize("name", TORCH_FILES)
+def test_every_tensor_matches_torch(name):
+    got = dict(tree_arrays(load_torch_pickle(FIXTURES / name)))
+    want = expected_arrays(name)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert_same(got[key], want[key], key)
+
+
+def test_lightning_checkpoint_special_tensors_and_plain_fields():
+    ckpt = load_torch_pickle(FIXTURES / "nanodet_lightning.ckpt")
+    sd = ckpt["state_dict"]
+    assert isinstance(sd, OrderedDict)
+    nbt = sd["avg_model.backbone.conv1.1.num_batches_tracked"]
+    assert nbt.shape == () and nbt.dtype == np.int64 and int(nbt) == 7
+    assert sd["model.backbone.conv1.0.weight"].shape == (4, 3, 3, 3)
+    assert sd["model.extra.half"].dtype == np.float16 and sd["model.extra.half"].shape == (2, 3)
+    assert sd["model.extra.bf16"].dtype == np.float32
+    # the transpose and the offset view were stored as strided views of other data
+    assert sd["model.extra.transposed"].shape == (4, 3)
+    np.testing.assert_array_equal(sd["model.extra.offset_view"], sd["model.extra.shared"][2:5])
+    np.testing.assert_array_equal(sd["model.extra.expanded"][0], sd["model.extra.expanded"][1])
+    assert sd["model.extra.empty"].shape == (0, 4)
+    assert sd["model.extra.bool"].tolist() == [True, False, True]
+    assert ckpt["epoch"] == 3 and ckpt["global_step"] == 10
+    assert ckpt["pytorch-lightning_version"] == "1.9.0"
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.05 and group["params"] == [0, 1]
+    assert ckpt["lr_schedulers"][0]["T_max"] == 300
+    assert ckpt["score_set"] == {0.5, 0.75}
+    assert ckpt["notes"] == ("tuple", None, True, 1.5, b"raw-bytes")
+
+
+@pytest.mark.parametrize("name", TORCH_FILES)
+def test_load_torch_state_returns_the_state_dict(name):
+    want = expected_arrays(name)
+    prefix = "" if name.startswith("zylo117") else "state_dict/"
+    want = {k[len(prefix):]: v for k, v in want.items() if k.startswith(prefix)}
+    got = load_torch_state(FIXTURES / name)
+    assert list(got) == [k for k in want]  # same keys, in the saved order
+    for key, value in want.items():
+        assert_same(got[key], value, key)
+
+
+def test_state_dict_key_styles():
+    assert all(k.startswith("module.") for k in load_torch_state(FIXTURES / "nanodet_module_prefix.pth"))
+    ckpt = load_torch_state(FIXTURES / "nanodet_lightning.ckpt")
+    assert {k.split(".")[0] for k in ckpt} == {"model", "avg_model"}
+    bare = load_torch_state(FIXTURES / "zylo117_bare.pth")
+    assert bare["backbone_net.model._bn0.num_batches_tracked"] == 12345678901
+    np.testing.assert_array_equal(bare["bifpn.0.p5_w1"], np.full(3, 0.5, np.float32))
+
+
+def test_flatten_state_dict_finds_the_tensors():
+    a, b = np.zeros(2, np.float32), np.ones(3, np.int64)
+    assert flatten_state_dict({"model": {"x": a}, "epoch": 1}) == {"x": a}
+    assert flatten_state_dict({"state_dict": {"x": a}, "model": {"y": b}}) == {"x": a}
+    assert flatten_state_dict({"state_dict": {"x": a}, "ema": {"y": b}}, prefer=("ema",)) == {"y": b}
+    assert flatten_state_dict({"x": a, "head": {"y": b}}) == {"x": a, "head.y": b}
+    with pytest.raises(CheckpointFormatError, match=r"'x.bad' is a str"):
+        flatten_state_dict({"state_dict": {"x": {"bad": "s"}}})
+    with pytest.raises(CheckpointFormatError, match=r"no state dict found.*'epoch'"):
+        flatten_state_dict({"epoch": 1, "weights": [a]}, source="f.ckpt")
+    with pytest.raises(CheckpointFormatError, match="holds no tensors"):
+        flatten_state_dict({"state_dict": {}})
+    with pytest.raises(CheckpointFormatError, match="holds a list"):
+        flatten_state_dict([a])
+
+
+def test_legacy_format_is_rejected_with_how_to_resave():
+    path = FIXTURES / "legacy_format.pth"
+    with pytest.raises(LegacyCheckpointError) as err:
+        load_torch_pickle(path)
+    message = str(err.value)
+    assert str(path) in message and "legacy" in message
+    assert "_use_new_zipfile_serialization=True" in message
+
+
+def test_malicious_fixture_is_refused_without_running_it():
+    path = FIXTURES / "malicious_os_system.pth"
+    with zipfile.ZipFile(path) as zf:
+        assert str(MARKER).encode() in zf.read("malicious_os_system/data.pkl")
+    MARKER.unlink(missing_ok=True)
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system") as err:
+        load_torch_state(path)
+    assert err.value.global_name == "posix.system"
+    assert str(path) in str(err.value)
+    assert not MARKER.exists()
+
+
+def _zip_checkpoint(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None,
+                    byteorder: str | None = "little") -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("some_name/data.pkl", data_pkl)
+        if byteorder is not None:
+            zf.writestr("some_name/byteorder", byteorder)
+        for key, raw in (records or {}).items():
+            zf.writestr(f"some_name/data/{key}", raw)
+        zf.writestr("some_name/version", "3\n")
+    return path
+
+
+class _CallOnLoad:
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("func, args, global_name", [
+    (eval, ("open({marker!r}, 'w').close()",), "builtins.eval"),
+    (exec, ("open({marker!r}, 'w').close()",), "builtins.exec"),
+    (os.system, ("touch {marker}",), f"{os.system.__module__}.system"),
+    (subprocess.Popen, (["touch", "{marker}"],), "subprocess.Popen"),
+    (getattr, ("text", "upper"), "builtins.getattr"),
+])
+def test_code_running_globals_are_refused(tmp_path, protocol, func, args, global_name):
+    marker = tmp_path / "ran"
+    args = tuple([a.format(marker=str(marker)) for a in x] if isinstance(x, list)
+                 else x.format(marker=str(marker)) if isinstance(x, str) else x for x in args)
+    payload = pickle.dumps({"state_dict": {"w": _CallOnLoad(func, *args)}}, protocol=protocol)
+    path = _zip_checkpoint(tmp_path / "evil.pth", payload)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_torch_pickle(path)
+    assert err.value.global_name == global_name
+    assert global_name in str(err.value)
+    assert not marker.exists()
+
+
+def test_dotted_attribute_of_an_allowed_global_is_refused(tmp_path):
+    def short_str(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()
+
+    payload = (pickle.PROTO + b"\x04" + short_str("torch._utils") + short_str("_rebuild_tensor_v2.__globals__")
+               + pickle.STACK_GLOBAL + pickle.STOP)
+    with pytest.raises(UnsafeCheckpointError, match=r"_rebuild_tensor_v2\.__globals__"):
+        load_torch_pickle(_zip_checkpoint(tmp_path / "evil.pth", payload))
+
+
+def test_truncated_and_corrupt_zips_give_clear_errors(tmp_path):
+    raw = (FIXTURES / "nanodet_lightning.ckpt").read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 30):
+        path = tmp_path / f"cut{cut}.ckpt"
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointFormatError, match="truncated or corrupt zip") as err:
+            load_torch_state(path)
+        assert str(path) in str(err.value)
+    # flip one byte inside a storage record: the zip's CRC check catches it
+    with zipfile.ZipFile(FIXTURES / "nanodet_lightning.ckpt") as zf:
+        info = zf.getinfo("nanodet_lightning/data/0")
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    assert info.file_size > 5
+    flipped = bytearray(raw)
+    flipped[start + 5] ^= 0xFF
+    path = tmp_path / "flipped.ckpt"
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointFormatError, match=r"corrupt checkpoint.*CRC") as err:
+        load_torch_state(path)
+    assert str(path) in str(err.value)
+
+
+def test_non_checkpoint_files_give_clear_errors(tmp_path):
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointFormatError, match=r"noise\.pth: not a PyTorch checkpoint"):
+        load_torch_state(noise)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointFormatError, match=r"empty\.pth: empty file"):
+        load_torch_state(empty)
+    with pytest.raises(CheckpointFormatError, match=r"without <folder>/data\.pkl"):
+        load_torch_state(FIXTURES / "zylo117_bare.npz")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_torch_state(tmp_path / "missing.pth")
+    garbage = _zip_checkpoint(tmp_path / "garbage.pth", b"\x80\x02}q\x00(X")
+    with pytest.raises(CheckpointFormatError, match=r"garbage\.pth: corrupt checkpoint"):
+        load_torch_state(garbage)
+
+
+# --- hand-assembled checkpoints for what torch on this machine cannot write (big-endian, bad strides) ---
+
+def _s(text: str) -> bytes:
+    b = text.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(b)) + b
+
+
+def _i(value: int) -> bytes:
+    return pickle.BININT + struct.pack("<i", value)
+
+
+def _ints(values) -> bytes:
+    return pickle.MARK + b"".join(_i(v) for v in values) + pickle.TUPLE
+
+
+def _tensor(storage_type: str, key: str, numel: int, offset: int, size, stride) -> bytes:
+    storage = (pickle.MARK + _s("storage") + pickle.GLOBAL + b"torch\n" + storage_type.encode() + b"\n"
+               + _s(key) + _s("cpu") + _i(numel) + pickle.TUPLE + pickle.BINPERSID)
+    hooks = pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
+    return (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage + _i(offset)
+            + _ints(size) + _ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
+
+
+def _dict_pickle(entries: dict[str, bytes]) -> bytes:
+    body = b"".join(_s(k) + v for k, v in entries.items())
+    return pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + body + pickle.SETITEMS + pickle.STOP
+
+
+@pytest.mark.parametrize("byteorder", ["big", "little", None])
+def test_byteorder_record_is_honoured(tmp_path, byteorder):
+    f32 = np.arange(6, dtype=np.float32) - 2.5
+    i64 = np.array([1, -2, 1 << 40], dtype=np.int64)
+    f16 = np.array([0.5, -1.25], dtype=np.float16)
+    bf16_bits = np.array([0x3F80, 0xC020], dtype=np.uint16)  # 1.0 and -2.5 in bfloat16
+    end = ">" if byteorder == "big" else "<"
+    records = {"0": f32.astype(end + "f4").tobytes(), "1": i64.astype(end + "i8").tobytes(),
+               "2": f16.astype(end + "f2").tobytes(), "3": bf16_bits.astype(end + "u2").tobytes()}
+    payload = _dict_pickle({
+        "f32": _tensor("FloatStorage", "0", 6, 0, (2, 3), (3, 1)),
+        "f32_t": _tensor("FloatStorage", "0", 6, 0, (3, 2), (1, 3)),
+        "i64": _tensor("LongStorage", "1", 3, 2, (), ()),
+        "f16": _tensor("HalfStorage", "2", 2, 0, (2,), (1,)),
+        "bf16": _tensor("BFloat16Storage", "3", 2, 0, (2,), (1,)),
+    })
+    got = load_torch_state(_zip_checkpoint(tmp_path / "x.pth", payload, records, byteorder))
+    np.testing.assert_array_equal(got["f32"], f32.reshape(2, 3))
+    np.testing.assert_array_equal(got["f32_t"], f32.reshape(2, 3).T)
+    assert got["i64"].shape == () and got["i64"] == 1 << 40
+    assert got["f16"].dtype == np.float16 and got["f16"].tolist() == [0.5, -1.25]
+    assert got["bf16"].dtype == np.float32 and got["bf16"].tolist() == [1.0, -2.5]
+    assert all(a.dtype.isnative for a in got.values())
+
+
+@pytest.mark.parametrize("tensor, records, message", [
+    pytest.param(_tensor("FloatStorage", "0", 4, 1, (2, 2), (2, 1)), {"0": bytes(16)},
+                 "reads past the end of storage", id="offset-past-end"),
+    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (1, 4)), {"0": bytes(16)},
+                 "reads past the end of storage", id="stride-past-end"),
+    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {"0": bytes(12)},
+                 "has 12 bytes, expected 4 x 4", id="short-record"),
+    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {},
+                 "storage record some_name/data/0 is missing", id="missing-record"),
+    pytest.param(_tensor("FloatStorage", "../x", 4, 0, (4,), (1,)), {}, "bad storage key", id="path-key"),
+    pytest.param(_tensor("FloatStorage", "0", 1, 0, (1 << 20, 1 << 20), (0, 0)), {"0": bytes(4)},
+                 "implausible tensor", id="huge-expand"),
+])
+def test_inconsistent_tensor_records_are_rejected(tmp_path, tensor, records, message):
+    path = _zip_checkpoint(tmp_path / "bad.pth", _dict_pickle({"w": tensor}), records)
+    with pytest.raises(CheckpointFormatError, match=message) as err:
+        load_torch_state(path)
+    assert str(path) in str(err.value)
+
+
+def test_archive_folder_name_does_not_matter(tmp_path):
+    src = FIXTURES / "zylo117_bare.pth"
+    dst = tmp_path / "renamed.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            zout.writestr("another-folder/" + info.filename.split("/", 1)[1], zin.read(info))
+    want = load_torch_state(src)
+    got = load_torch_state(dst)
+    assert list(got) == list(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
