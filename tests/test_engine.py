@@ -139,7 +139,8 @@ def test_resume_gives_identical_weights(tmp_path):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
     for a, b in zip(full.ema.shadows, resumed.ema.shadows):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
-    assert (tmp_path / "full" / "train_log.csv").read_text() == (tmp_path / "part" / "train_log.csv").read_text()
+    assert (tmp_path / "full" / "state" / "train_log.csv").read_text() == \
+        (tmp_path / "part" / "state" / "train_log.csv").read_text()
 
 
 def test_changed_params_start_fresh(tmp_path):
@@ -153,4 +154,4 @@ def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path):
     trainer, _ = fresh_trainer(tmp_path, cfg(), scale=float("nan"))
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 "):
         trainer.fit()
-    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "run" / "state" / "last.ckpt").exists()

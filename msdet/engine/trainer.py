@@ -4,12 +4,13 @@ Each detector contributes its network, loss cell (target assignment included) an
 owns everything else: optimizer and schedule, gradient clipping and all-reduce, EMA, per-step logging,
 NaN/inf stops, and epoch checkpoints that a rerun resumes from with identical results.
 
-Output directory layout (``out_dir``, a persisted DVC output):
-  checkpoints/last.ckpt   network + EMA + optimizer state after the last finished epoch (resume point)
+Output directory layout (``out_dir``):
+  state/last.ckpt         network + EMA + optimizer state after the last finished epoch (resume point)
+  state/train_log.csv     one row per logged step (copied to the DVC plots file at the end)
+  state/run_key.json      what the state was trained with; a resume only happens when it matches
   final.ckpt              network weights at the end (fine-tuning starts here)
   ema.ckpt                EMA weights under the network's names (eval and export use these)
-  train_log.csv           one row per logged step (copied to the DVC plots file at the end)
-  run_key.json            what the checkpoints were trained with; a resume only happens when it matches
+``state/`` is the persisted DVC output that survives an interrupted stage.
 """
 from __future__ import annotations
 
@@ -126,7 +127,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     @property
     def resume_path(self) -> Path:
-        return self.out_dir / "checkpoints" / "last.ckpt"
+        return self.state_dir / "last.ckpt"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out_dir / "state"
 
     def _save_resume(self, epoch: int, step: int, rows: list[dict]) -> None:
         import mindspore as ms
@@ -136,7 +141,7 @@ class Trainer:
         seen = {i["name"] for i in items}
         items += [{"name": p.name, "data": p} for p in self.optimizer.get_parameters() if p.name not in seen]
         # the training log is part of the resume state: a resumed run's curves equal an uninterrupted run's
-        write_text(self.out_dir / "train_log.csv", _rows_to_csv(rows))
+        write_text(self.state_dir / "train_log.csv", _rows_to_csv(rows))
         save_weights(self.resume_path, items, {"epoch": epoch, "step": step, "run_key": self.key,
                                                "rng": ms.get_rng_state().asnumpy().tolist()})
 
@@ -145,12 +150,11 @@ class Trainer:
         import mindspore as ms
         from mindspore import Tensor
 
-        key_file = self.out_dir / "run_key.json"
+        key_file = self.state_dir / "run_key.json"
         stored = json.loads(key_file.read_text()).get("run_key") if key_file.is_file() else None
         if stored != self.key or not self.resume_path.is_file():
             if self.dist.is_main:
-                for stale in (self.out_dir / "checkpoints", self.out_dir / "train_log.csv"):
-                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+                shutil.rmtree(self.state_dir, ignore_errors=True)
                 write_json(key_file, {"run_key": self.key})
             return 0, 0, []
         params = read_checkpoint(self.resume_path)
@@ -162,8 +166,8 @@ class Trainer:
         rng = checkpoint_meta(params, "rng")
         if rng is not None:
             ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
-        rows = _csv_to_rows((self.out_dir / "train_log.csv").read_text()) \
-            if (self.out_dir / "train_log.csv").is_file() else []
+        log = self.state_dir / "train_log.csv"
+        rows = _csv_to_rows(log.read_text()) if log.is_file() else []
         return int(checkpoint_meta(params, "epoch")) + 1, int(checkpoint_meta(params, "step")), rows
 
     # ------------------------------------------------------------------ loop
@@ -250,7 +254,7 @@ class Trainer:
         save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
         save_weights(self.out_dir / "ema.ckpt", self.ema.weights(), {"model": self.detector.name})
         if plots_csv is not None:
-            src = self.out_dir / "train_log.csv"
+            src = self.state_dir / "train_log.csv"
             with atomic_path(plots_csv) as tmp:
                 shutil.copyfile(src, tmp)
 
