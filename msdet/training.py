@@ -87,9 +87,9 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
 
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
                reinit: list[str]) -> dict[str, Any]:
-    from msdet.models.flops import count_gflops
+    from msdet.models.flops import count_flops
 
-    inference = detector.inference_cell(network)
+    flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
     return {
         "model": detector.name,
         "architecture": detector.architecture,
@@ -99,7 +99,8 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "category_ids": [c["id"] for c in meta["categories"]],
         "params_train": count_params(network),
         "params_inference": count_params(network, tuple(detector.training_only_prefixes)),
-        "gflops": round(count_gflops(inference, mcfg.input_size), 3),
+        "gflops": round(flops.gflops, 3),
+        "gmacs": round(flops.gmacs, 3),
         "epochs": summary.epochs,
         "steps": summary.steps,
         "global_batch": summary.global_batch,

@@ -25,10 +25,11 @@ class ToyNet(nn.Cell):
         self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
         self.bn = nn.BatchNorm2d(4, momentum=0.9)
         self.fc = nn.Dense(4, 4)
+        self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
 
     def construct(self, x):
         x = ops.relu(self.bn(self.conv(x)))
-        return self.fc(x.mean(axis=(2, 3)))
+        return self.fc(x.mean(axis=(2, 3))) * self.scale
 
 
 class ToyLoss(nn.Cell):
@@ -155,3 +156,46 @@ def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 "):
         trainer.fit()
     assert not (tmp_path / "run" / "state" / "last.ckpt").exists()
+
+
+def test_adamw_matches_torch_formula():
+    from msdet.engine.optim import AdamW
+
+    w0 = np.array([[0.5, -1.0], [2.0, 0.1]], np.float32)
+    s0 = np.float32(0.7)
+    weight = ms.Parameter(Tensor(w0), name="w")
+    scale = ms.Parameter(Tensor(s0), name="s")  # 0-d, like NanoDet's Scale
+    lrs = np.array([0.1, 0.05, 0.02], np.float32)
+    opt = AdamW([{"params": [weight], "weight_decay": 0.05}, {"params": [scale], "weight_decay": 0.0}], lrs)
+    grads = [np.array([[0.3, -0.2], [0.0, 1.0]], np.float32), np.float32(-0.4)]
+    ref = [w0.astype(np.float64), np.float64(s0)]
+    m = [np.zeros_like(r) for r in ref]
+    v = [np.zeros_like(r) for r in ref]
+    for t in range(1, 5):  # one step past the schedule: the last lr is kept
+        opt((Tensor(grads[0]), Tensor(grads[1])))
+        lr = lrs[min(t - 1, 2)]
+        for i, wd in enumerate((0.05, 0.0)):
+            m[i] = 0.9 * m[i] + 0.1 * grads[i]
+            v[i] = 0.999 * v[i] + 0.001 * grads[i] ** 2
+            ref[i] = ref[i] * (1 - lr * wd) - lr * (m[i] / (1 - 0.9 ** t)) / (np.sqrt(v[i] / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(weight.asnumpy(), ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scale.asnumpy(), ref[1], rtol=1e-5, atol=1e-6)
+    assert int(opt.global_step.asnumpy()) == 4
+
+
+def test_clip_grad_norm_keeps_shapes_and_scales():
+    from msdet.engine.optim import clip_grad_norm
+
+    grads = (Tensor(np.array([3.0, 0.0], np.float32)), Tensor(np.float32(4.0)))
+    def clip_to_one(g):
+        return clip_grad_norm(g, 1.0)
+
+    def clip_to_ten(g):
+        return clip_grad_norm(g, 10.0)
+
+    clipped = ms.jit(clip_to_one)(grads)
+    assert clipped[1].shape == ()
+    np.testing.assert_allclose(clipped[0].asnumpy(), [0.6, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(clipped[1].asnumpy(), 0.8, rtol=1e-5)
+    same = ms.jit(clip_to_ten)(grads)
+    np.testing.assert_allclose(same[0].asnumpy(), [3.0, 0.0], rtol=1e-6)

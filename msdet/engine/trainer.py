@@ -31,6 +31,7 @@ from msdet.config import TrainConfig
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
 from msdet.engine.distributed import DistInfo, gradient_reducer
 from msdet.engine.ema import EMA
+from msdet.engine.optim import AdamW, clip_grad_norm
 from msdet.engine.schedules import warmup_cosine
 
 
@@ -81,7 +82,7 @@ def build_optimizer(network, cfg: TrainConfig, lr_per_step: np.ndarray):
     groups = _param_groups(network, cfg)
     if cfg.optimizer == "sgd":
         return nn.Momentum(groups, learning_rate=lr, momentum=cfg.momentum)
-    return nn.AdamWeightDecay(groups, learning_rate=lr, beta1=0.9, beta2=0.999, eps=1e-8)
+    return AdamW(groups, lr_per_step)
 
 
 class Trainer:
@@ -116,7 +117,7 @@ class Trainer:
             (loss, parts), grads = grad_fn(image, gt_boxes, gt_labels, epoch)
             grads = reducer(grads)
             if clip > 0:
-                grads = ops.clip_by_global_norm(grads, clip)
+                grads = clip_grad_norm(grads, clip)
             loss = ops.depend(loss, optimizer(grads))
             loss = ops.depend(loss, ema(step))
             return loss, parts

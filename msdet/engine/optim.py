@@ -1,0 +1,84 @@
+"""AdamW as PyTorch defines it (decoupled weight decay, bias-corrected moments), in graph mode.
+
+MindSpore's ``nn.AdamWeightDecay`` has no bias correction and its kernels reject 0-d parameters (NanoDet's
+per-level scales); nanodet's recipe is torch's AdamW, so we implement exactly that.
+"""
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+import mindspore as ms
+
+_adamw = ops.MultitypeFuncGraph("adamw")
+
+
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor")
+def _adamw_one(lr, beta1, beta2, eps, bias1, bias2, weight_decay, param, m, v, grad):
+    grad = grad.astype(param.dtype)
+    m_new = beta1 * m + (1.0 - beta1) * grad
+    v_new = beta2 * v + (1.0 - beta2) * grad * grad
+    denom = ops.sqrt(v_new / bias2) + eps
+    update = (m_new / bias1) / denom
+    new_param = param * (1.0 - lr * weight_decay) - lr * update
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    return ops.assign(param, new_param)
+
+
+class AdamW(nn.Cell):
+    """``groups``: [{"params": [...], "weight_decay": float}]; ``lr_per_step`` is indexed by the global step."""
+
+    def __init__(self, groups: list[dict], lr_per_step: np.ndarray, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        super().__init__(auto_prefix=False)
+        params, decays = [], []
+        for group in groups:
+            params += list(group["params"])
+            decays += [Tensor(float(group["weight_decay"]), ms.float32)] * len(group["params"])
+        self.parameters = ParameterTuple(params)
+        self.weight_decays = tuple(decays)
+        self.moments1 = self.parameters.clone(prefix="adam_m", init="zeros")
+        self.moments2 = self.parameters.clone(prefix="adam_v", init="zeros")
+        self.global_step = Parameter(Tensor(0, ms.int32), name="global_step", requires_grad=False)
+        self.learning_rate = Tensor(np.asarray(lr_per_step, np.float32))
+        self.last_index = len(lr_per_step) - 1
+        self.beta1 = Tensor(beta1, ms.float32)
+        self.beta2 = Tensor(beta2, ms.float32)
+        self.eps = Tensor(eps, ms.float32)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, gradients: tuple) -> Tensor:
+        index = ops.minimum(self.global_step, self.last_index)
+        lr = self.learning_rate[index]
+        step = (self.global_step + 1).astype(ms.float32)
+        bias1 = 1.0 - ops.pow(self.beta1, step)
+        bias2 = 1.0 - ops.pow(self.beta2, step)
+        self.hyper_map(ops.partial(_adamw, lr, self.beta1, self.beta2, self.eps, bias1, bias2),
+                       self.weight_decays, self.parameters, self.moments1, self.moments2, gradients)
+        return ops.assign_add(self.global_step, Tensor(1, ms.int32))
+
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+_scale = ops.MultitypeFuncGraph("scale")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(grad):
+    return ops.reduce_sum(ops.square(grad.astype(ms.float32)))
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_one(factor, grad):
+    return grad * factor.astype(grad.dtype)
+
+
+def clip_grad_norm(gradients: tuple, max_norm: float) -> tuple:
+    """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_.
+
+    ``ops.clip_by_global_norm`` turns 0-d gradients into shape [1]; this keeps every shape.
+    """
+    hyper_map = ops.HyperMap()
+    total = ops.sqrt(ops.addn(hyper_map(_square_sum, gradients)))
+    factor = ops.minimum(max_norm / (total + 1e-6), 1.0)
+    return hyper_map(ops.partial(_scale, factor), gradients)

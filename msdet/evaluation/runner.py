@@ -1,0 +1,126 @@
+"""Evaluate a trained detector on the val split: batched graph-mode inference, decoding, NMS, COCOeval.
+
+The library behind ``stages/eval.py``: one call gives the metrics dict, the PR curve and a few drawn images.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msdet.config import EvalConfig
+from msdet.evaluation.coco_eval import evaluate
+from msdet.evaluation.postprocess import ImageDetections, postprocess, to_coco_results
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, Any]
+    pr_curve: list[dict]
+    detections: list[ImageDetections] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+
+
+def nms_iou_for(model: str, cfg: EvalConfig) -> float:
+    return {"d0": cfg.nms_iou_d0, "nanodet": cfg.nms_iou_nanodet}[model]
+
+
+def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig, iou_threshold: float
+                    ) -> tuple[list[ImageDetections], float, int]:
+    """Run ``dataset`` (eval columns image, image_id, scale, orig_size) through the inference network.
+
+    The last partial batch is padded to ``batch_size`` so the compiled graph sees one shape only; the
+    padding rows are dropped before decoding. Returns detections, seconds spent and images seen.
+    """
+    from mindspore import Tensor
+
+    infer = detector.inference_cell(network)
+    infer.set_train(False)
+    detections: list[ImageDetections] = []
+    seconds, seen = 0.0, 0
+    for batch in dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        image = batch["image"]
+        n = image.shape[0]
+        if n < batch_size:
+            image = np.concatenate([image, np.repeat(image[-1:], batch_size - n, axis=0)])
+        t0 = time.perf_counter()
+        outputs = infer(Tensor(image))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        boxes, scores = detector.decode([o.asnumpy()[:n] for o in outputs])
+        detections += postprocess(boxes, scores, batch["image_id"], batch["scale"], batch["orig_size"],
+                                  score_threshold=cfg.score_threshold, iou_threshold=iou_threshold,
+                                  max_detections=cfg.max_detections, pre_nms_top_k=cfg.pre_nms_top_k)
+        seconds += time.perf_counter() - t0
+        seen += n
+    return detections, seconds, seen
+
+
+def evaluate_network(detector, network, dataset, gt_json: str | Path, category_ids: list[int],
+                     cfg: EvalConfig, model: str) -> EvalOutcome:
+    """Detections on the whole val split scored with pycocotools; metrics flat enough for `dvc metrics`."""
+    detections, seconds, seen = predict_dataset(detector, network, dataset, cfg.batch_size, cfg,
+                                                nms_iou_for(model, cfg))
+    results = to_coco_results(detections, category_ids)
+    t0 = time.perf_counter()
+    stats = evaluate(gt_json, results, image_ids=[int(d.image_id) for d in detections])
+    coco_seconds = time.perf_counter() - t0
+    pr_curve = stats.pop("pr_curve")
+    per_class = stats.pop("per_class_AP")
+    metrics = {k: round(float(v), 5) if isinstance(v, float) else v for k, v in stats.items()}
+    metrics.update({
+        "inference_images_per_s": round(seen / seconds, 3) if seconds > 0 else 0.0,
+        "cocoeval_seconds": round(coco_seconds, 3),
+        "per_class_AP": {k: round(float(v), 5) for k, v in per_class.items()},
+    })
+    return EvalOutcome(metrics=metrics, pr_curve=pr_curve, detections=detections, results=results)
+
+
+def pick_plot_samples(detections: list[ImageDetections], n: int) -> list[ImageDetections]:
+    """The first ``n`` images by id: the same images in every run, so plots compare across experiments."""
+    return sorted(detections, key=lambda d: int(d.image_id))[:n]
+
+
+def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plots_dir: str | Path) -> dict:
+    """The eval stage: EMA weights of ``model`` on the val MindRecord, metrics JSON, PR curve, drawn images."""
+    from msdet.atomic import write_json
+    from msdet.data.coco import resolve_tree
+    from msdet.data.mindrecord import read_mindrecord
+    from msdet.data.pipeline import create_eval_dataset
+    from msdet.engine.checkpoint import load_weights
+    from msdet.engine.runtime import setup_runtime
+    from msdet.evaluation.coco_eval import write_pr_curve
+    from msdet.evaluation.plots import write_detection_plots
+    from msdet.training import build_detector, read_meta
+
+    setup_runtime(params.runtime)
+    mr_dir = params.mindrecord.out_dir
+    meta = read_meta(mr_dir)
+    detector = build_detector(params, model, int(meta["num_classes"]))
+    network = detector.build_network()
+    load_weights(network, ckpt)
+    mcfg = getattr(params, model)
+    dataset = create_eval_dataset(mr_dir, model, mcfg.input_size, params.eval.batch_size)
+    gt_json = resolve_tree(params.data.root).annotations["val"]
+    category_ids = [int(c["id"]) for c in meta["categories"]]
+    outcome = evaluate_network(detector, network, dataset, gt_json, category_ids, params.eval, model)
+    plots_dir = Path(plots_dir)
+    write_pr_curve(plots_dir / "pr_curve.csv", outcome.pr_curve)
+    wanted = {int(d.image_id): d for d in pick_plot_samples(outcome.detections, params.eval.num_plot_images)}
+    samples = []
+    for rec in read_mindrecord(mr_dir, "val"):
+        if int(rec["image_id"]) in wanted:
+            samples.append(_plot_sample(rec, wanted[int(rec["image_id"])]))
+    names = [c["name"] for c in meta["categories"]]
+    write_detection_plots(plots_dir / "images", samples, names, min_score=0.3)
+    write_json(metrics_path, outcome.metrics)
+    return outcome.metrics
+
+
+def _plot_sample(rec: dict, det: ImageDetections) -> Any:
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(rec["image"], np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return image, det, np.asarray(rec["boxes"]).reshape(-1, 4), np.asarray(rec["labels"]).reshape(-1)
