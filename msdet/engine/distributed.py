@@ -47,9 +47,7 @@ def init_distributed() -> DistInfo:
 
 
 def gradient_reducer(parameters, info: DistInfo):
-    """Mean all-reduce of gradients across ranks; identity for a single process."""
+    """Mean all-reduce of gradients across ranks (only meaningful when ``info.enabled``)."""
     from mindspore import nn
 
-    if not info.enabled:
-        return lambda grads: grads
     return nn.DistributedGradReducer(parameters, mean=True, degree=info.group_size)

@@ -1,0 +1,195 @@
+"""Small generic layers shared by the networks: swish, TF-"same" conv and max-pool, separable conv, BN, init.
+
+TF "same" semantics (as TensorFlow and zylo117's ``Conv2dStaticSamePadding``): the output is
+``ceil(in / stride)`` and the padding total ``max((out - 1) * stride + k - in, 0)`` is split with the extra
+pixel at the bottom/right. MindSpore's ``pad_mode="same"`` convolution implements exactly this.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+
+class Swish(nn.Cell):
+    """``x * sigmoid(x)`` written out, so export formats without a SiLU op still get it."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return x * ops.sigmoid(x)
+
+
+def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> nn.BatchNorm2d:
+    """BatchNorm2d with TF defaults of EfficientNet/EfficientDet.
+
+    MindSpore's ``momentum`` weights the OLD running value (``new = m * old + (1 - m) * batch``), so
+    MindSpore 0.99 == TF 0.99 == PyTorch 0.01.
+    """
+    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+
+
+class Conv2dSame(nn.Cell):
+    """Conv2d with TF "same" padding; the wrapped conv is ``.conv`` as in zylo117's Conv2dStaticSamePadding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 bias: bool = True, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="same",
+                              has_bias=bias, group=groups)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+def same_pad_amounts(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) padding of TF "same" for one spatial dimension."""
+    out = (size + stride - 1) // stride
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class MaxPool2dSame(nn.Cell):
+    """Max-pool with TF "same" output size, padding with ZEROS as zylo117's MaxPool2dStaticSamePadding.
+
+    (TensorFlow's own max-pool ignores padded cells; zylo117 pads with 0 via ``F.pad``. The released
+    PyTorch weights were fitted with zero padding, so we keep it for a faithful port.)
+    """
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.pool = nn.MaxPool2d(kernel_size=kernel_size, stride=stride, pad_mode="valid")
+
+    def construct(self, x: Tensor) -> Tensor:
+        h, w = x.shape[2], x.shape[3]
+        top, bottom = same_pad_amounts(h, self.kernel_size, self.stride)
+        left, right = same_pad_amounts(w, self.kernel_size, self.stride)
+        return self.pool(zero_pad2d(x, left, right, top, bottom))
+
+
+def zero_pad2d(x: Tensor, left: int, right: int, top: int, bottom: int) -> Tensor:
+    """Zero-pad the last two dims of NCHW by concatenation.
+
+    Not ``ops.pad``: on CPU in MindSpore 2.8 its gradient (PadV3Grad) is wrong - it changes from call to call
+    for identical inputs and eventually hangs a training step; concat's gradient is a plain slice.
+    """
+    b, c, h, w = x.shape
+    if left:
+        x = ops.concat((ops.zeros((b, c, h, left), x.dtype), x), 3)
+    if right:
+        x = ops.concat((x, ops.zeros((b, c, h, right), x.dtype)), 3)
+    w = w + left + right
+    if top:
+        x = ops.concat((ops.zeros((b, c, top, w), x.dtype), x), 2)
+    if bottom:
+        x = ops.concat((x, ops.zeros((b, c, bottom, w), x.dtype)), 2)
+    return x
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling of NCHW (each pixel becomes a 2x2 block)."""
+    b, c, h, w = x.shape
+    x = ops.reshape(x, (b, c, h, 1, w, 1))
+    x = ops.broadcast_to(x, (b, c, h, 2, w, 2))
+    return ops.reshape(x, (b, c, h * 2, w * 2))
+
+
+class SeparableConvBlock(nn.Cell):
+    """Depthwise k x k (no bias) + pointwise 1x1 (bias), optional BN and swish (zylo117 SeparableConvBlock)."""
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, norm: bool = True,
+                 activation: bool = False, kernel_size: int = 3) -> None:
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.depthwise_conv = Conv2dSame(in_channels, in_channels, kernel_size, bias=False, groups=in_channels)
+        self.pointwise_conv = Conv2dSame(in_channels, out_channels, 1, bias=True)
+        self.norm = norm
+        self.activation = activation
+        if norm:
+            self.bn = batch_norm(out_channels)
+        if activation:
+            self.swish = Swish()
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = self.pointwise_conv(self.depthwise_conv(x))
+        if self.norm:
+            x = self.bn(x)
+        if self.activation:
+            x = self.swish(x)
+        return x
+
+
+def drop_connect(x: Tensor, rate: float) -> Tensor:
+    """Per-sample stochastic depth: drop the whole residual branch with probability ``rate``, rescale the rest."""
+    keep = 1.0 - rate
+    mask = ops.floor(keep + ops.rand((x.shape[0], 1, 1, 1), dtype=x.dtype))
+    return x / keep * mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# initialisation
+
+
+def _fans(shape: tuple) -> tuple[int, int]:
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _set(param: Parameter, array: np.ndarray) -> None:
+    param.set_data(Tensor(array.astype(np.float32)))
+
+
+def init_conv_normal_fan_out(conv: nn.Conv2d, rng: np.random.Generator) -> None:
+    """EfficientNet (TF) conv init: N(0, sqrt(2 / fan_out)) with fan_out = out_channels/groups*k*k."""
+    shape = tuple(conv.weight.shape)
+    fan_out = shape[0] // conv.group * int(np.prod(shape[2:]))
+    _set(conv.weight, rng.normal(0.0, math.sqrt(2.0 / fan_out), shape))
+    if conv.bias is not None:
+        _set(conv.bias, np.zeros(conv.bias.shape))
+
+
+def init_conv_variance_scaling(conv: nn.Conv2d, rng: np.random.Generator, scale: float = 1.0) -> None:
+    """Keras ``VarianceScaling()`` (fan_in, truncated normal) for conv weights; bias zero."""
+    shape = tuple(conv.weight.shape)
+    fan_in, _ = _fans(shape)
+    std = math.sqrt(scale / max(1, fan_in)) / 0.87962566103423978
+    w = rng.normal(0.0, 1.0, shape)
+    while np.any(np.abs(w) > 2.0):
+        bad = np.abs(w) > 2.0
+        w[bad] = rng.normal(0.0, 1.0, int(bad.sum()))
+    _set(conv.weight, w * std)
+    if conv.bias is not None:
+        _set(conv.bias, np.zeros(conv.bias.shape))
+
+
+def init_conv_glorot_uniform(conv: nn.Conv2d, rng: np.random.Generator) -> None:
+    """Keras default ``glorot_uniform`` for conv weights; bias zero."""
+    shape = tuple(conv.weight.shape)
+    fan_in, fan_out = _fans(shape)
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    _set(conv.weight, rng.uniform(-limit, limit, shape))
+    if conv.bias is not None:
+        _set(conv.bias, np.zeros(conv.bias.shape))
+
+
+def reset_batch_norms(cell: nn.Cell) -> None:
+    """gamma 1, beta 0, running mean 0, running variance 1 for every BatchNorm2d under ``cell``."""
+    for _, sub in cell.cells_and_names():
+        if isinstance(sub, nn.BatchNorm2d):
+            n = sub.gamma.shape[0]
+            _set(sub.gamma, np.ones(n))
+            _set(sub.beta, np.zeros(n))
+            _set(sub.moving_mean, np.zeros(n))
+            _set(sub.moving_variance, np.ones(n))
+
+
+def convs_of(cell: nn.Cell) -> list[nn.Conv2d]:
+    return [sub for _, sub in cell.cells_and_names() if isinstance(sub, nn.Conv2d)]
+
+
+__all__ = [
+    "Swish", "batch_norm", "Conv2dSame", "MaxPool2dSame", "same_pad_amounts", "zero_pad2d", "upsample_nearest2x",
+    "SeparableConvBlock", "drop_connect", "init_conv_normal_fan_out", "init_conv_variance_scaling",
+    "init_conv_glorot_uniform", "reset_batch_norms", "convs_of",
+]
