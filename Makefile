@@ -41,7 +41,7 @@ model-summary: $(STAMP)  ## parameter counts and GFLOPs of both models at the CO
 	$(PY) -m stages.model_summary
 
 train-8p: $(STAMP)  ## data-parallel training on WORKERS devices with msrun (MODEL=d0|nanodet, WORKERS=8)
-	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS)
+	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS) --params $(PARAMS)
 	$(DVC) commit -f train_$(MODEL)
 
 sweep: $(STAMP)  ## queue and run a small documented hyperparameter grid with dvc exp

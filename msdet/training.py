@@ -39,7 +39,7 @@ def count_params(network, exclude_prefixes: tuple[str, ...] = ()) -> int:
 
 
 def build_detector(params: Params, model: str, num_classes: int):
-    return get_detector(model, getattr(params, model), num_classes)
+    return get_detector(model, getattr(params, model), num_classes, seed=params.runtime.seed)
 
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
@@ -50,10 +50,10 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
     Returns the model card (rank 0) or None.
     """
-    from msdet.data.pipeline import create_train_dataset, num_samples
+    from msdet.data.pipeline import create_train_dataset, epoch_order, num_samples
 
+    setup_runtime(params.runtime)  # the device must be set before communication.init()
     dist: DistInfo = init_distributed()
-    setup_runtime(params.runtime)
     mcfg = getattr(params, model)
     tcfg = mcfg.train
     meta = read_meta(mindrecord_dir)
@@ -71,7 +71,10 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
             batch_size=tcfg.batch_size, max_gt_boxes=tcfg.max_gt_boxes, num_workers=tcfg.num_workers,
             seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size)
 
-    data = TrainData(make_dataset=make_dataset, num_train_images=num_samples(mindrecord_dir, "train"))
+    n_train = num_samples(mindrecord_dir, "train")
+    data = TrainData(make_dataset=make_dataset, num_train_images=n_train,
+                     shard_of_epoch=lambda epoch: epoch_order(n_train, params.runtime.seed, epoch, dist.rank,
+                                                              dist.group_size, True))
     payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta}
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)

@@ -11,22 +11,34 @@ and scheduler states, numbers, strings, lists, tuples and dicts loads; one that 
 (e.g. Lightning ``hyper_parameters`` holding config objects) is refused with that object's global named,
 and must be re-saved from PyTorch as ``{"state_dict": model.state_dict()}``.
 
-Supported layout: the zip format of PyTorch >= 1.6 (``<folder>/data.pkl`` plus one raw record per storage
-in ``<folder>/data/<key>``, an optional ``<folder>/byteorder``; the folder name varies). The legacy
-(pre-1.6) format, TorchScript archives and anything else are rejected with an error naming the file.
+Supported layouts:
+
+- the zip format of PyTorch >= 1.6 (``<folder>/data.pkl`` plus one raw record per storage in
+  ``<folder>/data/<key>``, an optional ``<folder>/byteorder``; the folder name varies);
+- the legacy stream format of PyTorch 0.4 - 1.5 (still written with ``_use_new_zipfile_serialization=False``;
+  zylo117's released EfficientDet weights use it): a pickled magic number, protocol version 1001 and
+  sys_info, then the main pickle whose persistent ids are ``('storage', type, key, location, numel,
+  view_metadata)``, then a pickled list of storage keys and, per key, an int64 element count followed by
+  the raw little-endian elements. The storage types are only known from the main pickle, which comes
+  before the data, so it is unpickled twice with the same allow-list: first with tensor rebuilding
+  switched off to learn each storage's type and size, then for real once the records are read.
+
+The pre-0.4 tar format, TorchScript archives and anything else are rejected with an error naming the file.
 """
 from __future__ import annotations
 
 import _compat_pickle
 import collections
+import contextlib
 import io
 import pickle
+import pickletools
 import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -50,7 +62,7 @@ class CheckpointFormatError(CheckpointError):
 
 
 class LegacyCheckpointError(CheckpointFormatError):
-    """The file uses torch's legacy (pre-1.6, non-zip) serialization."""
+    """The file uses torch's pre-0.4 tar serialization, which this reader does not support."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -93,7 +105,9 @@ _STORAGE_DTYPES = {
 }
 
 # PyTorch's legacy format starts with a pickled magic number (LONG1 opcode, 10 little-endian bytes).
-_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_MAGIC = _LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
+_LEGACY_PROTOCOL_VERSION = 1001
 _STORAGE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # A stride-0 (expanded) tensor may legitimately be larger than its storage, but not absurdly so.
 _MAX_EXPANDED_BYTES = 1 << 30
@@ -132,6 +146,11 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
     return np.array(view, copy=True, order="C")
 
 
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+    """torch._utils._rebuild_tensor, used by files from PyTorch 0.4."""
+    return _rebuild_tensor_v2(storage, storage_offset, size, stride)
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any = True, backward_hooks: Any = None) -> np.ndarray:
     if not isinstance(data, np.ndarray):
         raise CheckpointFormatError(f"parameter record without tensor data (got {type(data).__name__})")
@@ -151,6 +170,7 @@ def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
@@ -164,13 +184,33 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose globals come only from the allow-list and whose storages come from the zip."""
+def _skip_tensor(*args: Any, **kwargs: Any) -> None:
+    """Stand-in for the rebuild functions while probing a legacy pickle for its storages."""
+    return None
 
-    def __init__(self, data: bytes, source: str, load_storage: Callable[[str, _StorageType, int], _Storage]):
+
+#: the allow-listed globals that build tensors; replaced by ``_skip_tensor`` while probing
+_TENSOR_BUILDERS = (("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+                    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"))
+
+#: load_storage(key, storage type, element count, view metadata or None) -> storage
+LoadStorage = Callable[[str, _StorageType, int, Any], _Storage]
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose globals come only from the allow-list and whose storages come from ``load_storage``.
+
+    ``pid_length`` is 5 for zip archives and 6 for the legacy format (which adds view metadata); with no
+    ``load_storage`` any persistent id is an error. ``probe`` keeps the allow-list but builds no tensors.
+    """
+
+    def __init__(self, data: bytes, source: str, load_storage: LoadStorage | None = None, pid_length: int = 5,
+                 probe: bool = False):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._source = source
         self._load_storage = load_storage
+        self._pid_length = pid_length
+        self._probe = probe
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 files name Python 2 modules (__builtin__, copy_reg): map them like pickle would.
@@ -183,27 +223,53 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{self._source}: refused to load global '{module}.{name}' (nothing was executed); "
                 "only tensor state-dict globals are allowed: torch rebuild functions and storage types, "
                 "collections.OrderedDict, set, frozenset and bytes", f"{module}.{name}")
+        if self._probe and (module, name) in _TENSOR_BUILDERS:
+            return _skip_tensor
         return allowed
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        if (self._load_storage is None or not isinstance(pid, tuple) or len(pid) != self._pid_length
+                or _ascii(pid[0]) != "storage"):
             raise CheckpointFormatError(f"unexpected persistent id {pid!r:.200}")
-        _, storage_type, key, _location, numel = pid
+        storage_type, key, numel = pid[1], _ascii(pid[2]), pid[4]
+        view = pid[5] if self._pid_length == 6 else None
         if not isinstance(storage_type, _StorageType):
             raise CheckpointFormatError(f"persistent id with a non-storage type {storage_type!r:.100}")
         if not isinstance(key, str) or not _STORAGE_KEY.fullmatch(key):
             raise CheckpointFormatError(f"bad storage key {key!r:.100}")
-        return self._load_storage(key, storage_type, _as_index(numel, "storage size"))
+        return self._load_storage(key, storage_type, _as_index(numel, "storage size"), view)
 
 
-def _legacy_message(path: Path) -> str:
-    return (f"{path}: this is PyTorch's legacy (pre-1.6, non-zip) checkpoint format, which this reader does "
-            "not support; re-save it once with PyTorch: torch.save(torch.load(old, map_location='cpu', "
-            "weights_only=True), new, _use_new_zipfile_serialization=True)")
+def _ascii(value: Any) -> Any:
+    """Python 2 era pickles may hold ``bytes`` where Python 3 ones hold ``str``."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
-def _open_archive(path: Path) -> zipfile.ZipFile:
-    """Open ``path`` as a zip, turning every other kind of file into a clear error."""
+def _decode_storage(raw: bytes, storage_type: _StorageType, byteorder: str, what: str, numel: int) -> np.ndarray:
+    """Raw storage bytes -> flat native-endian array (bfloat16 widened to float32)."""
+    raw_dtype = np.dtype("uint16" if storage_type.dtype == "bfloat16" else storage_type.dtype)
+    raw_dtype = raw_dtype.newbyteorder("<" if byteorder == "little" else ">")
+    if len(raw) != numel * raw_dtype.itemsize:
+        raise CheckpointFormatError(f"{what} has {len(raw)} bytes, expected {numel} x {raw_dtype.itemsize}")
+    flat = np.frombuffer(raw, dtype=raw_dtype)
+    if storage_type.dtype == "bfloat16":
+        return (flat.astype(np.uint32) << 16).view(np.float32)
+    return flat.astype(raw_dtype.newbyteorder("="), copy=False)
+
+
+def _tar_message(path: Path) -> str:
+    return (f"{path}: this is PyTorch's pre-0.4 tar checkpoint format, which this reader does not support; "
+            "re-save it once with PyTorch: torch.save(torch.load(old, map_location='cpu', weights_only=True), "
+            "new, _use_new_zipfile_serialization=True)")
+
+
+def _open_archive(path: Path) -> zipfile.ZipFile | None:
+    """Open ``path`` as a zip; None for a legacy stream file; every other kind of file is a clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
@@ -213,8 +279,10 @@ def _open_archive(path: Path) -> zipfile.ZipFile:
             return zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise CheckpointFormatError(f"{path}: corrupt zip archive ({e})") from e
-    if _LEGACY_MAGIC in head[:32] or head[257:262] == b"ustar":
-        raise LegacyCheckpointError(_legacy_message(path))
+    if head[257:262] == b"ustar":
+        raise LegacyCheckpointError(_tar_message(path))
+    if _LEGACY_MAGIC in head[:32]:
+        return None
     if head.startswith(b"PK\x03\x04"):
         raise CheckpointFormatError(
             f"{path}: truncated or corrupt zip archive (no end-of-archive record); download it again")
@@ -238,56 +306,162 @@ def _archive_folder(path: Path, names: list[str]) -> str:
 
 
 def load_torch_pickle(path: str | Path) -> Any:
-    """Unpickle a zip-format ``torch.save`` file into plain Python objects with NumPy arrays for tensors.
+    """Unpickle a ``torch.save`` file (zip or legacy format) into plain Python objects with NumPy arrays.
 
     Dicts, lists, tuples, numbers and strings come back as themselves; every tensor or Parameter becomes
     a C-contiguous ``np.ndarray`` of the same shape and dtype (bfloat16 becomes float32). Raises
     :class:`UnsafeCheckpointError` for any global outside the allow-list, :class:`LegacyCheckpointError`
-    for pre-1.6 files, :class:`CheckpointFormatError` for anything else that is not a sound checkpoint and
-    ``FileNotFoundError`` for a missing path. All messages start with the file's path.
+    for pre-0.4 tar files, :class:`CheckpointFormatError` for anything else that is not a sound checkpoint
+    and ``FileNotFoundError`` for a missing path. All messages start with the file's path.
     """
     path = Path(path)
-    with _open_archive(path) as zf:
-        names = zf.namelist()
-        folder = _archive_folder(path, names)
-        member = f"{folder}/data.pkl"
-        byteorder = "little"
-        if f"{folder}/byteorder" in names:
-            byteorder = zf.read(f"{folder}/byteorder").decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise CheckpointFormatError(f"{path}: unknown byteorder record {byteorder!r:.40}")
-        storages: dict[str, _Storage] = {}
+    archive = _open_archive(path)
+    if archive is None:
+        return _load_legacy(path)
+    with archive as zf:
+        return _load_zip(path, zf)
 
-        def load_storage(key: str, storage_type: _StorageType, numel: int) -> _Storage:
-            cached = storages.get(key)
-            if cached is not None:
-                return cached
-            record = f"{folder}/data/{key}"
-            if record not in names:
-                raise CheckpointFormatError(f"storage record {record} is missing")
-            raw = zf.read(record)
-            raw_dtype = np.dtype("uint16" if storage_type.dtype == "bfloat16" else storage_type.dtype)
-            raw_dtype = raw_dtype.newbyteorder("<" if byteorder == "little" else ">")
-            if len(raw) != numel * raw_dtype.itemsize:
-                raise CheckpointFormatError(
-                    f"storage record {record} has {len(raw)} bytes, expected {numel} x {raw_dtype.itemsize}")
-            flat = np.frombuffer(raw, dtype=raw_dtype)
-            if storage_type.dtype == "bfloat16":
-                flat = (flat.astype(np.uint32) << 16).view(np.float32)
-            else:
-                flat = flat.astype(raw_dtype.newbyteorder("="), copy=False)
-            storages[key] = _Storage(key, flat)
-            return storages[key]
 
-        try:
-            data = zf.read(member)
-            return _RestrictedUnpickler(data, f"{path}", load_storage).load()
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as e:
-            raise CheckpointFormatError(f"{path}: {e}") from e
-        except Exception as e:  # anything else going wrong inside untrusted data means a corrupt file
-            raise CheckpointFormatError(f"{path}: corrupt checkpoint ({member}: {type(e).__name__}: {e})") from e
+def _load_zip(path: Path, zf: zipfile.ZipFile) -> Any:
+    names = zf.namelist()
+    folder = _archive_folder(path, names)
+    member = f"{folder}/data.pkl"
+    byteorder = "little"
+    if f"{folder}/byteorder" in names:
+        byteorder = zf.read(f"{folder}/byteorder").decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise CheckpointFormatError(f"{path}: unknown byteorder record {byteorder!r:.40}")
+    storages: dict[str, _Storage] = {}
+
+    def load_storage(key: str, storage_type: _StorageType, numel: int, view: Any) -> _Storage:
+        cached = storages.get(key)
+        if cached is not None:
+            return cached
+        record = f"{folder}/data/{key}"
+        if record not in names:
+            raise CheckpointFormatError(f"storage record {record} is missing")
+        flat = _decode_storage(zf.read(record), storage_type, byteorder, f"storage record {record}", numel)
+        storages[key] = _Storage(key, flat)
+        return storages[key]
+
+    with _format_errors(path, member):
+        return _RestrictedUnpickler(zf.read(member), f"{path}", load_storage).load()
+
+
+@contextlib.contextmanager
+def _format_errors(path: Path, part: str) -> Iterator[None]:
+    """Anything but an unsafe global going wrong inside untrusted data means a corrupt file: say which."""
+    try:
+        yield
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        raise CheckpointFormatError(f"{path}: {e}") from e
+    except Exception as e:
+        raise CheckpointFormatError(f"{path}: corrupt checkpoint ({part}: {type(e).__name__}: {e})") from e
+
+
+def _next_pickle(data: bytes, start: int, path: Path, what: str) -> int:
+    """End offset of the pickle starting at ``start``, found by walking its opcodes (nothing is executed)."""
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    try:
+        for opcode, _arg, _pos in pickletools.genops(stream):
+            if opcode.name == "STOP":
+                return stream.tell()
+    except Exception as e:
+        raise CheckpointFormatError(
+            f"{path}: truncated or corrupt legacy checkpoint ({what}: {type(e).__name__}: {e})") from e
+    raise CheckpointFormatError(f"{path}: truncated legacy checkpoint ({what} has no end)")
+
+
+def _load_plain(data: bytes, path: Path, what: str) -> Any:
+    """A header pickle of the legacy format: allow-listed globals only, no storages."""
+    with _format_errors(path, what):
+        return _RestrictedUnpickler(data, f"{path}").load()
+
+
+def _load_legacy(path: Path) -> Any:
+    """The legacy (PyTorch 0.4 - 1.5) stream format; see the module docstring for its layout."""
+    data = path.read_bytes()
+    pos = 0
+    header = []
+    for what in ("magic number", "protocol version", "sys_info"):
+        end = _next_pickle(data, pos, path, what)
+        header.append(_load_plain(data[pos:end], path, what))
+        pos = end
+    magic, protocol, sys_info = header
+    if magic != _LEGACY_MAGIC_NUMBER:
+        raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint (bad legacy magic number)")
+    if protocol != _LEGACY_PROTOCOL_VERSION:
+        raise CheckpointFormatError(f"{path}: unsupported legacy protocol version {protocol!r:.40}")
+    if not isinstance(sys_info, dict):
+        raise CheckpointFormatError(f"{path}: legacy sys_info is a {type(sys_info).__name__}, not a dict")
+    main_start, main_end = pos, _next_pickle(data, pos, path, "main pickle")
+    main = data[main_start:main_end]
+    keys_end = _next_pickle(data, main_end, path, "storage key list")
+    keys = _load_plain(data[main_end:keys_end], path, "storage key list")
+    if not isinstance(keys, (list, tuple)):
+        raise CheckpointFormatError(f"{path}: legacy storage key list is a {type(keys).__name__}, not a list")
+    keys = [_ascii(k) for k in keys]
+
+    # pass 1: which storages (type, element count) the main pickle refers to, without building tensors
+    types: dict[str, tuple[_StorageType, int]] = {}
+
+    def probe_storage(key: str, storage_type: _StorageType, numel: int, view: Any) -> _Storage:
+        seen = types.setdefault(key, (storage_type, numel))
+        if seen != (storage_type, numel):
+            raise CheckpointFormatError(f"storage {key!r} is referred to with two types or sizes")
+        return _Storage(key, np.empty(0, np.uint8))
+
+    with _format_errors(path, "main pickle"):
+        _RestrictedUnpickler(main, f"{path}", probe_storage, pid_length=6, probe=True).load()
+
+    # the records: per key an int64 little-endian element count, then the little-endian elements
+    roots: dict[str, np.ndarray] = {}
+    pos = keys_end
+    for key in keys:
+        if not isinstance(key, str) or key not in types:
+            raise CheckpointFormatError(f"{path}: storage record {key!r:.80} is not referred to by the checkpoint")
+        if key in roots:
+            raise CheckpointFormatError(f"{path}: storage record {key!r} appears twice")
+        storage_type, numel = types[key]
+        if pos + 8 > len(data):
+            raise CheckpointFormatError(f"{path}: truncated legacy checkpoint (storage record {key!r} is missing)")
+        count = int.from_bytes(data[pos:pos + 8], "little", signed=True)
+        if count != numel:
+            raise CheckpointFormatError(
+                f"{path}: storage record {key!r} holds {count} elements, the checkpoint expects {numel}")
+        itemsize = 2 if storage_type.dtype == "bfloat16" else np.dtype(storage_type.dtype).itemsize
+        start, stop = pos + 8, pos + 8 + numel * itemsize
+        if stop > len(data):
+            raise CheckpointFormatError(f"{path}: truncated legacy checkpoint (storage record {key!r} has "
+                                        f"{len(data) - start} of {stop - start} bytes)")
+        with _format_errors(path, f"storage record {key!r}"):
+            roots[key] = _decode_storage(data[start:stop], storage_type, "little", f"storage record {key!r}", numel)
+        pos = stop
+    missing = [k for k in types if k not in roots]
+    if missing:
+        raise CheckpointFormatError(f"{path}: truncated legacy checkpoint (no record for storages {missing[:4]})")
+
+    # pass 2: the real objects
+    views: dict[str, _Storage] = {}
+
+    def load_storage(key: str, storage_type: _StorageType, numel: int, view: Any) -> _Storage:
+        root = roots[key]
+        if view is None:
+            return views.setdefault(key, _Storage(key, root))
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise CheckpointFormatError(f"bad storage view metadata {view!r:.100}")
+        view_key = _ascii(view[0])
+        offset, size = _as_index(view[1], "view offset"), _as_index(view[2], "view size")
+        if offset + size > root.size:
+            raise CheckpointFormatError(f"storage view {view_key!r:.40} [{offset}, {offset + size}) lies outside "
+                                        f"storage {key!r} ({root.size} elements)")
+        return views.setdefault(f"view:{view_key}", _Storage(str(view_key), root[offset:offset + size]))
+
+    with _format_errors(path, "main pickle"):
+        return _RestrictedUnpickler(main, f"{path}", load_storage, pid_length=6).load()
 
 
 def _flatten_into(out: dict[str, np.ndarray], tree: Mapping, prefix: str, source: str) -> None:

@@ -69,5 +69,19 @@ def load_weights(network: nn.Cell, path: str | Path, strict: bool = True, skip: 
     return missing
 
 
+def weights_digest(cell: nn.Cell, trainable_only: bool = True) -> str:
+    """SHA-256 over parameter names and bytes: equal digests mean bit-identical weights.
+
+    Trainable weights only by default: BatchNorm running statistics stay per device in data-parallel runs.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in (cell.trainable_params() if trainable_only else cell.get_parameters()):
+        h.update(p.name.encode())
+        h.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+    return h.hexdigest()
+
+
 def param_arrays(cell: nn.Cell) -> dict[str, np.ndarray]:
     return {p.name: p.asnumpy() for p in cell.get_parameters()}

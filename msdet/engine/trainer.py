@@ -30,7 +30,7 @@ from mindspore import nn, ops
 
 from msdet.atomic import atomic_path, write_json, write_text
 from msdet.config import TrainConfig
-from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights, weights_digest
 from msdet.engine.distributed import DistInfo, gradient_reducer
 from msdet.engine.ema import EMA
 from msdet.engine.optim import AdamW, clip_grad_norm
@@ -47,6 +47,8 @@ class TrainData:
 
     make_dataset: Callable[[int], Any]
     num_train_images: int
+    #: optional: the sample indices this rank reads in an epoch (logged by each rank in distributed runs)
+    shard_of_epoch: Optional[Callable[[int], Any]] = None
 
 
 @dataclass
@@ -200,6 +202,9 @@ class Trainer:
                 break
             self.network.set_train(True)
             dataset = self.data.make_dataset(epoch)
+            if self.dist.enabled and self.data.shard_of_epoch is not None:
+                shard = [int(i) for i in self.data.shard_of_epoch(epoch)][: self.steps_per_epoch * self.cfg.batch_size]
+                print(f"[rank {self.dist.rank}] epoch {epoch + 1} samples {json.dumps(shard)}", flush=True)
             bar = tqdm(total=self.steps_per_epoch, desc=f"{self.detector.name} epoch {epoch + 1}/{self.cfg.epochs}",
                        disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
             iterator = dataset.create_tuple_iterator(num_epochs=1)
@@ -243,6 +248,8 @@ class Trainer:
                 on_epoch_end(epoch)
             epochs_run += 1
         wall = time.time() - t_start
+        if self.dist.enabled:
+            print(f"[rank {self.dist.rank}] trainable weights sha256 {weights_digest(self.network)}", flush=True)
         if last_parts is None and rows:
             last_parts = [rows[-1].get(n, float("nan")) for n in self.loss_names]
         return TrainSummary(

@@ -1,0 +1,217 @@
+"""EfficientDet-D0 behind the Detector interface: network, in-graph matching + focal/Huber loss, decoding,
+official-name mapping and ImageNet backbone loading.
+
+Loss (automl): anchors matched by IoU (``pos_iou``/``neg_iou``, each GT force-matched to its best anchor);
+sigmoid focal loss over positive and negative anchors (ignored anchors excluded), summed over the batch and
+divided by max(1, positives in the batch); Huber (``huber_delta``) on the encoded box targets of positives,
+summed and divided by 4 x max(1, positives), times ``box_loss_weight``. The "box" component reported is that
+weighted term, so total = cls + box.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from msdet.assigners.anchor_matcher import AnchorMatcher
+from msdet.atomic import atomic_path
+from msdet.config import D0Config
+from msdet.losses.focal import huber_loss, sigmoid_focal_loss
+from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
+from msdet.models.efficientnet import MINDCV_B0_URL, mindcv_b0_key_map
+from msdet.ops.anchors import efficientdet_anchors
+from msdet.ops.box_coder import decode_np, encode
+
+#: PyTorch BatchNorm state-dict suffix -> MindSpore BatchNorm2d parameter name.
+BN_TORCH_TO_MS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+#: The one kind of official tensor with no MindSpore counterpart (PyTorch's BN update counter).
+UNMAPPED_OFFICIAL_SUFFIX = "num_batches_tracked"
+
+
+class D0LossCell(nn.Cell):
+    """(image, gt_boxes, gt_labels, epoch) -> (total, [total, cls, box]); ``epoch`` is unused by D0."""
+
+    def __init__(self, network: EfficientDet, anchors: np.ndarray, cfg: D0Config) -> None:
+        super().__init__(auto_prefix=False)  # keep the network's parameter names
+        self.network = network
+        self.num_classes = network.num_classes
+        self.anchors = Tensor(anchors, ms.float32)
+        self.matcher = AnchorMatcher(cfg.pos_iou, cfg.neg_iou)
+        self.alpha = cfg.focal_alpha
+        self.gamma = cfg.focal_gamma
+        self.delta = cfg.huber_delta
+        self.box_weight = cfg.box_loss_weight
+
+    def construct(self, image: Tensor, gt_boxes: Tensor, gt_labels: Tensor, epoch: Tensor) -> tuple:
+        regression, logits = self.network(image)
+        boxes, labels, positive, negative = self.matcher(self.anchors, gt_boxes, gt_labels)
+        pos = positive.astype(ms.float32)
+        num_pos = ops.clamp(ops.sum(pos), min=1.0)
+        onehot = ops.one_hot(ops.clamp(labels, min=0), self.num_classes, Tensor(1.0, ms.float32),
+                             Tensor(0.0, ms.float32)) * ops.expand_dims(pos, -1)
+        care = ops.logical_or(positive, negative).astype(ms.float32)
+        cls_loss = ops.sum(sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma)
+                           * ops.expand_dims(care, -1)) / num_pos
+        targets = ops.stop_gradient(encode(boxes, ops.expand_dims(self.anchors, 0)))
+        box_loss = ops.sum(huber_loss(regression, targets, self.delta) * ops.expand_dims(pos, -1))
+        box_loss = box_loss / (num_pos * 4.0) * self.box_weight
+        total = cls_loss + box_loss
+        return total, ops.stack([total, cls_loss, box_loss])
+
+
+class D0Detector:
+    """EfficientDet-D0 for ``num_classes`` classes at ``cfg.input_size`` (a multiple of 128)."""
+
+    name = "d0"
+    loss_names = ("loss", "cls", "box")
+
+    def __init__(self, cfg: D0Config, num_classes: int, seed: int = 0) -> None:
+        if cfg.input_size % 128:
+            raise ValueError(f"d0.input_size = {cfg.input_size}: must be a multiple of 128 (stride of P7)")
+        if num_classes < 1:
+            raise ValueError(f"D0Detector: num_classes must be >= 1, got {num_classes}")
+        self.cfg = cfg
+        self.input_size = cfg.input_size
+        self.num_classes = num_classes
+        self.seed = seed
+        self.levels = tuple(range(D0_SPEC.min_level, D0_SPEC.min_level + D0_SPEC.num_levels))
+        self.anchors = efficientdet_anchors(self.input_size, cfg.anchor_scale, self.levels)
+
+    # ------------------------------------------------------------------ Detector interface
+    def build_network(self) -> EfficientDet:
+        """Freshly initialised network; ImageNet weights come from :meth:`load_pretrained_backbone`."""
+        return EfficientDet(self.num_classes, D0_SPEC, drop_connect_rate=self.cfg.drop_connect_rate, seed=self.seed)
+
+    def loss_cell(self, network: nn.Cell) -> nn.Cell:
+        return D0LossCell(network, self.anchors, self.cfg)
+
+    def inference_cell(self, network: nn.Cell) -> nn.Cell:
+        return EfficientDetInference(network)
+
+    def decode(self, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(regression [B, A, 4], probabilities [B, A, C]) -> (boxes x1y1x2y2 clipped to [0, S], scores)."""
+        regression, scores = (np.asarray(o) for o in outputs[:2])
+        if regression.shape[1] != self.anchors.shape[0]:
+            raise ValueError(f"D0 decode: {regression.shape[1]} anchors in the outputs, expected "
+                             f"{self.anchors.shape[0]} for input size {self.input_size}")
+        boxes = np.clip(decode_np(regression, self.anchors[None]), 0.0, float(self.input_size))
+        return boxes.astype(np.float32), scores.astype(np.float32)
+
+    def official_name_map(self, network: nn.Cell) -> dict[str, str]:
+        return official_name_map(network)
+
+    def load_pretrained_backbone(self, network: EfficientDet, spec: str) -> list[str]:
+        return load_pretrained_backbone(network, spec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# official names
+
+
+def official_name_map(network: nn.Cell) -> dict[str, str]:
+    """zylo117 state-dict key -> our parameter name, one to one.
+
+    Our cell tree mirrors the official module tree, so a key is the cell path plus the parameter name, with
+    BatchNorm's gamma/beta/moving_mean/moving_variance spelled weight/bias/running_mean/running_var.
+    ``*.num_batches_tracked`` (PyTorch only) is the only official kind of key without a counterpart.
+    """
+    ms_to_torch = {v: k for k, v in BN_TORCH_TO_MS.items()}
+    out: dict[str, str] = {}
+    for path, cell in network.cells_and_names():
+        is_bn = isinstance(cell, nn.BatchNorm2d)
+        for p in cell.get_parameters(expand=False):
+            local = p.name.rsplit(".", 1)[-1]
+            key = ms_to_torch[local] if is_bn else local
+            out[f"{path}.{key}" if path else key] = p.name
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# ImageNet backbone
+
+
+_OUR_PREFIXES = ("backbone_net.model.", "model.")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MSDET_CACHE", Path.home() / ".cache" / "msdet"))
+
+
+def download_mindcv_b0(timeout: float = 60.0) -> Path:
+    """The mindcv EfficientNet-B0 ImageNet checkpoint in the cache (``$MSDET_CACHE``, default ~/.cache/msdet)."""
+    dest = _cache_dir() / Path(MINDCV_B0_URL).name
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(MINDCV_B0_URL, timeout=timeout) as resp, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                while chunk := resp.read(1 << 20):
+                    fh.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:
+        raise RuntimeError(
+            f"pretrained_backbone 'mindcv': cannot download {MINDCV_B0_URL} ({exc}). Offline? Fetch that file on "
+            f"a connected machine and set d0.pretrained_backbone to its local path (or place it at {dest})."
+        ) from exc
+    return dest
+
+
+def load_pretrained_backbone(network: EfficientDet, spec: str) -> list[str]:
+    """Load EfficientNet-B0 weights into ``network.backbone_net.model``; returns the loaded parameter names.
+
+    ``spec``: "none" (nothing), "mindcv" (mindcv's ImageNet checkpoint, downloaded once), or the path of a
+    MindSpore checkpoint holding an EfficientNet-B0 either in our names (optionally prefixed
+    ``backbone_net.model.`` or ``model.``; e.g. a D0 checkpoint) or in mindcv's names. Every backbone tensor
+    must be present with our shape; extra tensors (ImageNet head, optimiser state) are ignored.
+    """
+    if spec in ("", "none"):
+        return []
+    path = download_mindcv_b0() if spec == "mindcv" else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_backbone: checkpoint {path} not found")
+    try:
+        ckpt = ms.load_checkpoint(str(path))
+    except Exception as exc:
+        raise ValueError(f"pretrained_backbone: {path} is not a readable MindSpore checkpoint "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    model = network.backbone_net.model
+    params = {name: p for name, p in relative_parameters(model)}
+    if any(k.startswith("features.") for k in ckpt):
+        source = mindcv_b0_key_map(model)
+        fmt = "mindcv"
+    else:
+        source = {}
+        for local in params:
+            for pre in ("",) + _OUR_PREFIXES:
+                if pre + local in ckpt:
+                    source[local] = pre + local
+                    break
+        fmt = "msdet"
+    loaded = []
+    for local, param in params.items():
+        key = source.get(local)
+        if key is None or key not in ckpt:
+            raise ValueError(f"pretrained_backbone: {path} ({fmt} layout) has no tensor for backbone parameter "
+                             f"'{local}'" + (f" (looked for '{key}')" if key else ""))
+        value = ckpt[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"pretrained_backbone: {path}: tensor '{key}' has shape {tuple(value.shape)}, "
+                             f"backbone parameter '{local}' needs {tuple(param.shape)}")
+        param.set_data(Tensor(value.asnumpy().astype(np.float32)))
+        loaded.append(param.name)
+    return loaded
+
+
+def relative_parameters(model: nn.Cell) -> list[tuple[str, ms.Parameter]]:
+    """(name relative to ``model``, parameter), independent of how the network was prefixed."""
+    out = []
+    for path, cell in model.cells_and_names():
+        for p in cell.get_parameters(expand=False):
+            local = p.name.rsplit(".", 1)[-1]
+            out.append((f"{path}.{local}" if path else local, p))
+    return out

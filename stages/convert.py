@@ -1,0 +1,46 @@
+"""Convert official PyTorch weights to a MindSpore checkpoint of ours (no PyTorch needed, no code from the file run).
+
+    python -m stages.convert --model d0 --src efficientdet-d0.pth --out models/official/d0.ckpt
+    python -m stages.convert --model nanodet --src nanodet-plus-m_320.pth --out models/official/nanodet.ckpt
+
+d0: zylo117/Yet-Another-EfficientDet-Pytorch weights (90 COCO classes: class k = category id k + 1, recorded
+in the checkpoint). nanodet: RangiLyu/nanodet NanoDet-Plus-m ``.pth`` or Lightning ``.ckpt`` (the EMA
+``avg_model.*`` copy is preferred). The checkpoint then works with ``<model>.init``, ``stages.export --ckpt``
+and ``stages.eval --ckpt``. ``--report FILE.json`` writes what was done (it doubles as ``stages.infer --meta``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from msdet.config import ConfigError, Params, load_params
+from msdet.conversion.converters import MODELS, ConversionError, convert_file
+from msdet.conversion.torch_reader import CheckpointError
+from msdet.engine.runtime import setup_runtime
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, choices=MODELS)
+    ap.add_argument("--src", required=True, help="official .pth / .ckpt file")
+    ap.add_argument("--out", required=True, help="MindSpore checkpoint to write")
+    ap.add_argument("--num-classes", type=int, default=None, help="expected class count (default: the file's)")
+    ap.add_argument("--report", default=None, help="also write the conversion report (JSON) here")
+    ap.add_argument("--params", default="params.yaml", help="params file (defaults if it is absent)")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params) if Path(args.params).is_file() else Params()
+        setup_runtime(params.runtime)
+        report = convert_file(args.model, args.src, args.out, args.num_classes, cfg=getattr(params, args.model),
+                              report_path=args.report, seed=params.runtime.seed)
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"[{args.model}] wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

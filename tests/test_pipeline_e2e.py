@@ -1,0 +1,91 @@
+"""End to end: the real dvc.yaml in a throw-away git + DVC repo, on a tiny config.
+
+Checks that `dvc repro` runs every stage, that a no-op repro does nothing, that `dvc exp run -S` on an eval
+param reruns only the eval stages, and that `dvc metrics diff` / `dvc params diff` report the change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msdet.config import merge
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": {"synthetic": {"num_train": 24, "num_val": 8, "image_size": 128, "max_objects": 4}},
+    "mindrecord": {"train_shards": 1},
+    "d0": {"input_size": 128, "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 3,
+                                         "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8}},
+    "nanodet": {"input_size": 128, "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 3,
+                                              "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8}},
+    "eval": {"batch_size": 4, "num_plot_images": 1},
+    "export": {"formats": ["MINDIR"], "num_check_images": 1, "latency_repeats": 2},
+}
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith(("metrics/", "plots/", "dvc.lock"))]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    for rel in project_files():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "init"], dst, env)
+    return dst, env
+
+
+def test_repro_then_experiment(repo):
+    dst, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    run(dvc + ["repro"], dst, env)
+    for model in ("d0", "nanodet"):
+        metrics = json.loads((dst / "metrics" / f"{model}.json").read_text())
+        assert {"AP", "AP50", "AP75", "AR100"} <= set(metrics)
+        assert (dst / "models" / model / "ema.ckpt").is_file()
+        assert (dst / "models" / model / "export" / "model.mindir").is_file()
+        card = json.loads((dst / "models" / model / "model_card.json").read_text())
+        assert card["input_size"] == 128 and card["steps"] == 3
+    data = json.loads((dst / "metrics" / "data.json").read_text())
+    assert data["train"]["images"] == 24
+    status = run(dvc + ["status"], dst, env)
+    assert "changed" not in status
+    noop = run(dvc + ["repro"], dst, env)
+    assert "Running stage" not in noop
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "baseline"], dst, env)
+
+    out = run(dvc + ["exp", "run", "-S", "eval.score_threshold=0.9"], dst, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"eval@d0", "eval@nanodet"}, out
+    params_diff = json.loads(run(dvc + ["params", "diff", "--json"], dst, env))
+    assert params_diff["params.yaml"]["eval.score_threshold"] == {"old": 0.05, "new": 0.9}
+    metrics_diff = json.loads(run(dvc + ["metrics", "diff", "--json", "--all"], dst, env))
+    changed = [k for f, d in metrics_diff.items() for k, v in d.items() if k == "num_detections" and v.get("diff")]
+    assert changed, metrics_diff
