@@ -14,6 +14,7 @@ from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoi
 from msdet.engine.distributed import DistInfo, init_distributed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import Trainer, TrainData, TrainSummary
+from msdet.summary import count_trainable
 
 
 def read_meta(mindrecord_dir: str | Path) -> dict[str, Any]:
@@ -32,10 +33,6 @@ def init_from_checkpoint(detector, network, path: str) -> list[str]:
               if p.name in head and p.name in params and tuple(params[p.name].shape) != tuple(p.shape)]
     load_weights(network, path, strict=True, skip=reinit)
     return reinit
-
-
-def count_params(network, exclude_prefixes: tuple[str, ...] = ()) -> int:
-    return int(sum(p.size for p in network.trainable_params() if not p.name.startswith(exclude_prefixes)))
 
 
 def build_detector(params: Params, model: str, num_classes: int):
@@ -100,8 +97,8 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "num_classes": detector.num_classes,
         "classes": [c["name"] for c in meta["categories"]],
         "category_ids": [c["id"] for c in meta["categories"]],
-        "params_train": count_params(network),
-        "params_inference": count_params(network, tuple(detector.training_only_prefixes)),
+        "params_train": count_trainable(network),
+        "params_inference": count_trainable(network, tuple(detector.training_only_prefixes)),
         "gflops": round(flops.gflops, 3),
         "gmacs": round(flops.gmacs, 3),
         "epochs": summary.epochs,

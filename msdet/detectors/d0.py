@@ -70,6 +70,10 @@ class D0Detector:
 
     name = "d0"
     loss_names = ("loss", "cls", "box")
+    training_only_prefixes: tuple[str, ...] = ()
+    architecture = ("EfficientDet-D0: EfficientNet-B0 (MBConv + SE, swish, drop connect) + BiFPN (64 ch, 3 repeats, "
+                    "P3-P7, fast normalized fusion) + shared box/class nets (3 separable convs, per-level BN), "
+                    "9 anchors per location; focal loss + Huber box loss")
 
     def __init__(self, cfg: D0Config, num_classes: int, seed: int = 0) -> None:
         if cfg.input_size % 128:
@@ -102,6 +106,10 @@ class D0Detector:
                              f"{self.anchors.shape[0]} for input size {self.input_size}")
         boxes = np.clip(decode_np(regression, self.anchors[None]), 0.0, float(self.input_size))
         return boxes.astype(np.float32), scores.astype(np.float32)
+
+    def class_head_param_names(self, network: nn.Cell) -> list[str]:
+        """The class net's output conv: its shape is 9 x num_classes."""
+        return [p.name for p in network.get_parameters() if p.name.startswith("classifier.header.")]
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
         return official_name_map(network)
