@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# DVC runs stage commands as plain `python ...`: make it the venv's (also inside dvc exp temp copies)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
 DVC    := $(VENV)/bin/dvc
 STAMP  := $(VENV)/.installed
 MODEL  ?= nanodet
@@ -44,11 +47,12 @@ train-8p: $(STAMP)  ## data-parallel training on WORKERS devices with msrun (MOD
 	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS) --params $(PARAMS)
 	$(DVC) commit -f train_$(MODEL)
 
-sweep: $(STAMP)  ## queue and run a small documented hyperparameter grid with dvc exp
-	$(DVC) exp run --queue -S 'nanodet.train.lr=0.001,0.002' -S 'nanodet.train.epochs=10'
-	$(DVC) queue start --jobs 1
-	$(DVC) queue status
-	$(DVC) exp show --only-changed
+SWEEP ?= -S 'nanodet.train.lr=0.001,0.002' -S 'eval.score_threshold=0.05,0.3'
+
+sweep: $(STAMP)  ## queue a small grid with dvc exp (SWEEP=...), run it in temp copies, show the table
+	$(DVC) exp run --queue $(SWEEP)
+	$(DVC) exp run --run-all --jobs 1
+	$(DVC) exp show --only-changed --drop 'per_class_AP.*|.*seconds|.*per_s|AR.*|APs|APm|APl' 
 
 coco: $(STAMP)  ## the seed documents' setting: COCO 2017, Ascend, 8 devices (see params_coco.yaml)
 	$(DVC) exp run $$($(PY) -m stages.coco_overrides params_coco.yaml)

@@ -47,14 +47,16 @@ def test_dead_worker_fails_the_job_naming_its_log(tmp_path):
 @pytest.mark.slow
 def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
     data = tmp_path / "coco"
-    generate_synthetic(data, SyntheticConfig(num_train=16, num_val=4, image_size=128, max_objects=3, seed=5))
+    generate_synthetic(data, SyntheticConfig(num_train=8, num_val=4, image_size=128, max_objects=3, seed=5))
     mr = tmp_path / "mindrecord"
     convert_tree(resolve_tree(data), mr, MindrecordConfig(train_shards=1, workers=1))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {
         "data": {"root": str(data)},
         "mindrecord": {"out_dir": str(mr)},
-        "d0": {"input_size": 128, "train": {"epochs": 6, "batch_size": 4, "lr": 0.08, "warmup_steps": 2,
-                                            "num_workers": 1, "max_gt_boxes": 4}},
+        # no augmentation: each rank sees the same 4 images every step, so the loss must fall
+        "d0": {"input_size": 128, "augment": {"scale_min": 1.0, "scale_max": 1.0, "flip_prob": 0.0},
+               "train": {"epochs": 12, "batch_size": 4, "lr": 0.16, "warmup_steps": 1, "num_workers": 1,
+                         "max_gt_boxes": 4}},
     })
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -66,15 +68,15 @@ def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
 
     digests = [re.findall(r"\[rank \d\] trainable weights sha256 (\w+)", w) for w in worker_logs]
     assert len(digests[0]) == 1 and digests[0] == digests[1], digests
-    for epoch in range(1, 7):
+    for epoch in range(1, 13):
         shards = [json.loads(re.search(rf"\[rank \d\] epoch {epoch} samples (\[.*\])", w).group(1))
                   for w in worker_logs]
-        assert len(shards[0]) == len(shards[1]) == 8
-        assert not set(shards[0]) & set(shards[1])  # each rank saw its own half of the 16 images
+        assert len(shards[0]) == len(shards[1]) == 4
+        assert not set(shards[0]) & set(shards[1])  # each rank saw its own half of the 8 images
 
     card = json.loads((tmp_path / "models" / "d0" / "model_card.json").read_text())
     assert card["devices"] == 2 and card["global_batch"] == 8 and card["steps"] == 12
     rows = (tmp_path / "plots" / "d0" / "train.csv").read_text().splitlines()[1:]
     losses = [float(r.split(",")[3]) for r in rows]
     assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
