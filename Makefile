@@ -23,7 +23,6 @@ help:  ## list the targets
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps mindcv==0.3.0
 	touch $(STAMP)
 
 venv: $(STAMP)  ## create .venv with the pinned stack

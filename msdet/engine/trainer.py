@@ -146,7 +146,7 @@ class Trainer:
     def state_dir(self) -> Path:
         return self.out_dir / "state"
 
-    def _save_resume(self, epoch: int, step: int, rows: list[dict]) -> None:
+    def _save_resume(self, epoch: int, step: int, rows: list[dict], seconds: float) -> None:
         import mindspore as ms
 
         items = [{"name": p.name, "data": p} for p in self.network.get_parameters()]
@@ -156,10 +156,12 @@ class Trainer:
         # the training log is part of the resume state: a resumed run's curves equal an uninterrupted run's
         write_text(self.state_dir / "train_log.csv", _rows_to_csv(rows))
         save_weights(self.resume_path, items, {"epoch": epoch, "step": step, "run_key": self.key,
+                                               "train_seconds": round(seconds, 3),
                                                "rng": ms.get_rng_state().asnumpy().tolist()})
 
-    def _try_resume(self) -> tuple[int, int, list[dict]]:
-        """(next epoch, global step, log rows) from a matching resume checkpoint, else a fresh start."""
+    def _try_resume(self) -> tuple[int, int, list[dict], float]:
+        """(next epoch, global step, log rows, seconds trained) from a matching resume checkpoint, else a
+        fresh start."""
         import mindspore as ms
         from mindspore import Tensor
 
@@ -169,10 +171,10 @@ class Trainer:
             if self.dist.is_main:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 write_json(key_file, {"run_key": self.key})
-            return 0, 0, []
+            return 0, 0, [], 0.0
         params = read_checkpoint(self.resume_path)
         if checkpoint_meta(params, "run_key") != self.key:
-            return 0, 0, []
+            return 0, 0, [], 0.0
         ms.load_param_into_net(self.network, params, strict_load=False)
         ms.load_param_into_net(self.ema, params, strict_load=False)
         ms.load_param_into_net(self.optimizer, params, strict_load=False)
@@ -181,7 +183,8 @@ class Trainer:
             ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
         log = self.state_dir / "train_log.csv"
         rows = _csv_to_rows(log.read_text()) if log.is_file() else []
-        return int(checkpoint_meta(params, "epoch")) + 1, int(checkpoint_meta(params, "step")), rows
+        return (int(checkpoint_meta(params, "epoch")) + 1, int(checkpoint_meta(params, "step")), rows,
+                float(checkpoint_meta(params, "train_seconds", 0.0)))
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_epochs: Optional[int] = None,
@@ -192,7 +195,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        start_epoch, step, rows = self._try_resume()
+        start_epoch, step, rows, seconds_before = self._try_resume()
         resumed = start_epoch
         t_start, compile_time, timed_images, timed_seconds = time.time(), 0.0, 0, 0.0
         last_parts = None
@@ -239,7 +242,7 @@ class Trainer:
                 bar.update(1)
             bar.close()
             if self.dist.is_main:
-                self._save_resume(epoch, step, rows)
+                self._save_resume(epoch, step, rows, seconds_before + time.time() - t_start)
                 loss_txt = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, last_parts)) \
                     if last_parts is not None else ""
                 print(f"[{self.detector.name}] epoch {epoch + 1}/{self.cfg.epochs} step {step} {loss_txt}",
@@ -247,7 +250,7 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             epochs_run += 1
-        wall = time.time() - t_start
+        wall = seconds_before + time.time() - t_start
         if self.dist.enabled:
             print(f"[rank {self.dist.rank}] trainable weights sha256 {weights_digest(self.network)}", flush=True)
         if last_parts is None and rows:
