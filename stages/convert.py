@@ -6,7 +6,9 @@
 d0: zylo117/Yet-Another-EfficientDet-Pytorch weights (90 COCO classes: class k = category id k + 1, recorded
 in the checkpoint). nanodet: RangiLyu/nanodet NanoDet-Plus-m ``.pth`` or Lightning ``.ckpt`` (the EMA
 ``avg_model.*`` copy is preferred). The checkpoint then works with ``<model>.init``, ``stages.export --ckpt``
-and ``stages.eval --ckpt``. ``--report FILE.json`` writes what was done (it doubles as ``stages.infer --meta``).
+and ``stages.eval --ckpt``. ``--meta data/mindrecord/meta.json`` cuts the class head to that data set's
+categories (by COCO category id, in its order): for COCO, an 80-class checkpoint that keeps every
+pretrained class weight. ``--report FILE.json`` writes what was done (it doubles as ``stages.infer --meta``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from msdet.config import ConfigError, Params, load_params
 from msdet.conversion.converters import MODELS, ConversionError, convert_file
 from msdet.conversion.torch_reader import CheckpointError
 from msdet.engine.runtime import setup_runtime
+from msdet.inference import ClassNames, InferenceError, read_meta_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,15 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", required=True, help="official .pth / .ckpt file")
     ap.add_argument("--out", required=True, help="MindSpore checkpoint to write")
     ap.add_argument("--num-classes", type=int, default=None, help="expected class count (default: the file's)")
+    ap.add_argument("--meta", default=None, help="a MindRecord meta.json: keep only its categories' class rows")
     ap.add_argument("--report", default=None, help="also write the conversion report (JSON) here")
     ap.add_argument("--params", default="params.yaml", help="params file (defaults if it is absent)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params) if Path(args.params).is_file() else Params()
+        categories = None
+        if args.meta:
+            classes = ClassNames.from_meta(read_meta_file(args.meta), args.meta)
+            categories = [{"id": i, "name": n} for i, n in zip(classes.category_ids, classes.names)]
         setup_runtime(params.runtime)
-        report = convert_file(args.model, args.src, args.out, args.num_classes, cfg=getattr(params, args.model),
-                              report_path=args.report, seed=params.runtime.seed)
-    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        report = convert_file(args.model, args.src, args.out, args.num_classes, categories=categories,
+                              cfg=getattr(params, args.model), report_path=args.report, seed=params.runtime.seed)
+    except (ConversionError, CheckpointError, ConfigError, InferenceError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

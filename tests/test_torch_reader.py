@@ -1,6 +1,7 @@
 """The NumPy-only torch checkpoint reader against genuine torch.save files (tests/fixtures/torch/README.md)."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -117,15 +118,6 @@ def test_flatten_state_dict_finds_the_tensors():
         flatten_state_dict({"state_dict": {}})
     with pytest.raises(CheckpointFormatError, match="holds a list"):
         flatten_state_dict([a])
-
-
-def test_legacy_format_is_rejected_with_how_to_resave():
-    path = FIXTURES / "legacy_format.pth"
-    with pytest.raises(LegacyCheckpointError) as err:
-        load_torch_pickle(path)
-    message = str(err.value)
-    assert str(path) in message and "legacy" in message
-    assert "_use_new_zipfile_serialization=True" in message
 
 
 def test_malicious_fixture_is_refused_without_running_it():
@@ -315,3 +307,107 @@ def test_archive_folder_name_does_not_matter(tmp_path):
     got = load_torch_state(dst)
     assert list(got) == list(want)
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# --- the legacy (PyTorch 0.4 - 1.5) stream format ---
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def test_legacy_format_is_read_exactly():
+    path = FIXTURES / "legacy_format.pth"
+    assert not zipfile.is_zipfile(path)
+    got = dict(tree_arrays(load_torch_pickle(path)))
+    want = expected_arrays("legacy_format.pth")
+    assert sorted(got) == sorted(want) == ["state_dict/bn.num_batches_tracked", "state_dict/conv.weight"]
+    for key in want:
+        assert_same(got[key], want[key], key)
+    state = load_torch_state(path)
+    assert list(state) == ["conv.weight", "bn.num_batches_tracked"] and int(state["bn.num_batches_tracked"]) == 5
+
+
+def _legacy_pid_tensor(storage_type: str, key: str, numel: int, offset: int, size, stride, view=None) -> bytes:
+    """A tensor record whose persistent id has the legacy 6th field (None or (view key, offset, size))."""
+    view_bytes = pickle.NONE if view is None else pickle.MARK + _s(view[0]) + _i(view[1]) + _i(view[2]) + pickle.TUPLE
+    storage = (pickle.MARK + _s("storage") + pickle.GLOBAL + b"torch\n" + storage_type.encode() + b"\n"
+               + _s(key) + _s("cuda:0") + _i(numel) + view_bytes + pickle.TUPLE + pickle.BINPERSID)
+    hooks = pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
+    return (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage + _i(offset)
+            + _ints(size) + _ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
+
+
+def _legacy_file(path: Path, main: bytes, records: list[tuple[str, int, bytes]]) -> Path:
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    parts = [pickle.dumps(LEGACY_MAGIC, protocol=2), pickle.dumps(1001, protocol=2), pickle.dumps(sys_info, protocol=2),
+             main, pickle.dumps([key for key, _, _ in records], protocol=2)]
+    parts += [struct.pack("<q", numel) + raw for _, numel, raw in records]
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def test_legacy_storage_views_and_shared_storages(tmp_path):
+    root = np.arange(8, dtype=np.float32) * 1.5
+    ints = np.array([3, -4], dtype=np.int64)
+    main = _dict_pickle({
+        "whole": _legacy_pid_tensor("FloatStorage", "140", 8, 0, (2, 4), (4, 1)),
+        "whole_t": _legacy_pid_tensor("FloatStorage", "140", 8, 0, (4, 2), (1, 4)),
+        "view": _legacy_pid_tensor("FloatStorage", "140", 8, 1, (2,), (1,), view=("150", 2, 3)),
+        "ints": _legacy_pid_tensor("LongStorage", "160", 2, 0, (2,), (1,)),
+    })
+    path = _legacy_file(tmp_path / "views.pth", main, [("160", 2, ints.tobytes()), ("140", 8, root.tobytes())])
+    got = load_torch_state(path)
+    np.testing.assert_array_equal(got["whole"], root.reshape(2, 4))
+    np.testing.assert_array_equal(got["whole_t"], root.reshape(2, 4).T)
+    np.testing.assert_array_equal(got["view"], root[3:5])
+    np.testing.assert_array_equal(got["ints"], ints)
+    assert got["ints"].dtype == np.int64
+
+
+def test_legacy_file_with_a_forbidden_global_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    main = pickle.dumps({"state_dict": {"w": _CallOnLoad(os.system, f"touch {marker}")}}, protocol=2)
+    path = _legacy_file(tmp_path / "evil_legacy.pth", main, [])
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_torch_pickle(path)
+    assert err.value.global_name == f"{os.system.__module__}.system"
+    assert str(path) in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut, message", [
+    (300, "truncated or corrupt legacy checkpoint \\(main pickle"),
+    (470, "truncated or corrupt legacy checkpoint \\(storage key list"),
+    (540, "truncated legacy checkpoint \\(storage record '93857268637104' has 1 of 8 bytes"),
+])
+def test_truncated_legacy_files_give_clear_errors(tmp_path, cut, message):
+    path = tmp_path / "cut.pth"
+    path.write_bytes((FIXTURES / "legacy_format.pth").read_bytes()[:cut])
+    with pytest.raises(CheckpointFormatError, match=message) as err:
+        load_torch_state(path)
+    assert str(path) in str(err.value)
+
+
+def test_inconsistent_legacy_records_are_rejected(tmp_path):
+    main = _dict_pickle({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (4,), (1,))})
+    wrong_count = _legacy_file(tmp_path / "count.pth", main, [("140", 3, bytes(12))])
+    with pytest.raises(CheckpointFormatError, match="holds 3 elements, the checkpoint expects 4"):
+        load_torch_state(wrong_count)
+    stray = _legacy_file(tmp_path / "stray.pth", main, [("140", 4, bytes(16)), ("999", 1, bytes(4))])
+    with pytest.raises(CheckpointFormatError, match="'999' is not referred to"):
+        load_torch_state(stray)
+    outside = _dict_pickle({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (2,), (1,), view=("1", 3, 2))})
+    with pytest.raises(CheckpointFormatError, match="lies outside storage '140'"):
+        load_torch_state(_legacy_file(tmp_path / "view.pth", outside, [("140", 4, bytes(16))]))
+
+
+def test_pre_0_4_tar_checkpoints_are_rejected_with_how_to_resave(tmp_path):
+    import tarfile
+
+    path = tmp_path / "ancient.pth"
+    with tarfile.open(path, "w") as tf:
+        info = tarfile.TarInfo("sys_info")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"\x80\x02N."))
+    with pytest.raises(LegacyCheckpointError) as err:
+        load_torch_pickle(path)
+    assert str(path) in str(err.value) and "_use_new_zipfile_serialization=True" in str(err.value)

@@ -16,7 +16,10 @@ Class heads: the class count is read from the class head's shape. zylo117's rele
 class k being COCO category id k + 1 (the ids COCO 2017 leaves unused are kept as dead classes); NanoDet's
 COCO model has the 80 COCO categories in ascending id order. The converted checkpoint records those ids
 (``category_ids``) so evaluation can map a 90-class head onto the 80 categories of COCO val
-(:func:`category_ids_for`).
+(:func:`category_ids_for`). Alternatively ``categories`` (a MindRecord meta.json's list) restricts the class
+head to a data set's categories by id: the rows of the official head for those ids, in the data set's
+order, so a checkpoint for COCO's 80 classes keeps every pretrained class weight, evaluates against the
+MindRecord as it is, and ``<model>.init`` fine-tunes from it without re-initialising the class head.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import numpy as np
 
 from msdet.atomic import write_json
 from msdet.config import D0Config, NanoDetConfig
+from msdet.engine.checkpoint import category_ids_for  # re-exported: converted checkpoints carry their ids
 
 MODELS = ("d0", "nanodet")
 OFFICIAL_SOURCES = {"d0": "zylo117/Yet-Another-EfficientDet-Pytorch (efficientdet-d0.pth)",
@@ -249,14 +253,46 @@ def _build(model: str, cfg: Any, num_classes: int, seed: int) -> tuple[Any, Any]
     return detector, detector.build_network()
 
 
+def restrict_classes(model: str, official: dict[str, np.ndarray], file_ids: Sequence[int],
+                     wanted_ids: Sequence[int], source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The official state dict with its class head cut down to ``wanted_ids`` (in that order).
+
+    ``file_ids[k]`` is the category id of the file's class k. D0's class conv has anchor-major channels
+    (a * C + c); NanoDet's ``head.gfl_cls.*`` hold C class rows then 4 (reg_max + 1) distance rows, and
+    ``aux_head.gfl_cls`` C class rows.
+    """
+    position = {int(i): k for k, i in enumerate(file_ids)}
+    absent = [i for i in wanted_ids if int(i) not in position]
+    if absent:
+        raise ConversionError(f"{source}: category ids {absent[:10]} are not among the {len(file_ids)} classes of "
+                              f"the official {model} head (its ids: {min(file_ids)}..{max(file_ids)})")
+    if len(set(int(i) for i in wanted_ids)) != len(wanted_ids):
+        raise ConversionError(f"{source}: the wanted category ids repeat: {list(wanted_ids)[:20]}")
+    rows = np.array([position[int(i)] for i in wanted_ids], dtype=np.int64)
+    c = len(file_ids)
+    out = dict(official)
+    for key, value in official.items():
+        if model == "d0" and key.startswith("classifier.header.pointwise_conv.conv."):
+            per_anchor = value.reshape((value.shape[0] // c, c) + value.shape[1:])
+            out[key] = np.ascontiguousarray(per_anchor[:, rows]).reshape((-1,) + value.shape[1:])
+        elif model == "nanodet" and key.startswith("head.gfl_cls."):
+            out[key] = np.concatenate([value[rows], value[c:]], axis=0)
+        elif model == "nanodet" and key.startswith("aux_head.gfl_cls."):
+            out[key] = np.ascontiguousarray(value[rows])
+    return out
+
+
 def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: Optional[int] = None, *,
-                       cfg: Any = None, source: Optional[str] = None, source_sha256: Optional[str] = None,
+                       categories: Optional[Sequence[dict]] = None, cfg: Any = None,
+                       source: Optional[str] = None, source_sha256: Optional[str] = None,
                        seed: int = 0) -> tuple[Any, ConversionReport]:
     """Official state dict (``{key: array}``, any accepted key layout) -> (our network holding it, report).
 
-    ``num_classes`` None takes the class head's; given, it must agree (fine-tuning on other classes goes
-    through ``<model>.init``, which re-initialises the class head). ``cfg`` is the model config (default:
-    the defaults; only NanoDet's ``reg_max`` matters). ``source`` names the file in errors and the report.
+    ``categories`` (optional, [{"id", "name"}, ...] as in a MindRecord meta.json) keeps only the class-head
+    rows of those category ids, in that order (see :func:`restrict_classes`); the file's ids must be known
+    (the official COCO heads). ``num_classes``, when given, must equal the resulting class count (the
+    file's, or ``len(categories)``). ``cfg`` is the model config (default: the defaults; only NanoDet's
+    ``reg_max`` matters). ``source`` names the file in errors and the report.
     """
     import mindspore as ms
 
@@ -265,15 +301,26 @@ def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: Op
     keys, layout, ignored = select_state(state)
     official = {k: state[v] for k, v in keys.items()}
     found = infer_num_classes(model, official, cfg, where)
-    if num_classes is not None and num_classes != found:
+    file_categories = official_categories(model, found)
+    classes = found
+    if categories is not None:
+        if file_categories is None:
+            raise ConversionError(f"{where}: the category ids of this {found}-class {model} head are unknown (only "
+                                  f"the official COCO heads' are), so it cannot be cut to given categories")
+        wanted = [int(c["id"]) for c in categories]
+        official = restrict_classes(model, official, file_categories[0], wanted, where)
+        classes = len(wanted)
+    if num_classes is not None and num_classes != classes:
         raise ConversionError(
-            f"{where}: the class head '{CLASS_HEAD_KEYS[model]}' {tuple(official[CLASS_HEAD_KEYS[model]].shape)} "
-            f"has {found} classes, not {num_classes}; convert with its own class count and start from it with "
-            f"{model}.init (the class head is then re-initialised for your classes)")
-    detector, network = _build(model, cfg, found, seed)
+            f"{where}: the class head '{CLASS_HEAD_KEYS[model]}' {tuple(state[keys[CLASS_HEAD_KEYS[model]]].shape)} "
+            f"has {found} classes" + (f", cut to {classes} categories" if categories is not None else "")
+            + f", not {num_classes}; to fine-tune on other classes convert it as it is (or cut it to your data "
+            f"set's categories) and start from it with {model}.init (a class head of another shape is then "
+            f"re-initialised)")
+    detector, network = _build(model, cfg, classes, seed)
     name_map = detector.official_name_map(network)
     params = {p.name: p for p in network.get_parameters()}
-    report = ConversionReport(model=model, num_classes=found, source=source, source_sha256=source_sha256,
+    report = ConversionReport(model=model, num_classes=classes, source=source, source_sha256=source_sha256,
                               key_layout=layout, ignored_non_ema_tensors=ignored, parameters_total=len(params))
     report.normalisation = check_normalisation(model, network)
 
@@ -320,9 +367,13 @@ def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: Op
     report.parameters_filled = len(filled)
     if report.cast_to_float32:
         report.notes.append(f"cast to float32: {report.cast_to_float32}")
-    cats = official_categories(model, found)
-    if cats is not None:
-        report.category_ids, report.class_names = cats
+    if categories is not None:
+        report.category_ids = [int(c["id"]) for c in categories]
+        report.class_names = [str(c.get("name", f"class_{k}")) for k, c in enumerate(categories)]
+        report.notes.append(f"class head cut from the file's {found} classes to the {classes} given categories "
+                            f"(rows taken by COCO category id, in the given order)")
+    elif file_categories is not None:
+        report.category_ids, report.class_names = file_categories
         report.notes.append(
             "class k = COCO category id k + 1 (zylo117; ids unused by COCO 2017 kept as dead classes)"
             if model == "d0" else "classes = the 80 COCO categories in ascending id order (official NanoDet)")
@@ -359,36 +410,27 @@ def sha256_file(path: str | Path) -> str:
 
 
 def convert_file(model: str, src: str | Path, out: str | Path, num_classes: Optional[int] = None, *,
-                 cfg: Any = None, report_path: Optional[str | Path] = None, seed: int = 0) -> ConversionReport:
+                 categories: Optional[Sequence[dict]] = None, cfg: Any = None,
+                 report_path: Optional[str | Path] = None, seed: int = 0) -> ConversionReport:
     """Read an official ``.pth``/``.ckpt`` safely (no torch, no code run), convert it, write ``out``.
 
     ``out`` is a MindSpore checkpoint (written atomically) holding every parameter of our network and the
-    metadata of :func:`checkpoint_metadata`; ``report_path`` (optional) gets the report as JSON.
+    metadata of :func:`checkpoint_metadata`; ``report_path`` (optional) gets the report as JSON. See
+    :func:`convert_state_dict` for ``num_classes`` and ``categories``.
     """
     from msdet.conversion.torch_reader import load_torch_state
     from msdet.engine.checkpoint import save_weights
 
     src = Path(src)
     state = load_torch_state(src)
-    network, report = convert_state_dict(model, state, num_classes, cfg=cfg, source=str(src),
-                                         source_sha256=sha256_file(src), seed=seed)
+    network, report = convert_state_dict(model, state, num_classes, categories=categories, cfg=cfg,
+                                         source=str(src), source_sha256=sha256_file(src), seed=seed)
     save_weights(out, network, checkpoint_metadata(report))
     if report_path is not None:
         write_json(report_path, report.as_dict())
     return report
 
 
-def category_ids_for(ckpt_path: str | Path, meta: dict) -> list[int]:
-    """Data-set category id of each class index of the checkpoint: its own ids when it carries them (a
-    converted official checkpoint: 90 for zylo117's D0), else the data set's (``meta["categories"]``)."""
-    from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
-
-    ids = checkpoint_meta(read_checkpoint(ckpt_path), "category_ids")
-    if ids:
-        return [int(i) for i in ids]
-    return [int(c["id"]) for c in meta["categories"]]
-
-
 __all__ = ["ConversionError", "ConversionReport", "convert_state_dict", "convert_file", "category_ids_for",
-           "to_official_state_dict", "select_state", "infer_num_classes", "official_categories",
+           "to_official_state_dict", "select_state", "infer_num_classes", "official_categories", "restrict_classes",
            "check_normalisation", "checkpoint_metadata", "COCO_CATEGORIES", "MODELS"]

@@ -85,3 +85,12 @@ def weights_digest(cell: nn.Cell, trainable_only: bool = True) -> str:
 
 def param_arrays(cell: nn.Cell) -> dict[str, np.ndarray]:
     return {p.name: p.asnumpy() for p in cell.get_parameters()}
+
+
+def category_ids_for(ckpt_path: str | Path, meta: dict) -> list[int]:
+    """Data-set category id of each class index of the checkpoint: its own ids when it carries them (a
+    converted official checkpoint: 90 for zylo117's D0), else the data set's (``meta["categories"]``)."""
+    ids = checkpoint_meta(read_checkpoint(ckpt_path), "category_ids")
+    if ids:
+        return [int(i) for i in ids]
+    return [int(c["id"]) for c in meta["categories"]]

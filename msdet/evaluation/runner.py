@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -59,11 +59,16 @@ def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig
 
 
 def evaluate_network(detector, network, dataset, gt_json: str | Path, category_ids: list[int],
-                     cfg: EvalConfig, model: str) -> EvalOutcome:
-    """Detections on the whole val split scored with pycocotools; metrics flat enough for `dvc metrics`."""
+                     cfg: EvalConfig, model: str, known_ids: Optional[set[int]] = None) -> EvalOutcome:
+    """Detections on the whole val split scored with pycocotools; metrics flat enough for `dvc metrics`.
+
+    ``known_ids``: the data set's category ids; detections of other classes (a 90-class official D0 head
+    has ids COCO never uses) are dropped before scoring."""
     detections, seconds, seen = predict_dataset(detector, network, dataset, cfg.batch_size, cfg,
                                                 nms_iou_for(model, cfg))
     results = to_coco_results(detections, category_ids)
+    if known_ids is not None:
+        results = [r for r in results if r["category_id"] in known_ids]
     t0 = time.perf_counter()
     stats = evaluate(gt_json, results, image_ids=[int(d.image_id) for d in detections])
     coco_seconds = time.perf_counter() - t0
@@ -89,7 +94,7 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     from msdet.data.coco import resolve_tree
     from msdet.data.mindrecord import read_mindrecord
     from msdet.data.pipeline import create_eval_dataset
-    from msdet.engine.checkpoint import load_weights
+    from msdet.engine.checkpoint import category_ids_for, checkpoint_meta, load_weights, read_checkpoint
     from msdet.engine.runtime import setup_runtime
     from msdet.evaluation.coco_eval import write_pr_curve
     from msdet.evaluation.plots import write_detection_plots
@@ -98,22 +103,28 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     setup_runtime(params.runtime)
     mr_dir = params.mindrecord.out_dir
     meta = read_meta(mr_dir)
-    detector = build_detector(params, model, int(meta["num_classes"]))
+    # the checkpoint's own classes (a converted 90-class official D0) or the data set's
+    category_ids = category_ids_for(ckpt, meta)
+    detector = build_detector(params, model, len(category_ids))
     network = detector.build_network()
     load_weights(network, ckpt)
     mcfg = getattr(params, model)
     dataset = create_eval_dataset(mr_dir, model, mcfg.input_size, params.eval.batch_size)
     gt_json = resolve_tree(params.data.root).annotations["val"]
-    category_ids = [int(c["id"]) for c in meta["categories"]]
-    outcome = evaluate_network(detector, network, dataset, gt_json, category_ids, params.eval, model)
+    data_ids = [int(c["id"]) for c in meta["categories"]]
+    outcome = evaluate_network(detector, network, dataset, gt_json, category_ids, params.eval, model,
+                               known_ids=set(data_ids))
     plots_dir = Path(plots_dir)
     write_pr_curve(plots_dir / "pr_curve.csv", outcome.pr_curve)
     wanted = {int(d.image_id): d for d in pick_plot_samples(outcome.detections, params.eval.num_plot_images)}
+    names = checkpoint_meta(read_checkpoint(ckpt), "class_names") or [c["name"] for c in meta["categories"]]
+    # ground-truth labels are data-set class indices: map them into the checkpoint's class space by id
+    to_ckpt_index = np.array([category_ids.index(i) if i in category_ids else -1 for i in data_ids])
     samples = []
     for rec in read_mindrecord(mr_dir, "val"):
         if int(rec["image_id"]) in wanted:
-            samples.append(_plot_sample(rec, wanted[int(rec["image_id"])]))
-    names = [c["name"] for c in meta["categories"]]
+            image, det, gt_boxes, gt_labels = _plot_sample(rec, wanted[int(rec["image_id"])])
+            samples.append((image, det, gt_boxes, to_ckpt_index[gt_labels]))
     write_detection_plots(plots_dir / "images", samples, names, min_score=0.3)
     write_json(metrics_path, outcome.metrics)
     return outcome.metrics
