@@ -1,5 +1,7 @@
-"""Speed and memory benchmarks (``make bench``): ``python -m stages.bench [--params params.yaml]
-[--device-target CPU] [--quick] [--full] [--only SECTION ...] [--models d0 nanodet] [--context KEY=VALUE ...]``.
+"""Speed and memory benchmarks (``make bench``):
+
+    python -m stages.bench [--params params.yaml] [--device-target CPU] [--quick] [--full] [--profile]
+                           [--only SECTION ...] [--models d0 nanodet] [--context KEY=VALUE ...]
 
 Measures, at the params' input and batch sizes: single convolutions (framework-regression guard), the
 compiled training step and its peak memory, the training input pipeline, the MindRecord conversion,
@@ -13,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from msdet.bench.runner import ALL_SECTIONS, MODELS, BenchOptions, render, run_benchmarks, write_report
+from msdet.bench.runner import (ALL_SECTIONS, DEFAULT_SECTIONS, MODELS, BenchOptions, render, run_benchmarks,
+                                write_report)
 from msdet.bench.sections import parse_context
 from msdet.config import ConfigError
 
@@ -25,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: runtime.device_target of the params")
     ap.add_argument("--quick", action="store_true", help="fewer runs per figure")
     ap.add_argument("--full", action="store_true", help="also time the whole default dvc repro (long)")
-    ap.add_argument("--only", nargs="+", choices=ALL_SECTIONS, default=list(ALL_SECTIONS), metavar="SECTION",
-                    help=f"sections to run: {' '.join(ALL_SECTIONS)}")
+    ap.add_argument("--only", nargs="+", choices=ALL_SECTIONS, default=list(DEFAULT_SECTIONS), metavar="SECTION",
+                    help=f"sections to run: {' '.join(ALL_SECTIONS)} (default: all but profile)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the training step (MindSpore profiler) and the input pipeline (cProfile)")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure for every section")
     ap.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
@@ -37,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
     try:
+        sections = list(dict.fromkeys(list(args.only) + (["profile"] if args.profile else [])))
         opts = BenchOptions(params=args.params, device_target=args.device_target, quick=args.quick,
-                            full=args.full, sections=args.only, models=args.models,
+                            full=args.full, sections=sections, models=args.models,
                             context=parse_context(args.context), repeats=args.repeats)
         report = run_benchmarks(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, FileNotFoundError) as exc:

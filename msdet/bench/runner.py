@@ -24,11 +24,13 @@ from msdet.atomic import write_json
 from msdet.bench.stats import format_table, summarize
 from msdet.config import Params, load_params
 
-ALL_SECTIONS = ("micro", "train", "data", "mindrecord", "eval", "export", "pipeline")
+ALL_SECTIONS = ("micro", "train", "data", "mindrecord", "eval", "export", "pipeline", "profile")
+#: what ``make bench`` measures; "profile" (MindSpore profiler + cProfile) is asked for with --profile
+DEFAULT_SECTIONS = ALL_SECTIONS[:-1]
 MODELS = ("d0", "nanodet")
 #: runs per figure: (normal, --quick)
 REPEATS = {"micro": (10, 3), "train": (6, 3), "data": (3, 2), "mindrecord": (3, 2), "eval": (3, 2),
-           "export": (10, 3), "pipeline": (3, 2)}
+           "export": (10, 3), "pipeline": (3, 2), "profile": (3, 2)}
 DATA_TO_TRAIN_TARGET = 3.0
 NOOP_REPRO_TARGET_S = 5.0
 SEED_REFERENCE = {"d0_train_img_per_s_ascend910": 30}
@@ -45,7 +47,7 @@ class BenchOptions:
     device_target: Optional[str] = None
     quick: bool = False
     full: bool = False
-    sections: Sequence[str] = ALL_SECTIONS
+    sections: Sequence[str] = DEFAULT_SECTIONS
     models: Sequence[str] = MODELS
     context: dict[str, Any] = field(default_factory=dict)
     repeats: Optional[int] = None
@@ -301,13 +303,13 @@ def run_benchmarks(opts: BenchOptions, log: Callable[[str], None] = print) -> di
 
     with tempfile.TemporaryDirectory(prefix="msdet-bench-") as tmp:
         scratch = Path(tmp)
-        needs_data = {"data", "mindrecord", "eval"} & set(opts.sections)
+        needs_data = {"data", "mindrecord", "eval", "profile"} & set(opts.sections)
         data = prepare_data(params, root, scratch, log) if needs_data else None
         if data is not None:
             report["dataset"] = {"source": data.source}
         if "micro" in opts.sections:
             report["micro"] = attempt("micro", lambda: run_child("micro", opts, scratch, None))
-        for section in ("train", "data", "eval", "export"):
+        for section in ("train", "data", "eval", "export", "profile"):
             if section not in opts.sections:
                 continue
             # train and export only read num_classes from the MindRecord meta (or assume the synthetic set's)

@@ -25,7 +25,7 @@ import numpy as np
 from msdet.bench.stats import rates, summarize
 from msdet.config import Params, load_params
 
-SECTIONS = ("micro", "train", "data", "mindrecord", "eval", "export")
+SECTIONS = ("micro", "train", "data", "mindrecord", "eval", "export", "profile")
 
 
 def peak_rss_mb() -> float:
@@ -37,6 +37,20 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of every thread of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call. On a shared machine the CPU time moves far less with other
+    people's load than the wall time does, so it tells a real change from noise."""
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
 def _sync(out: Any) -> Any:
@@ -137,9 +151,10 @@ def bench_micro(cases: Sequence[ConvCase] = REGRESSION_CASES, repeats: int = 10)
                                  "kernel": case.kernel, "groups": case.groups}
         for mode, cell in (("forward", conv), ("forward_backward", ForwardBackward(conv))):
             first, _ = _timed(lambda: _sync(cell(x)))
-            times = [_timed(lambda: _sync(cell(x)))[0] * 1000.0 for _ in range(repeats)]
+            wall_cpu = np.array([_timed_cpu(lambda: _sync(cell(x))) for _ in range(repeats)]) * 1000.0
             entry[f"{mode}_first_call_s"] = round(first, 3)
-            entry[f"{mode}_ms"] = summarize(times)
+            entry[f"{mode}_ms"] = summarize(wall_cpu[:, 0])
+            entry[f"{mode}_cpu_ms"] = summarize(wall_cpu[:, 1])
         out[case.label] = entry
     return out
 
@@ -193,7 +208,8 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
         first, parts = _timed(lambda: step(0))
         for i in range(warmup):
             step(1 + i)
-        times = [_timed(lambda: step(1 + warmup + i))[0] for i in range(steps)]
+        wall_cpu = np.array([_timed_cpu(lambda: step(1 + warmup + i)) for i in range(steps)])
+    times = wall_cpu[:, 0].tolist()
     if not np.all(np.isfinite(parts)):
         raise RuntimeError(f"{model}: the benchmark step gave non-finite losses {parts.tolist()}")
     step_summary = summarize([t * 1000.0 for t in times])
@@ -204,6 +220,7 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
         # the first call compiles and runs one step: compile time is the excess over a median step
         "compile_s": round(max(first - step_summary["median"] / 1000.0, 0.0), 3),
         "step_ms": step_summary,
+        "step_cpu_ms": summarize(wall_cpu[:, 1] * 1000.0),
         "images_per_s": summarize(rates(batch, times)),
     }
 
@@ -411,6 +428,104 @@ def bench_export(params: Params, model: str, num_classes: int, repeats: int = 10
 
 
 # --------------------------------------------------------------------------------------------------
+# profile: where the training step and the input pipeline spend their time
+
+
+def op_time_breakdown(framework_dir: str | Path, steps: int, top: int = 12) -> dict[str, Any]:
+    """Summarise MindSpore's CPU profiler CSVs (``cpu_op_type_info_0.csv``, ``cpu_op_detail_info_0.csv``):
+    time per step by op type and by network block (the first cell below the model), largest first."""
+    import csv
+    import re
+    from collections import Counter
+
+    root = Path(framework_dir)
+    types = list(csv.DictReader((root / "cpu_op_type_info_0.csv").open()))
+    detail = list(csv.DictReader((root / "cpu_op_detail_info_0.csv").open()))
+    total = sum(float(r["total_compute_time"]) for r in types) / steps
+    by_type = Counter({r["op_type"]: float(r["total_compute_time"]) / steps for r in types})
+    by_block: Counter = Counter()
+    backward = 0.0
+    for r in detail:
+        name, ms_per_step = r["full_op_name"], float(r["op_total_time(ms)"]) / steps
+        m = (re.search(r"network-[^/]+/([^/]+)", name) or re.search(r"loss_cell-[^/]+/([^/]+)", name)
+             or re.search(r"Default/([^/]+)", name))
+        by_block[m.group(1) if m else "other"] += ms_per_step
+        backward += ms_per_step if name.startswith("Gradients/") else 0.0
+
+    def table(counter: Counter) -> list[dict[str, Any]]:
+        return [{"name": k, "ms_per_step": round(v, 2), "share": round(v / total, 4)}
+                for k, v in counter.most_common(top)]
+
+    return {"op_ms_per_step": round(total, 1), "backward_share": round(backward / total, 4),
+            "by_op_type": table(by_type), "by_block": table(by_block)}
+
+
+def profile_train(params: Params, model: str, num_classes: int, steps: int = 3) -> dict[str, Any]:
+    """MindSpore's profiler (CPU ops) over ``steps`` compiled training steps after a warm-up."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from mindspore.profiler import ProfilerActivity
+
+    from msdet.engine.trainer import TrainData, Trainer
+    from msdet.training import build_detector
+
+    mcfg = getattr(params, model)
+    tcfg = mcfg.train
+    detector = build_detector(params, model, num_classes)
+    network = detector.build_network()
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        trainer = Trainer(detector, network, tcfg, TrainData(_no_dataset, tcfg.batch_size * (steps + 3)), tmp,
+                          progress=False)
+        batch = [Tensor(a) for a in synthetic_train_batch(tcfg.batch_size, mcfg.input_size, tcfg.max_gt_boxes,
+                                                           num_classes, seed=params.runtime.seed)]
+        epoch = Tensor(0, ms.int32)
+        for i in range(2):  # compile, warm up
+            trainer.step_fn(*batch, epoch, Tensor(i + 1, ms.float32))[1].asnumpy()
+        profiler = ms.Profiler(output_path=str(Path(tmp) / "profile"), activities=[ProfilerActivity.CPU])
+        for i in range(steps):
+            trainer.step_fn(*batch, epoch, Tensor(i + 3, ms.float32))[1].asnumpy()
+        profiler.analyse()
+        found = sorted(Path(tmp, "profile").rglob("cpu_op_type_info_0.csv"))
+        if not found:
+            raise RuntimeError(f"{model}: the MindSpore profiler wrote no CPU op statistics")
+        return {"steps": steps, **op_time_breakdown(found[0].parent, steps)}
+
+
+def profile_data(params: Params, model: str, mindrecord_dir: str | Path, samples: int = 50,
+                 top: int = 10) -> dict[str, Any]:
+    """cProfile of the per-sample map (decode, augment, pad) on one thread: functions by own time."""
+    import cProfile
+    import pstats
+
+    from msdet.data.mindrecord import read_mindrecord
+    from msdet.data.pipeline import TrainSampleMap
+
+    mcfg = getattr(params, model)
+    fn = TrainSampleMap(model, mcfg.input_size, mcfg.augment, mcfg.train.max_gt_boxes, params.runtime.seed, 0,
+                        str(mindrecord_dir))
+    records = []
+    for rec in read_mindrecord(mindrecord_dir, "train"):
+        records.append((np.frombuffer(rec["image"], np.uint8), np.int64(rec["image_id"]), np.int32(rec["height"]),
+                        np.int32(rec["width"]), np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
+                        np.asarray(rec["labels"], np.int32).reshape(-1)))
+        if len(records) == samples:
+            break
+    prof = cProfile.Profile()
+    prof.enable()
+    t0 = time.perf_counter()
+    for rec in records:
+        fn(*rec)
+    seconds = time.perf_counter() - t0
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    n = max(len(records), 1)
+    return {"samples": len(records), "ms_per_sample": round(1000.0 * seconds / n, 3),
+            "by_function": [{"name": f"{Path(k[0]).name}:{k[2]}", "ms_per_sample": round(1000.0 * v[2] / n, 3),
+                             "share": round(v[2] / seconds, 4)} for k, v in rows]}
+
+
+# --------------------------------------------------------------------------------------------------
 # command line (the parent runs one of these per section and model)
 
 
@@ -446,6 +561,9 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
         return bench_eval(params, args.model, args.mindrecord_dir, args.gt_json, args.repeats)
     if args.section == "export":
         return bench_export(params, args.model, num_classes, args.repeats)
+    if args.section == "profile":
+        return {"train_step": profile_train(params, args.model, num_classes, steps=args.repeats),
+                "data_sample": profile_data(params, args.model, args.mindrecord_dir)}
     raise ValueError(f"unknown section {args.section!r}; expected one of {', '.join(SECTIONS)}")
 
 

@@ -133,6 +133,18 @@ def verdicts(report: dict) -> list[str]:
         ok = "meets" if noop["wall_s"]["median"] < noop["target_s"] else "MISSES"
         lines.append(f"pipeline: no-op repro ({noop['mode']}) {noop['wall_s']['median']:.2f} s "
                      f"({ok} target < {noop['target_s']} s)")
+    for model, prof in (report.get("profile") or {}).items():
+        step = (prof or {}).get("train_step") or {}
+        if "by_block" in step:
+            blocks = ", ".join(f"{b['name']} {100 * b['share']:.0f}%" for b in step["by_block"][:4])
+            ops = ", ".join(f"{o['name']} {100 * o['share']:.0f}%" for o in step["by_op_type"][:4])
+            lines.append(f"profile/{model}: training step {step['op_ms_per_step']:.0f} ms of CPU ops per step "
+                         f"({100 * step['backward_share']:.0f}% backward); blocks: {blocks}; ops: {ops}")
+        sample = (prof or {}).get("data_sample") or {}
+        if "by_function" in sample:
+            funcs = ", ".join(f"{f['name']} {100 * f['share']:.0f}%" for f in sample["by_function"][:4])
+            lines.append(f"profile/{model}: input pipeline {sample['ms_per_sample']:.1f} ms per sample on one "
+                         f"thread; {funcs}")
     load = (report.get("host") or {}).get("load_avg_start")
     if load:
         lines.append(f"host: {report['host'].get('cpus')} CPUs, 1-min load average {load[0]:.2f} at start, "

@@ -12,6 +12,8 @@ same batches as an uninterrupted one, whatever ``num_workers``.
 """
 from __future__ import annotations
 
+import os
+
 import logging
 import re
 import threading
@@ -57,6 +59,11 @@ def mindrecord_files(mindrecord_dir: Union[str, Path], split: str) -> list[str]:
     if missing_db:
         raise FileNotFoundError(f"{missing_db[0]}: MindRecord index file '.db' missing (incomplete write?)")
     return [str(p) for _, p in found]
+
+
+def usable_workers(requested: int) -> int:
+    """MindSpore refuses more map workers than CPU cores; params written for a big host still run here."""
+    return max(1, min(int(requested), os.cpu_count() or 1))
 
 
 def num_samples(mindrecord_dir: Union[str, Path], split: str) -> int:
@@ -208,7 +215,7 @@ def create_train_dataset(mindrecord_dir: Union[str, Path], model: str, input_siz
                           num_parallel_workers=1)
     fn = TrainSampleMap(model, input_size, augment_cfg, max_gt_boxes, seed, epoch, str(mindrecord_dir))
     data = data.map(operations=fn, input_columns=_TRAIN_READ, output_columns=TRAIN_COLUMNS,
-                    num_parallel_workers=num_workers, python_multiprocessing=python_multiprocessing)
+                    num_parallel_workers=usable_workers(num_workers), python_multiprocessing=python_multiprocessing)
     data = data.project(TRAIN_COLUMNS)
     return data.batch(batch_size, drop_remainder=True)
 
@@ -230,7 +237,7 @@ def create_eval_dataset(mindrecord_dir: Union[str, Path], model: str, input_size
     data = ds.MindDataset(files, columns_list=_EVAL_READ, shuffle=False, num_parallel_workers=1)
     fn = EvalSampleMap(model, input_size, str(mindrecord_dir))
     data = data.map(operations=fn, input_columns=_EVAL_READ, output_columns=EVAL_COLUMNS,
-                    num_parallel_workers=num_workers)
+                    num_parallel_workers=usable_workers(num_workers))
     data = data.project(EVAL_COLUMNS)
     return data.batch(batch_size, drop_remainder=False)
 
