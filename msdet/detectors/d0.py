@@ -9,9 +9,6 @@ weighted term, so total = cls + box.
 """
 from __future__ import annotations
 
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -19,8 +16,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from msdet.engine.checkpoint import cached_download
 from msdet.assigners.anchor_matcher import AnchorMatcher
-from msdet.atomic import atomic_path
 from msdet.config import D0Config
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
@@ -147,26 +144,9 @@ def official_name_map(network: nn.Cell) -> dict[str, str]:
 _OUR_PREFIXES = ("backbone_net.model.", "model.")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MSDET_CACHE", Path.home() / ".cache" / "msdet"))
-
-
 def download_mindcv_b0(timeout: float = 60.0) -> Path:
-    """The mindcv EfficientNet-B0 ImageNet checkpoint in the cache (``$MSDET_CACHE``, default ~/.cache/msdet)."""
-    dest = _cache_dir() / Path(MINDCV_B0_URL).name
-    if dest.is_file():
-        return dest
-    try:
-        with urllib.request.urlopen(MINDCV_B0_URL, timeout=timeout) as resp, atomic_path(dest) as tmp:
-            with open(tmp, "wb") as fh:
-                while chunk := resp.read(1 << 20):
-                    fh.write(chunk)
-    except (urllib.error.URLError, OSError) as exc:
-        raise RuntimeError(
-            f"pretrained_backbone 'mindcv': cannot download {MINDCV_B0_URL} ({exc}). Offline? Fetch that file on "
-            f"a connected machine and set d0.pretrained_backbone to its local path (or place it at {dest})."
-        ) from exc
-    return dest
+    """mindcv's ImageNet checkpoint for this backbone, downloaded once into the cache."""
+    return cached_download(MINDCV_B0_URL, "d0.pretrained_backbone", timeout)
 
 
 def load_pretrained_backbone(network: EfficientDet, spec: str) -> list[str]:

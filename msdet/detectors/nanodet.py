@@ -13,9 +13,6 @@ branch gets detached inputs; the switch is computed in-graph from the ``epoch`` 
 """
 from __future__ import annotations
 
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +20,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from msdet.engine.checkpoint import cached_download
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
-from msdet.atomic import atomic_path
 from msdet.config import NanoDetConfig
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
@@ -196,27 +193,9 @@ def official_name_map(network: nn.Cell) -> dict[str, str]:
 # ImageNet backbone
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MSDET_CACHE", Path.home() / ".cache" / "msdet"))
-
-
 def download_mindcv_shufflenet(timeout: float = 60.0) -> Path:
-    """mindcv's ShuffleNetV2 1.0x ImageNet checkpoint in the cache (``$MSDET_CACHE``, default ~/.cache/msdet)."""
-    dest = _cache_dir() / Path(MINDCV_SHUFFLENET_V2_X1_0_URL).name
-    if dest.is_file():
-        return dest
-    try:
-        with urllib.request.urlopen(MINDCV_SHUFFLENET_V2_X1_0_URL, timeout=timeout) as resp, atomic_path(dest) as tmp:
-            with open(tmp, "wb") as fh:
-                while chunk := resp.read(1 << 20):
-                    fh.write(chunk)
-    except (urllib.error.URLError, OSError) as exc:
-        raise RuntimeError(
-            f"pretrained_backbone 'mindcv': cannot download {MINDCV_SHUFFLENET_V2_X1_0_URL} ({exc}). Offline? "
-            f"Fetch that file on a connected machine and set nanodet.pretrained_backbone to its local path "
-            f"(or place it at {dest})."
-        ) from exc
-    return dest
+    """mindcv's ImageNet checkpoint for this backbone, downloaded once into the cache."""
+    return cached_download(MINDCV_SHUFFLENET_V2_X1_0_URL, "nanodet.pretrained_backbone", timeout)
 
 
 def _relative_params(model: nn.Cell) -> list[tuple[str, ms.Parameter, bool]]:

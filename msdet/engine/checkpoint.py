@@ -94,3 +94,31 @@ def category_ids_for(ckpt_path: str | Path, meta: dict) -> list[int]:
     if ids:
         return [int(i) for i in ids]
     return [int(c["id"]) for c in meta["categories"]]
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("MSDET_CACHE", Path.home() / ".cache" / "msdet"))
+
+
+def cached_download(url: str, param_key: str, timeout: float = 60.0) -> Path:
+    """``url`` downloaded once into the cache (``$MSDET_CACHE``, default ~/.cache/msdet); offline, a clear error
+    telling how to provide the file through ``param_key`` (e.g. ``d0.pretrained_backbone``)."""
+    import urllib.error
+    import urllib.request
+
+    dest = cache_dir() / Path(url).name
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                while chunk := resp.read(1 << 20):
+                    fh.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:
+        raise RuntimeError(
+            f"pretrained_backbone 'mindcv': cannot download {url} ({exc}). Offline? Fetch that file on a "
+            f"connected machine and set {param_key} to its local path (or place it at {dest})."
+        ) from exc
+    return dest
