@@ -16,9 +16,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msdet.engine.checkpoint import cached_download
 from msdet.assigners.anchor_matcher import AnchorMatcher
 from msdet.config import D0Config
+from msdet.engine.checkpoint import cached_download
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
 from msdet.models.efficientnet import MINDCV_B0_URL, mindcv_b0_key_map

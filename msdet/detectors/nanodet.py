@@ -20,9 +20,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msdet.engine.checkpoint import cached_download
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
+from msdet.engine.checkpoint import cached_download
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusInference
