@@ -9,15 +9,8 @@ import pytest
 
 from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import pipeline as P
+from msdet.data.mindrecord import SCHEMA
 
-SCHEMA = {
-    "image": {"type": "bytes"},
-    "image_id": {"type": "int64"},
-    "height": {"type": "int32"},
-    "width": {"type": "int32"},
-    "boxes": {"type": "float32", "shape": [-1, 4]},
-    "labels": {"type": "int32", "shape": [-1]},
-}
 SIZES = [(48, 96), (96, 48), (64, 64)]  # (h, w), cycled over the images
 S, B, M = 64, 2, 4
 NO_AUG = {

@@ -18,7 +18,7 @@ from mindspore import Tensor, nn, ops
 
 from msdet.assigners.anchor_matcher import AnchorMatcher
 from msdet.config import D0Config
-from msdet.engine.checkpoint import cached_download
+from msdet.engine.checkpoint import cached_download, read_pretrained
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
 from msdet.models.efficientnet import MINDCV_B0_URL, mindcv_b0_key_map
@@ -160,13 +160,7 @@ def load_pretrained_backbone(network: EfficientDet, spec: str) -> list[str]:
     if spec in ("", "none"):
         return []
     path = download_mindcv_b0() if spec == "mindcv" else Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained_backbone: checkpoint {path} not found")
-    try:
-        ckpt = ms.load_checkpoint(str(path))
-    except Exception as exc:
-        raise ValueError(f"pretrained_backbone: {path} is not a readable MindSpore checkpoint "
-                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    ckpt = read_pretrained(path)
     model = network.backbone_net.model
     params = {name: p for name, p in relative_parameters(model)}
     if any(k.startswith("features.") for k in ckpt):

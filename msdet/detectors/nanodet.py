@@ -22,7 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
-from msdet.engine.checkpoint import cached_download
+from msdet.engine.checkpoint import cached_download, read_pretrained
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusInference
@@ -237,13 +237,7 @@ def load_pretrained_backbone(network: NanoDetPlus, spec: str) -> list[str]:
     if spec in ("", "none"):
         return []
     path = download_mindcv_shufflenet() if spec == "mindcv" else Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained_backbone: checkpoint {path} not found")
-    try:
-        ckpt = ms.load_checkpoint(str(path))
-    except Exception as exc:
-        raise ValueError(f"pretrained_backbone: {path} is not a readable MindSpore checkpoint "
-                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+    ckpt = read_pretrained(path)
     bn_ms_to_torch = {v: k for k, v in BN_TORCH_TO_MS.items()}
     params = _relative_params(network.backbone)
     mindcv = any(k.startswith(("first_conv.", "features.")) for k in ckpt)

@@ -122,3 +122,14 @@ def cached_download(url: str, param_key: str, timeout: float = 60.0) -> Path:
             f"connected machine and set {param_key} to its local path (or place it at {dest})."
         ) from exc
     return dest
+
+
+def read_pretrained(path: Path) -> dict[str, Any]:
+    """An ImageNet backbone checkpoint: FileNotFoundError when absent, ValueError when unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained_backbone: checkpoint {path} not found")
+    try:
+        return ms.load_checkpoint(str(path))
+    except Exception as exc:
+        raise ValueError(f"pretrained_backbone: {path} is not a readable MindSpore checkpoint "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
