@@ -10,6 +10,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from msdet.config import TrainConfig
+from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import read_checkpoint
 from msdet.engine.ema import EMA
 from msdet.engine.schedules import warmup_cosine
@@ -199,3 +200,46 @@ def test_clip_grad_norm_keeps_shapes_and_scales():
     np.testing.assert_allclose(clipped[1].asnumpy(), 0.8, rtol=1e-5)
     same = ms.jit(clip_to_ten)(grads)
     np.testing.assert_allclose(same[0].asnumpy(), [3.0, 0.0], rtol=1e-6)
+
+
+def test_recalibrate_batch_norm_sets_mean_of_batch_statistics():
+    ms.set_seed(0)
+    net = ToyNet()
+    net.bn.moving_mean.set_data(Tensor(np.full(4, 7.0, np.float32)))
+    net.bn.moving_variance.set_data(Tensor(np.full(4, 50.0, np.float32)))
+    weights = net.conv.weight.asnumpy().copy()
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(i, 1 + i, size=(4, 3, 16, 16)).astype(np.float32) for i in range(3)]
+    assert recalibrate_batch_norm(net, batches) == 3
+    feats = [net.conv(Tensor(b)).asnumpy().astype(np.float64) for b in batches]
+    mean = np.mean([f.mean(axis=(0, 2, 3)) for f in feats], axis=0)
+    # MindSpore's BatchNorm keeps the unbiased variance in its moving statistics (as PyTorch)
+    var = np.mean([f.var(axis=(0, 2, 3), ddof=1) for f in feats], axis=0)
+    np.testing.assert_allclose(net.bn.moving_mean.asnumpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(net.bn.moving_variance.asnumpy(), var, rtol=1e-3)
+    np.testing.assert_array_equal(net.conv.weight.asnumpy(), weights)
+    assert not net.training
+    assert recalibrate_batch_norm(net, []) == 0
+    np.testing.assert_allclose(net.bn.moving_mean.asnumpy(), mean, rtol=1e-4, atol=1e-5)
+
+
+def test_write_final_recalibrates_bn_and_resume_saves_the_same(tmp_path):
+    config = cfg(bn_recalibration_batches=2)
+    full, net = fresh_trainer(tmp_path, config, sub="full")
+    full.fit()
+    running = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    full.write_final()
+    part, _ = fresh_trainer(tmp_path, config, sub="part")
+    part.fit(stop_after_epochs=2)
+    resumed, _ = fresh_trainer(tmp_path, config, sub="part")
+    resumed.fit()
+    resumed.write_final()
+    for p in net.get_parameters():  # the live network is left as trained
+        np.testing.assert_array_equal(p.asnumpy(), running[p.name], err_msg=p.name)
+    for name in ("final.ckpt", "ema.ckpt"):
+        a, b = read_checkpoint(tmp_path / "full" / name), read_checkpoint(tmp_path / "part" / name)
+        for key in ("net.bn.moving_mean", "net.bn.moving_variance", "net.conv.weight"):
+            np.testing.assert_array_equal(a[key].asnumpy(), b[key].asnumpy(), err_msg=f"{name} {key}")
+    final = read_checkpoint(tmp_path / "full" / "final.ckpt")
+    np.testing.assert_array_equal(final["net.conv.weight"].asnumpy(), running["net.conv.weight"])
+    assert not np.allclose(final["net.bn.moving_mean"].asnumpy(), running["net.bn.moving_mean"])

@@ -10,6 +10,8 @@ Output directory layout (``out_dir``):
   state/run_key.json      what the state was trained with; a resume only happens when it matches
   final.ckpt              network weights at the end (fine-tuning starts here)
   ema.ckpt                EMA weights under the network's names (eval and export use these)
+Both saved checkpoints get precise BN statistics for their own weights when ``bn_recalibration_batches`` > 0
+(see msdet/engine/batch_norm_stats.py).
 ``state/`` is the persisted DVC output that survives an interrupted stage.
 """
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any, Callable, Optional
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 from msdet.atomic import atomic_path, write_json, write_text
 from msdet.config import TrainConfig
+from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights, weights_digest
 from msdet.engine.distributed import DistInfo, gradient_reducer
 from msdet.engine.ema import EMA
@@ -268,12 +271,29 @@ class Trainer:
         params = read_checkpoint(self.resume_path)
         return int(checkpoint_meta(params, "epoch", -1)) + 1 >= self.cfg.epochs
 
+    def _recalibrate_batch_norm(self) -> int:
+        """Precise BN statistics for the weights now in the network, from the first training batches of
+        epoch 0 (deterministic, so a resumed run saves the same statistics)."""
+        n = self.cfg.bn_recalibration_batches
+        if n == 0:
+            return 0
+        batches = (image for i, (image, _, _) in
+                   zip(range(n), self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)))
+        return recalibrate_batch_norm(self.network, batches)
+
     def write_final(self, plots_csv: Optional[str | Path] = None) -> None:
         """final.ckpt, ema.ckpt and the plots CSV, from the current (finished) state. Rank 0 only."""
         if not self.dist.is_main:
             return
+        live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
+        self._recalibrate_batch_norm()
         save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
-        save_weights(self.out_dir / "ema.ckpt", self.ema.weights(), {"model": self.detector.name})
+        for p, shadow in zip(self.ema.sources, self.ema.shadows):
+            p.set_data(Tensor(shadow.asnumpy()))
+        self._recalibrate_batch_norm()
+        save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
+        for p, value in live:
+            p.set_data(Tensor(value))
         if plots_csv is not None:
             src = self.state_dir / "train_log.csv"
             with atomic_path(plots_csv) as tmp:
