@@ -171,3 +171,22 @@ def test_failed_generation_leaves_previous_tree(tree, tmp_path, monkeypatch):
         generate_synthetic(root, CFG, workers=1)
     assert [p.name for p in root.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
+
+
+def test_class_count_rotation_and_size_sampling_knobs(tmp_path):
+    cfg = dataclasses.replace(CFG, num_train=40, num_val=1, num_classes=4, max_rotation_deg=0.0,
+                              size_sampling="uniform", min_object_frac=0.1, max_object_frac=0.5)
+    generate_synthetic(tmp_path / "c", cfg, workers=1)
+    raw = json.loads((tmp_path / "c" / "annotations" / "instances_train.json").read_text())
+    assert [c["id"] for c in raw["categories"]] == [c["id"] for c in CATEGORIES[:4]]
+    used = {a["category_id"] for a in raw["annotations"]}
+    assert used == {c["id"] for c in CATEGORIES[:4]}
+    square = CATEGORIES[1]["id"]
+    for a in raw["annotations"]:
+        if a["category_id"] == square:  # unrotated: the square fills its box
+            assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3], rel=0.02)
+    # uniform sides between 0.1 and 0.5 of the image: mean near 0.3, where log-uniform would give ~0.25
+    imgs = {i["id"]: min(i["width"], i["height"]) for i in raw["images"]}
+    sides = np.array([max(a["bbox"][2:]) / imgs[a["image_id"]] for a in raw["annotations"]])
+    assert 0.1 - 0.01 <= sides.min() and sides.max() <= 0.5 + 0.01
+    assert 0.27 < sides.mean() < 0.33

@@ -124,11 +124,11 @@ def _contrasting_colour(rng: np.random.Generator, ref: np.ndarray) -> list[float
     return cand[ok[0] if ok.size else int(np.argmax(dist))].tolist()
 
 
-def _place(rng: np.random.Generator, outlines: list[np.ndarray], side: float, w: int, h: int
-           ) -> tuple[list[np.ndarray], np.ndarray]:
+def _place(rng: np.random.Generator, outlines: list[np.ndarray], side: float, w: int, h: int,
+           max_rotation: float) -> tuple[list[np.ndarray], np.ndarray]:
     """Stretch, rotate, scale so the longer box side is ``side`` and translate inside the image."""
     aspect = np.exp(rng.uniform(np.log(0.75), np.log(1.33)))
-    theta = rng.uniform(0, 2 * np.pi)
+    theta = rng.uniform(-max_rotation, max_rotation)
     rot = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
     pts = [(o * [aspect, 1 / aspect]) @ rot for o in outlines]
     lo, hi = pts[0].min(axis=0), pts[0].max(axis=0)
@@ -150,9 +150,12 @@ def make_image(cfg: SyntheticConfig, split: str, index: int) -> tuple[bytes, int
 
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     short = min(w, h)
-    sides = np.sort(np.exp(rng.uniform(np.log(cfg.min_object_frac), np.log(cfg.max_object_frac), n)))[::-1]
+    if cfg.size_sampling == "uniform":
+        sides = np.sort(rng.uniform(cfg.min_object_frac, cfg.max_object_frac, n))[::-1]
+    else:
+        sides = np.sort(np.exp(rng.uniform(np.log(cfg.min_object_frac), np.log(cfg.max_object_frac), n)))[::-1]
     sides = np.maximum(sides * short, 2.0)
-    classes = rng.integers(0, len(CATEGORIES), n)
+    classes = rng.integers(0, cfg.num_classes, n)
     boxes = np.zeros((0, 4))
     covered = np.zeros(0)
     objects = []
@@ -162,7 +165,7 @@ def make_image(cfg: SyntheticConfig, split: str, index: int) -> tuple[bytes, int
         for attempt in range(1000 if required else 40):
             if attempt and attempt % 10 == 0:
                 side = max(side * 0.85, cfg.min_object_frac * short)
-            pts, box = _place(rng, _SHAPES[classes[k]], side, w, h)
+            pts, box = _place(rng, _SHAPES[classes[k]], side, w, h, np.deg2rad(cfg.max_rotation_deg))
             if not len(boxes):
                 break
             iou, inter = _iou(box, boxes)
@@ -234,7 +237,7 @@ def _write_split(root: Path, split: str, cfg: SyntheticConfig, pool: Optional[Pr
         "licenses": [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": annotations,
-        "categories": [dict(c) for c in CATEGORIES],
+        "categories": [dict(c) for c in CATEGORIES[:cfg.num_classes]],
     }
 
 
