@@ -246,3 +246,11 @@ def test_d0_standalone_export_round_trip(tmp_path, monkeypatch, capsys):
                               "3", "--out", "nd"]) == 2
     assert "d0.ckpt does not fit model 'nanodet'" in capsys.readouterr().err
     assert not (tmp_path / "nd").exists()
+
+
+def test_difference_is_absolute_below_one_and_relative_above(tmp_path):
+    from msdet.export.exporter import _max_abs_diff
+
+    ref = (np.array([100.0, 0.5], np.float32),)
+    assert _max_abs_diff(tmp_path, ref, (np.array([100.005, 0.5], np.float32),), 0) == pytest.approx(5e-5, rel=1e-2)
+    assert _max_abs_diff(tmp_path, ref, (np.array([100.0, 0.5005], np.float32),), 0) == pytest.approx(5e-4, rel=1e-2)
