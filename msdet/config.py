@@ -58,6 +58,13 @@ class SyntheticConfig:
     max_objects: int = _f(8, range=(1, 100))
     min_object_frac: float = _f(0.06, range=(0.01, 1.0))
     max_object_frac: float = _f(0.6, range=(0.01, 1.0))
+    # How object sides are drawn between the two fractions: "uniform" in the side, or "log_uniform" (more
+    # small objects, COCO-like).
+    size_sampling: str = _f("log_uniform", choices=("uniform", "log_uniform"))
+    # The first N of the six shape classes (circle, square, triangle, cross, ring, star).
+    num_classes: int = _f(6, range=(4, 6))
+    # Objects are rotated by a random angle in [-max_rotation_deg, max_rotation_deg].
+    max_rotation_deg: float = _f(180.0, range=(0.0, 180.0))
     seed: int = _f(2017, range=(0, 2**31 - 1))
 
 
@@ -126,6 +133,9 @@ class TrainConfig:
     log_every_steps: int = _f(1, range=(1, 10**6))
     # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
     max_steps_per_epoch: int = _f(0, range=(0, 10**9))
+    # Precise BN: before saving, BN statistics are recomputed over this many training batches with the
+    # final (and the EMA) weights; 0 keeps the running averages (msdet/engine/batch_norm_stats.py).
+    bn_recalibration_batches: int = _f(0, range=(0, 10**6))
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,11 @@ def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
         "data": {"root": str(data)},
         "mindrecord": {"out_dir": str(mr)},
         # no augmentation: each rank sees the same 4 images every step, so the loss must fall
-        "d0": {"input_size": 128, "augment": {"scale_min": 1.0, "scale_max": 1.0, "flip_prob": 0.0},
-               "train": {"epochs": 12, "batch_size": 4, "lr": 0.16, "warmup_steps": 1, "num_workers": 1,
-                         "max_gt_boxes": 4}},
+        "d0": {"input_size": 128, "anchor_scale": 4.0, "drop_connect_rate": 0.2,
+               "augment": {"scale_min": 1.0, "scale_max": 1.0, "flip_prob": 0.0},
+               "train": {"epochs": 12, "batch_size": 4, "optimizer": "sgd", "lr": 0.16, "lr_reference_batch": 64,
+                         "weight_decay": 0.00004, "decay_norm_and_bias": False, "grad_clip_norm": 10.0,
+                         "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 4, "bn_recalibration_batches": 0}},
     })
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

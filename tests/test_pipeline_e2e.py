@@ -24,9 +24,11 @@ TINY = {
     "data": {"synthetic": {"num_train": 24, "num_val": 8, "image_size": 128, "max_objects": 4}},
     "mindrecord": {"train_shards": 1},
     "d0": {"input_size": 128, "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 3,
-                                         "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8}},
+                                         "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8,
+                                         "bn_recalibration_batches": 2}},
     "nanodet": {"input_size": 128, "train": {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 3,
-                                              "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8}},
+                                              "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8,
+                                              "bn_recalibration_batches": 2}},
     "eval": {"batch_size": 4, "num_plot_images": 1},
     "export": {"formats": ["MINDIR"], "num_check_images": 1, "latency_repeats": 2},
 }
