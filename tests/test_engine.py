@@ -222,6 +222,15 @@ def test_recalibrate_batch_norm_sets_mean_of_batch_statistics():
     assert recalibrate_batch_norm(net, []) == 0
     np.testing.assert_allclose(net.bn.moving_mean.asnumpy(), mean, rtol=1e-4, atol=1e-5)
 
+    def interrupted():
+        yield batches[2] * 5.0
+        raise KeyboardInterrupt
+
+    before = net.bn.moving_mean.asnumpy().copy()
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate_batch_norm(net, interrupted())
+    np.testing.assert_array_equal(net.bn.moving_mean.asnumpy(), before)
+
 
 def test_write_final_recalibrates_bn_and_resume_saves_the_same(tmp_path):
     config = cfg(bn_recalibration_batches=2)

@@ -21,17 +21,6 @@ def batch_norm_cells(network: nn.Cell) -> list[nn.Cell]:
     return [c for _, c in network.cells_and_names() if isinstance(c, nn.layer.normalization._BatchNorm)]
 
 
-class _Forward(nn.Cell):
-    """The network's forward pass alone, as its own compiled graph."""
-
-    def __init__(self, network: nn.Cell) -> None:
-        super().__init__(auto_prefix=False)
-        self.network = network
-
-    def construct(self, image: Tensor):
-        return self.network(image)
-
-
 def recalibrate_batch_norm(network: nn.Cell, images: Iterable[Tensor | np.ndarray]) -> int:
     """Set the moving statistics of every BN of ``network`` to the average of its batch statistics over
     ``images`` (batches of network input), computed in training mode with the current weights.
@@ -43,28 +32,33 @@ def recalibrate_batch_norm(network: nn.Cell, images: Iterable[Tensor | np.ndarra
     if not bns:
         return 0
     originals = [bn.bn_train for bn in bns]
+    saved = [(bn.moving_mean.asnumpy().copy(), bn.moving_variance.asnumpy().copy()) for bn in bns]
     # momentum 1: after each forward a BN's moving statistics are exactly that batch's statistics
     for bn in bns:
         bn.bn_train = ops.BatchNorm(is_training=True, epsilon=bn.eps, momentum=1.0, data_format=bn.format)
-    means = [np.zeros(bn.moving_mean.shape, np.float64) for bn in bns]
-    variances = [np.zeros(bn.moving_variance.shape, np.float64) for bn in bns]
-    saved = [(bn.moving_mean.asnumpy().copy(), bn.moving_variance.asnumpy().copy()) for bn in bns]
-    forward = _Forward(network)
+    sums = [(np.zeros(m.shape, np.float64), np.zeros(v.shape, np.float64)) for m, v in saved]
     count = 0
     try:
         network.set_train(True)
         for image in images:
-            forward(image if isinstance(image, Tensor) else Tensor(image))
-            for k, bn in enumerate(bns):
-                means[k] += bn.moving_mean.asnumpy()
-                variances[k] += bn.moving_variance.asnumpy()
+            network(image if isinstance(image, Tensor) else Tensor(image))
+            for (mean, var), bn in zip(sums, bns):
+                mean += bn.moving_mean.asnumpy()
+                var += bn.moving_variance.asnumpy()
             count += 1
+    except BaseException:
+        _set_statistics(bns, saved)  # an interrupted pass leaves the statistics as they were
+        raise
     finally:
         for bn, prim in zip(bns, originals):
             bn.bn_train = prim
         network.set_train(False)
-    for k, bn in enumerate(bns):
-        mean, var = (means[k] / count, variances[k] / count) if count else saved[k]
+    if count:
+        _set_statistics(bns, [(mean / count, var / count) for mean, var in sums])
+    return count
+
+
+def _set_statistics(bns: list[nn.Cell], stats: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for bn, (mean, var) in zip(bns, stats):
         bn.moving_mean.set_data(Tensor(np.asarray(mean, np.float32)))
         bn.moving_variance.set_data(Tensor(np.asarray(var, np.float32)))
-    return count
