@@ -33,6 +33,7 @@ class EMA(nn.Cell):
         self.hyper_map(ops.partial(_update, decay), self.shadows, self.sources)
         return decay
 
-    def weights(self) -> list[dict]:
-        """The averaged weights under the network's own parameter names (what eval and export load)."""
-        return [{"name": src.name, "data": Tensor(sh.asnumpy())} for src, sh in zip(self.sources, self.shadows)]
+    def copy_to_network(self) -> None:
+        """Put the averaged weights into the network (the caller keeps the live ones if it needs them)."""
+        for src, sh in zip(self.sources, self.shadows):
+            src.set_data(Tensor(sh.asnumpy()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import shutil
 import time
@@ -277,8 +278,8 @@ class Trainer:
         n = self.cfg.bn_recalibration_batches
         if n == 0:
             return 0
-        batches = (image for i, (image, _, _) in
-                   zip(range(n), self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)))
+        batches = (image for image, _, _ in
+                   itertools.islice(self.data.make_dataset(0).create_tuple_iterator(num_epochs=1), n))
         return recalibrate_batch_norm(self.network, batches)
 
     def write_final(self, plots_csv: Optional[str | Path] = None) -> None:
@@ -288,8 +289,7 @@ class Trainer:
         live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
         self._recalibrate_batch_norm()
         save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
-        for p, shadow in zip(self.ema.sources, self.ema.shadows):
-            p.set_data(Tensor(shadow.asnumpy()))
+        self.ema.copy_to_network()
         self._recalibrate_batch_norm()
         save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
         for p, value in live:
