@@ -249,8 +249,8 @@ def test_d0_standalone_export_round_trip(tmp_path, monkeypatch, capsys):
 
 
 def test_difference_is_absolute_below_one_and_relative_above(tmp_path):
-    from msdet.export.exporter import _max_abs_diff
+    from msdet.export.exporter import _max_scaled_diff
 
     ref = (np.array([100.0, 0.5], np.float32),)
-    assert _max_abs_diff(tmp_path, ref, (np.array([100.005, 0.5], np.float32),), 0) == pytest.approx(5e-5, rel=1e-2)
-    assert _max_abs_diff(tmp_path, ref, (np.array([100.0, 0.5005], np.float32),), 0) == pytest.approx(5e-4, rel=1e-2)
+    assert _max_scaled_diff(tmp_path, ref, (np.array([100.005, 0.5], np.float32),), 0) == pytest.approx(5e-5, rel=1e-2)
+    assert _max_scaled_diff(tmp_path, ref, (np.array([100.0, 0.5005], np.float32),), 0) == pytest.approx(5e-4, rel=1e-2)

@@ -272,25 +272,25 @@ class Trainer:
         params = read_checkpoint(self.resume_path)
         return int(checkpoint_meta(params, "epoch", -1)) + 1 >= self.cfg.epochs
 
-    def _recalibrate_batch_norm(self) -> int:
-        """Precise BN statistics for the weights now in the network, from the first training batches of
-        epoch 0 (deterministic, so a resumed run saves the same statistics)."""
+    def _recalibration_batches(self) -> list:
+        """The first ``bn_recalibration_batches`` training batches of epoch 0, read once for both
+        checkpoints (deterministic, so a resumed run saves the same statistics)."""
         n = self.cfg.bn_recalibration_batches
         if n == 0:
-            return 0
-        batches = (image for image, _, _ in
-                   itertools.islice(self.data.make_dataset(0).create_tuple_iterator(num_epochs=1), n))
-        return recalibrate_batch_norm(self.network, batches)
+            return []
+        iterator = self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)
+        return [image for image, _, _ in itertools.islice(iterator, n)]
 
     def write_final(self, plots_csv: Optional[str | Path] = None) -> None:
         """final.ckpt, ema.ckpt and the plots CSV, from the current (finished) state. Rank 0 only."""
         if not self.dist.is_main:
             return
         live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
-        self._recalibrate_batch_norm()
+        batches = self._recalibration_batches()
+        recalibrate_batch_norm(self.network, batches)
         save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
         self.ema.copy_to_network()
-        self._recalibrate_batch_norm()
+        recalibrate_batch_norm(self.network, batches)
         save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
         for p, value in live:
             p.set_data(Tensor(value))

@@ -142,7 +142,7 @@ def _latency_ms(fn: Callable[[np.ndarray], Any], image: np.ndarray, repeats: int
     return round(1000.0 * statistics.median(times), 3)
 
 
-def _max_abs_diff(path: Path, ref: Outputs, got: Outputs, index: int) -> float:
+def _max_scaled_diff(path: Path, ref: Outputs, got: Outputs, index: int) -> float:
     """Largest difference, |got - ref| / max(1, |ref|), over all outputs."""
     if len(ref) != len(got):
         raise ExportMismatch(f"{path}: gives {len(got)} outputs, the network {len(ref)} (check image {index})")
@@ -256,7 +256,7 @@ def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequ
                 report["formats"][fmt] = {"exported": False, "reason": _first_line(exc)}
                 continue
             got = [model.run(x) for x in images]
-            diff = max(_max_abs_diff(final, r, g, i) for i, (r, g) in enumerate(zip(reference, got)))
+            diff = max(_max_scaled_diff(final, r, g, i) for i, (r, g) in enumerate(zip(reference, got)))
             if diff > tolerance:
                 raise ExportMismatch(f"{final}: outputs differ from the in-memory network by up to {diff:.3g} "
                                      f"(tolerance {tolerance:g}) over {len(images)} check images")
