@@ -44,6 +44,53 @@ def test_dead_worker_fails_the_job_naming_its_log(tmp_path):
         run_distributed(str(script), [], 2, tmp_path / "logs", timeout_s=240)
 
 
+NANODET_NORMALISER_WORKER = """
+import json, sys
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+from mindspore.communication import get_rank, init
+from msdet.config import load_params
+from msdet.training import build_detector
+ms.set_device("CPU")
+ms.set_context(mode=ms.PYNATIVE_MODE)
+init()
+rank = get_rank()
+det = build_detector(load_params(sys.argv[1]), "nanodet", 4)
+net = det.build_network()
+for p in net.get_parameters():  # output biases 0: class scores ~0.5, so the GIoU weight sums exceed 1
+    if "gfl_cls" in p.name and p.name.endswith("bias"):
+        p.set_data(Tensor(np.zeros(p.shape, np.float32)))
+rng = np.random.default_rng(rank)
+image = Tensor(rng.normal(size=(1, 3, det.input_size, det.input_size)).astype(np.float32))
+boxes = np.zeros((1, 4, 4), np.float32)
+labels = np.full((1, 4), -1, np.int32)
+n = 1 + 2 * rank  # rank 0: one object, rank 1: three
+boxes[0, :n] = [[8, 8, 60, 60], [64, 10, 120, 50], [20, 70, 90, 120]][:n]
+labels[0, :n] = [0, 1, 2][:n]
+args = (image, Tensor(boxes), Tensor(labels), Tensor(0, ms.int32))
+parts = {g: det.loss_cell(net, g)(*args)[1].asnumpy().tolist() for g in (1, 2)}
+json.dump(parts, open(sys.argv[2] + f"/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_nanodet_normalisers_are_averaged_over_ranks(tmp_path):
+    """Official NanoDet divides by reduce_mean(positives) and reduce_mean(sum of weights). Rank r's loss with
+    the averaged count N is its one-device loss times N_r / mean(N), and those factors sum to 2 over 2 ranks."""
+    script = tmp_path / "worker.py"
+    script.write_text(NANODET_NORMALISER_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run_distributed(str(script), [str(ROOT / "params.yaml"), str(tmp_path)], 2, tmp_path / "logs",
+                    timeout_s=600, env=env)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    names = ("loss", "qfl", "bbox", "dfl", "aux_qfl", "aux_bbox", "aux_dfl")
+    for k in (names.index("qfl"), names.index("bbox"), names.index("aux_qfl"), names.index("aux_bbox")):
+        ratios = [r["2"][k] / r["1"][k] for r in ranks]
+        assert ratios[0] != pytest.approx(1.0, abs=1e-3), (names[k], ratios)  # the ranks' counts differ
+        assert sum(ratios) == pytest.approx(2.0, rel=1e-4), (names[k], ratios)
+
+
 @pytest.mark.slow
 def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
     data = tmp_path / "coco"

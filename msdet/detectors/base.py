@@ -32,8 +32,10 @@ class Detector(Protocol):
     def build_network(self) -> nn.Cell:
         """The full network, training-only branches included (their parameters are checkpointed)."""
 
-    def loss_cell(self, network: nn.Cell) -> nn.Cell:
-        """Cell: (image, gt_boxes, gt_labels, epoch) -> (total_loss scalar, components float32 [K])."""
+    def loss_cell(self, network: nn.Cell, group_size: int = 1) -> nn.Cell:
+        """Cell: (image, gt_boxes, gt_labels, epoch) -> (total_loss scalar, components float32 [K]).
+
+        ``group_size``: data-parallel devices, for normalisers the official code averages across them."""
 
     def inference_cell(self, network: nn.Cell) -> nn.Cell:
         """Cell: image -> outputs in the official layout (what export writes)."""

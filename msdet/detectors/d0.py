@@ -5,7 +5,7 @@ Loss (automl): anchors matched by IoU (``pos_iou``/``neg_iou``, each GT force-ma
 sigmoid focal loss over positive and negative anchors (ignored anchors excluded), summed over the batch and
 divided by max(1, positives in the batch); Huber (``huber_delta``) on the encoded box targets of positives,
 summed and divided by 4 x max(1, positives), times ``box_loss_weight``. The "box" component reported is that
-weighted term, so total = cls + box.
+weighted term, so total = cls + box. The positives are counted per device, as automl does per replica.
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ class D0Detector:
         """Freshly initialised network; ImageNet weights come from :meth:`load_pretrained_backbone`."""
         return EfficientDet(self.num_classes, D0_SPEC, drop_connect_rate=self.cfg.drop_connect_rate, seed=self.seed)
 
-    def loss_cell(self, network: nn.Cell) -> nn.Cell:
+    def loss_cell(self, network: nn.Cell, group_size: int = 1) -> nn.Cell:
+        """``group_size`` is unused: automl normalises by each replica's own positives."""
         return D0LossCell(network, self.anchors, self.cfg)
 
     def inference_cell(self, network: nn.Cell) -> nn.Cell:

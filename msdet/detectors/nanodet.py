@@ -3,13 +3,15 @@ decoding, official-name mapping and ImageNet backbone loading.
 
 Loss (official ``NanoDetPlusHead.loss`` with aux predictions), per head (main and aux), on ONE assignment made
 by the DynamicSoftLabelAssigner from the aux head's detached predictions:
-  qfl  = qfl_weight  * sum over priors and classes of QFL(logits, onehot x IoU) / max(1, positives in batch)
-  bbox = giou_weight * sum_pos w * GIoU loss(decoded box, GT) / max(1, sum_pos w)
+  qfl  = qfl_weight  * sum over priors and classes of QFL(logits, onehot x IoU) / max(1, N)
+  bbox = giou_weight * sum_pos w * GIoU loss(decoded box, GT) / max(1, W)
   dfl  = dfl_weight  * sum_pos,sides w * DFL(distance logits, clamp(distance / stride, 0, reg_max - 0.1))
-                     / (4 * max(1, sum_pos w))
+                     / (4 * max(1, W))
 with w = max class sigmoid of the prior (detached) and IoU = the IoU of the aux-decoded box with its GT (the
 assigner's). total = main (qfl + bbox + dfl) + aux (qfl + bbox + dfl). From ``detach_epoch`` on the aux
 branch gets detached inputs; the switch is computed in-graph from the ``epoch`` input (no recompilation).
+N (positives in the batch) and W (sum_pos w) are averaged over the devices in data-parallel training, as the
+official ``reduce_mean``, so every rank's loss has the same scale as one device with the global batch.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from mindspore import Tensor, nn, ops
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
 from msdet.engine.checkpoint import cached_download, read_pretrained
+from msdet.engine.distributed import rank_mean
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusInference
@@ -48,8 +51,9 @@ _STAGE_REPEATS = (4, 8, 4)
 class NanoDetLossCell(nn.Cell):
     """(image, gt_boxes, gt_labels, epoch) -> (total, [total, qfl, bbox, dfl, aux_qfl, aux_bbox, aux_dfl])."""
 
-    def __init__(self, network: NanoDetPlus, priors: np.ndarray, cfg: NanoDetConfig) -> None:
+    def __init__(self, network: NanoDetPlus, priors: np.ndarray, cfg: NanoDetConfig, group_size: int = 1) -> None:
         super().__init__(auto_prefix=False)  # keep the network's parameter names
+        self.rank_mean = rank_mean(group_size)
         self.network = network
         self.num_classes = network.num_classes
         self.reg_max = network.reg_max
@@ -72,7 +76,7 @@ class NanoDetLossCell(nn.Cell):
                    dist_target: Tensor, pos: Tensor, num_pos: Tensor) -> tuple:
         qfl = ops.sum(quality_focal_loss_dense(cls, cls_target, self.qfl_beta)) / num_pos * self.qfl_weight
         weight = ops.max(ops.sigmoid(ops.stop_gradient(cls)), axis=-1)[0] * pos            # [B, P]
-        weight_sum = ops.clamp(ops.sum(weight), min=1.0)
+        weight_sum = ops.clamp(self.rank_mean(ops.sum(weight)), min=1.0)
         bbox = ops.sum(giou_loss(boxes, box_target, 1e-6) * weight) / weight_sum * self.giou_weight
         b, p = reg.shape[0], reg.shape[1]
         dfl = distribution_focal_loss(ops.reshape(reg, (b, p, 4, self.reg_max + 1)), dist_target)  # [B, P, 4]
@@ -91,7 +95,7 @@ class NanoDetLossCell(nn.Cell):
         assigned_gt, assigned_iou, matching = self.assigner(
             ops.stop_gradient(aux_cls), self.priors, ops.stop_gradient(aux_boxes), gt_boxes, gt_labels)
         pos = (assigned_gt >= 0).astype(ms.float32)
-        num_pos = ops.clamp(ops.sum(pos), min=1.0)
+        num_pos = ops.clamp(self.rank_mean(ops.sum(pos)), min=1.0)
         classes = ops.arange(c, dtype=ms.int32)
         gt_onehot = (ops.expand_dims(gt_labels.astype(ms.int32), -1) == classes).astype(ms.float32)
         cls_target = self.bmm(matching, gt_onehot) * ops.expand_dims(assigned_iou, -1)     # [B, P, C]
@@ -134,8 +138,8 @@ class NanoDetDetector:
     def build_network(self) -> NanoDetPlus:
         return NanoDetPlus(self.num_classes, self.reg_max, NANODET_PLUS_M)
 
-    def loss_cell(self, network: nn.Cell) -> nn.Cell:
-        return NanoDetLossCell(network, self.priors, self.cfg)
+    def loss_cell(self, network: nn.Cell, group_size: int = 1) -> nn.Cell:
+        return NanoDetLossCell(network, self.priors, self.cfg, group_size)
 
     def inference_cell(self, network: nn.Cell) -> nn.Cell:
         return NanoDetPlusInference(network)

@@ -46,6 +46,25 @@ def init_distributed() -> DistInfo:
     return info
 
 
+def rank_mean(group_size: int):
+    """Cell ``x -> mean of x over the ranks`` (identity for one rank), for loss normalisers that official
+    code averages across devices (NanoDet's ``reduce_mean`` of the positive count)."""
+    from mindspore import nn, ops
+
+    class RankMean(nn.Cell):
+        def __init__(self) -> None:
+            super().__init__()
+            self.group_size = int(group_size)
+            self.all_reduce = ops.AllReduce() if self.group_size > 1 else None
+
+        def construct(self, x):
+            if self.all_reduce is None:
+                return x
+            return self.all_reduce(x) / self.group_size
+
+    return RankMean()
+
+
 def gradient_reducer(parameters, info: DistInfo):
     """Mean all-reduce of gradients across ranks (only meaningful when ``info.enabled``)."""
     from mindspore import nn

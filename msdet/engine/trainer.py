@@ -133,7 +133,7 @@ class Trainer:
         self.key = run_key({"train": key_payload or {}, "steps_per_epoch": self.steps_per_epoch,
                             "group_size": dist.group_size})
 
-        self.loss_cell = detector.loss_cell(network)
+        self.loss_cell = detector.loss_cell(network, dist.group_size)
         self.optimizer = build_optimizer(network, cfg, self.lr)
         self.ema = EMA(network, cfg.ema_decay, cfg.ema_ramp_steps)
         reducer = gradient_reducer(self.optimizer.parameters, dist) if dist.enabled else None
