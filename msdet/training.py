@@ -35,6 +35,42 @@ def init_from_checkpoint(detector, network, path: str) -> list[str]:
     return reinit
 
 
+#: where the files a training run starts from (``<model>.init``, ``<model>.pretrained_backbone``) live: the
+#: train stages depend on this directory, so replacing a file there retrains.
+STARTING_WEIGHTS_DIR = "weights"
+
+
+def starting_weight_files(mcfg: Any, model: str) -> dict[str, Path]:
+    """``{"<model>.init" | "<model>.pretrained_backbone": path}`` for the options that name a local file."""
+    out = {}
+    for key in ("init", "pretrained_backbone"):
+        value = getattr(mcfg, key)
+        if value not in ("", "none", "mindcv"):
+            out[f"{model}.{key}"] = Path(value)
+    return out
+
+
+def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = ".") -> None:
+    """A DVC train stage only notices a changed file inside its dependency ``weights/``: refuse others."""
+    tracked = (Path(root) / STARTING_WEIGHTS_DIR).resolve()
+    for key, path in starting_weight_files(mcfg, model).items():
+        full = (Path(root) / path).resolve()
+        if tracked not in full.parents:
+            raise ValueError(f"{key} = {path}: a checkpoint the train stage starts from must live under "
+                             f"{STARTING_WEIGHTS_DIR}/ (a dependency of train_{model}, so replacing it retrains); "
+                             f"move or copy it there")
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def build_detector(params: Params, model: str, num_classes: int):
     return get_detector(model, getattr(params, model), num_classes, seed=params.runtime.seed)
 
@@ -72,7 +108,10 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     data = TrainData(make_dataset=make_dataset, num_train_images=n_train,
                      shard_of_epoch=lambda epoch: epoch_order(n_train, params.runtime.seed, epoch, dist.rank,
                                                               dist.group_size, True))
-    payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta}
+    # the starting files' content is part of the run: a replaced file must not resume the old run's state
+    start_files = {key: file_sha256(path) for key, path in starting_weight_files(mcfg, model).items()}
+    payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta,
+               "starting_weights_sha256": start_files}
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)
     if not trainer.finished():
@@ -81,6 +120,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     if not dist.is_main:
         return None
     card = model_card(detector, network, mcfg, meta, summary, dist, reinit)
+    card["starting_weights_sha256"] = start_files
     write_json(Path(out_dir) / "model_card.json", card)
     return card
 
@@ -118,4 +158,5 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
     }
 
 
-__all__ = ["train_model", "model_card", "read_meta", "init_from_checkpoint", "build_detector", "CheckpointError"]
+__all__ = ["train_model", "model_card", "read_meta", "init_from_checkpoint", "build_detector", "CheckpointError",
+           "STARTING_WEIGHTS_DIR", "starting_weight_files", "check_starting_weights_tracked", "file_sha256"]

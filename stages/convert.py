@@ -1,7 +1,7 @@
 """Convert official PyTorch weights to a MindSpore checkpoint of ours (no PyTorch needed, no code from the file run).
 
-    python -m stages.convert --model d0 --src efficientdet-d0.pth --out models/official/d0.ckpt
-    python -m stages.convert --model nanodet --src nanodet-plus-m_320.pth --out models/official/nanodet.ckpt
+    python -m stages.convert --model d0 --src efficientdet-d0.pth --out weights/official/d0.ckpt
+    python -m stages.convert --model nanodet --src nanodet-plus-m_320.pth --out weights/official/nanodet.ckpt
 
 d0: zylo117/Yet-Another-EfficientDet-Pytorch weights (90 COCO classes: class k = category id k + 1, recorded
 in the checkpoint). nanodet: RangiLyu/nanodet NanoDet-Plus-m ``.pth`` or Lightning ``.ckpt`` (the EMA

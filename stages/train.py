@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # started as a file by msrun
 from msdet.config import load_params  # noqa: E402
 from msdet.engine.distributed import launched_distributed  # noqa: E402
 from msdet.engine.launch import DistributedJobFailed, run_distributed  # noqa: E402
-from msdet.training import train_model  # noqa: E402
+from msdet.training import check_starting_weights_tracked, train_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="end after this many epochs, as an interruption would; a rerun resumes")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    try:
+        check_starting_weights_tracked(getattr(params, args.model), args.model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     workers = args.workers or params.runtime.workers
     if workers > 1 and not launched_distributed():
         log_dir = Path("logs") / "msrun" / args.model

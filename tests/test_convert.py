@@ -510,3 +510,35 @@ def test_standalone_export_of_converted_checkpoint_computes_the_converted_networ
     assert want[-1].shape[-1] == (90 if model == "d0" else 80 + 32)
     assert float(np.std(want[-1])) > 1e-3  # not a degenerate output that would match anything
     assert json.loads((out / "export_report.json").read_text())["formats"]["MINDIR"]["exported"] is True
+
+
+# ----------------------------------------------------------------------------------------------------
+# starting checkpoints must live under weights/ (the train stages' dependency)
+
+
+def test_starting_weights_must_be_under_the_tracked_directory(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import yaml
+
+    from msdet.training import check_starting_weights_tracked, starting_weight_files
+    from stages.train import main
+
+    cfg = D0Config()
+    assert starting_weight_files(cfg, "d0") == {}
+    check_starting_weights_tracked(dataclasses.replace(cfg, pretrained_backbone="mindcv"), "d0", tmp_path)
+    inside = dataclasses.replace(cfg, init="weights/official/d0.ckpt")
+    assert starting_weight_files(inside, "d0") == {"d0.init": Path("weights/official/d0.ckpt")}
+    check_starting_weights_tracked(inside, "d0", tmp_path)
+    for key, value in (("init", "models/official/d0.ckpt"), ("pretrained_backbone", "weights/../b0.ckpt")):
+        with pytest.raises(ValueError, match=rf"d0\.{key} = .*must live under weights/.*train_d0"):
+            check_starting_weights_tracked(dataclasses.replace(cfg, **{key: value}), "d0", tmp_path)
+
+    # the stage refuses before any work, naming the option
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["nanodet"]["init"] = "/tmp/elsewhere/nanodet.ckpt"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--model", "nanodet"]) == 1
+    assert "nanodet.init = /tmp/elsewhere/nanodet.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
