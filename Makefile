@@ -15,7 +15,7 @@ PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv repro test test-fast clean model-summary train-8p sweep coco bench dag
+.PHONY: help venv repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ coco: $(STAMP)  ## the seed documents' setting: COCO 2017, Ascend, 8 devices (se
 
 bench: $(STAMP)  ## speed and memory benchmarks -> metrics/bench.json
 	$(PY) -m stages.bench
+
+bench-full: $(STAMP)  ## time the whole default dvc repro in a clean copy (~15 min) -> metrics/bench_full.json
+	$(PY) -m stages.bench --full --only pipeline --out metrics/bench_full.json
 
 clean:  ## remove generated data, models, plots and caches (keeps .venv and committed metrics)
 	rm -rf data models/d0 models/nanodet plots .pytest_cache kernel_meta rank_* bench_out

@@ -50,7 +50,8 @@ def test_table_units_single_figures_and_verdicts():
         "train": {"d0": {"step_ms": summarize([100.0, 120.0]), "images_per_s": summarize([2.0, 2.5]),
                          "compile_s": 12.5, "peak_rss_mb": 3000.0, "batch_size": 8}},
         "data": {"d0": {"images_per_s": summarize([5.0, 6.0])}},
-        "pipeline": {"noop_repro": {"mode": "no-op repro", "wall_s": summarize([6.0, 7.0]), "target_s": 5.0}},
+        "pipeline": {"noop_repro": {"mode": "no-op repro", "wall_s": summarize([6.0, 7.0]), "target_s": 5.0},
+                     "full_repro_s": 912.4, "full_repro_target_s": 900.0},
         "host": {"cpus": 2, "load_avg_start": [1.5, 1.0, 1.0], "load_avg_end": [2.5, 1.0, 1.0]},
     }
     add_ratios(report)
@@ -65,6 +66,7 @@ def test_table_units_single_figures_and_verdicts():
     text = format_table(report)
     assert "data/d0: input pipeline is 2.44x the training step (MISSES target >= 3.0x)" in text
     assert "no-op repro (no-op repro) 6.50 s (MISSES target < 5.0 s)" in text
+    assert "whole default repro 912 s (MISSES target <= 900 s)" in text
     assert "load average 1.50 at start, 2.50 at end" in text
 
 

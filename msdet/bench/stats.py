@@ -121,7 +121,7 @@ def format_table(report: dict, extra: Optional[Callable[[dict], list[str]]] = No
 
 
 def verdicts(report: dict) -> list[str]:
-    """One line per target the issue sets: data >= 3x training, no-op repro < 5 s."""
+    """One line per target: data >= 3x training, no-op repro < 5 s, whole default repro < 15 min (--full)."""
     lines = []
     for model, d in (report.get("data") or {}).items():
         if isinstance(d, dict) and "ratio_to_train" in d:
@@ -133,6 +133,11 @@ def verdicts(report: dict) -> list[str]:
         ok = "meets" if noop["wall_s"]["median"] < noop["target_s"] else "MISSES"
         lines.append(f"pipeline: no-op repro ({noop['mode']}) {noop['wall_s']['median']:.2f} s "
                      f"({ok} target < {noop['target_s']} s)")
+    pipeline = report.get("pipeline") or {}
+    if "full_repro_s" in pipeline and "full_repro_target_s" in pipeline:
+        ok = "meets" if pipeline["full_repro_s"] <= pipeline["full_repro_target_s"] else "MISSES"
+        lines.append(f"pipeline: whole default repro {pipeline['full_repro_s']:.0f} s "
+                     f"({ok} target <= {pipeline['full_repro_target_s']:.0f} s)")
     for model, prof in (report.get("profile") or {}).items():
         step = (prof or {}).get("train_step") or {}
         if "by_block" in step:
