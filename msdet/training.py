@@ -10,7 +10,7 @@ from typing import Any, Optional
 from msdet.atomic import write_json
 from msdet.config import Params
 from msdet.detectors import get_detector
-from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint
+from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
 from msdet.engine.distributed import DistInfo, init_distributed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import Trainer, TrainData, TrainSummary
@@ -61,16 +61,6 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
                              f"move or copy it there")
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_detector(params: Params, model: str, num_classes: int):
     return get_detector(model, getattr(params, model), num_classes, seed=params.runtime.seed)
 
@@ -109,7 +99,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
                      shard_of_epoch=lambda epoch: epoch_order(n_train, params.runtime.seed, epoch, dist.rank,
                                                               dist.group_size, True))
     # the starting files' content is part of the run: a replaced file must not resume the old run's state
-    start_files = {key: file_sha256(path) for key, path in starting_weight_files(mcfg, model).items()}
+    start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
     payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta,
                "starting_weights_sha256": start_files}
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
@@ -159,4 +149,4 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
 
 
 __all__ = ["train_model", "model_card", "read_meta", "init_from_checkpoint", "build_detector", "CheckpointError",
-           "STARTING_WEIGHTS_DIR", "starting_weight_files", "check_starting_weights_tracked", "file_sha256"]
+           "STARTING_WEIGHTS_DIR", "starting_weight_files", "check_starting_weights_tracked"]

@@ -24,7 +24,6 @@ MindRecord as it is, and ``<model>.init`` fine-tunes from it without re-initiali
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from msdet.atomic import write_json
 from msdet.config import D0Config, NanoDetConfig
 from msdet.engine.checkpoint import category_ids_for  # re-exported: converted checkpoints carry their ids
+from msdet.engine.checkpoint import sha256_file
 
 MODELS = ("d0", "nanodet")
 OFFICIAL_SOURCES = {"d0": "zylo117/Yet-Another-EfficientDet-Pytorch (efficientdet-d0.pth)",
@@ -399,14 +399,6 @@ def checkpoint_metadata(report: ConversionReport) -> dict[str, Any]:
         meta["category_ids"] = report.category_ids
         meta["class_names"] = report.class_names
     return meta
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_file(model: str, src: str | Path, out: str | Path, num_classes: Optional[int] = None, *,

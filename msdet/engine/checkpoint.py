@@ -83,6 +83,17 @@ def weights_digest(cell: nn.Cell, trainable_only: bool = True) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def param_arrays(cell: nn.Cell) -> dict[str, np.ndarray]:
     return {p.name: p.asnumpy() for p in cell.get_parameters()}
 
