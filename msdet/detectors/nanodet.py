@@ -25,7 +25,7 @@ from mindspore import Tensor, nn, ops
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
 from msdet.engine.checkpoint import cached_download, read_pretrained
-from msdet.engine.distributed import rank_mean
+from msdet.engine.distributed import RankMean
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusInference
@@ -53,7 +53,7 @@ class NanoDetLossCell(nn.Cell):
 
     def __init__(self, network: NanoDetPlus, priors: np.ndarray, cfg: NanoDetConfig, group_size: int = 1) -> None:
         super().__init__(auto_prefix=False)  # keep the network's parameter names
-        self.rank_mean = rank_mean(group_size)
+        self.rank_mean = RankMean(group_size)
         self.network = network
         self.num_classes = network.num_classes
         self.reg_max = network.reg_max

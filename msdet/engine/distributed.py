@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from mindspore import Tensor, nn, ops
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -46,27 +48,21 @@ def init_distributed() -> DistInfo:
     return info
 
 
-def rank_mean(group_size: int):
-    """Cell ``x -> mean of x over the ranks`` (identity for one rank), for loss normalisers that official
-    code averages across devices (NanoDet's ``reduce_mean`` of the positive count)."""
-    from mindspore import nn, ops
+class RankMean(nn.Cell):
+    """``x -> mean of x over the ranks`` (identity for one rank), for loss normalisers that official code
+    averages across devices (NanoDet's ``reduce_mean`` of the positive count)."""
 
-    class RankMean(nn.Cell):
-        def __init__(self) -> None:
-            super().__init__()
-            self.group_size = int(group_size)
-            self.all_reduce = ops.AllReduce() if self.group_size > 1 else None
+    def __init__(self, group_size: int = 1) -> None:
+        super().__init__()
+        self.group_size = int(group_size)
+        self.all_reduce = ops.AllReduce() if self.group_size > 1 else None
 
-        def construct(self, x):
-            if self.all_reduce is None:
-                return x
-            return self.all_reduce(x) / self.group_size
-
-    return RankMean()
+    def construct(self, x: Tensor) -> Tensor:
+        if self.all_reduce is None:
+            return x
+        return self.all_reduce(x) / self.group_size
 
 
 def gradient_reducer(parameters, info: DistInfo):
     """Mean all-reduce of gradients across ranks (only meaningful when ``info.enabled``)."""
-    from mindspore import nn
-
     return nn.DistributedGradReducer(parameters, mean=True, degree=info.group_size)
