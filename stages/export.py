@@ -62,7 +62,7 @@ def export_metrics(report: dict) -> dict:
                            "network_latency_ms": report["network_latency_ms"]}
     for fmt, r in report["formats"].items():
         if r["exported"]:
-            out[fmt.lower()] = {"size_mb": round(r["size_bytes"] / 2**20, 3), "max_abs_diff": r["max_abs_diff"],
+            out[fmt.lower()] = {"size_mb": round(r["size_bytes"] / 2**20, 3), "max_scaled_diff": r["max_scaled_diff"],
                                 "latency_ms": r["latency_ms"]}
         else:
             out[fmt.lower()] = {"exported": False, "reason": r["reason"]}
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for fmt, r in report["formats"].items():
-        status = (f"{r['size_bytes'] / 2**20:.2f} MB, max diff {r['max_abs_diff']:.2e}, {r['latency_ms']:.1f} ms"
+        status = (f"{r['size_bytes'] / 2**20:.2f} MB, max diff {r['max_scaled_diff']:.2e}, {r['latency_ms']:.1f} ms"
                   if r["exported"] else f"not exported: {r['reason']}")
         print(f"[{args.model}] {fmt}: {status}")
     print(f"[{args.model}] in-memory network {report['network_latency_ms']:.1f} ms/image; "

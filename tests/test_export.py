@@ -132,7 +132,7 @@ def test_round_trip_files_compute_what_the_network_does(toy, tmp_path):
         r = report["formats"][fmt]
         assert r["exported"] and r["file"] == name
         assert r["size_bytes"] == (out / name).stat().st_size > 0
-        assert 0.0 <= r["max_abs_diff"] <= 1e-4
+        assert 0.0 <= r["max_scaled_diff"] <= 1e-4
         assert r["latency_ms"] > 0
         assert r["inputs"][0]["shape"] == [1, 3, 32, 32]
         assert [o["shape"] for o in r["outputs"]] == [[1, 16, 4], [1, 16, 3]]
@@ -231,13 +231,13 @@ def test_d0_standalone_export_round_trip(tmp_path, monkeypatch, capsys):
     anchors = 9 * (16 * 16 + 8 * 8 + 4 * 4 + 2 * 2 + 1)
     assert [o["shape"] for o in report["outputs"]] == [[1, anchors, 4], [1, anchors, 3]]
     mindir = report["formats"]["MINDIR"]
-    assert mindir["exported"] and mindir["max_abs_diff"] <= 1e-4
+    assert mindir["exported"] and mindir["max_scaled_diff"] <= 1e-4
     onnx = report["formats"]["ONNX"]
-    assert (onnx["exported"] and onnx["max_abs_diff"] <= 1e-4) or onnx["reason"]
+    assert (onnx["exported"] and onnx["max_scaled_diff"] <= 1e-4) or onnx["reason"]
     assert (tmp_path / "export" / "model.onnx").exists() == onnx["exported"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["mindir"]["size_mb"] == round(mindir["size_bytes"] / 2**20, 3)
-    assert metrics["mindir"]["max_abs_diff"] == mindir["max_abs_diff"]
+    assert metrics["mindir"]["max_scaled_diff"] == mindir["max_scaled_diff"]
     assert metrics["network_latency_ms"] == report["network_latency_ms"] > 0
     out = capsys.readouterr().out
     assert "[d0] MINDIR:" in out and "checked on 4 deterministic random inputs" in out

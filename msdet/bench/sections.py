@@ -421,7 +421,7 @@ def bench_export(params: Params, model: str, num_classes: int, repeats: int = 10
             exported.run(image)
             out[fmt.lower()] = {
                 "exported": True, "size_mb": round(info["size_bytes"] / 2**20, 3),
-                "max_abs_diff": info["max_abs_diff"],
+                "max_scaled_diff": info["max_scaled_diff"],
                 "latency_ms": summarize([_timed(lambda: exported.run(image))[0] * 1000.0 for _ in range(repeats)]),
             }
     return out

@@ -264,7 +264,7 @@ def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequ
                 "exported": True,
                 "file": target.name,
                 "size_bytes": target.stat().st_size,
-                "max_abs_diff": diff,
+                "max_scaled_diff": diff,
                 "latency_ms": _latency_ms(model.run, images[0], latency_repeats),
                 "inputs": [{"name": n, "shape": s} for n, s in zip(model.input_names, model.input_shapes)],
                 "outputs": _describe(got[0], getattr(model, "output_names", None)),
