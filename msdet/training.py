@@ -109,14 +109,13 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     trainer.write_final(plots_csv)
     if not dist.is_main:
         return None
-    card = model_card(detector, network, mcfg, meta, summary, dist, reinit)
-    card["starting_weights_sha256"] = start_files
+    card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files)
     write_json(Path(out_dir) / "model_card.json", card)
     return card
 
 
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
-               reinit: list[str]) -> dict[str, Any]:
+               reinit: list[str], start_files: dict[str, str]) -> dict[str, Any]:
     from msdet.models.flops import count_flops
 
     flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
@@ -143,6 +142,7 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "init": mcfg.init,
         "pretrained_backbone": mcfg.pretrained_backbone,
         "class_head_reinitialised": reinit,
+        "starting_weights_sha256": start_files,
         "weights": {"ema": "ema.ckpt", "final": "final.ckpt"},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
