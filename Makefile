@@ -9,31 +9,42 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 DVC    := $(VENV)/bin/dvc
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 MODEL  ?= nanodet
 WORKERS ?= 8
 PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
+.PHONY: help venv lint repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
-venv: $(STAMP)  ## create .venv with the pinned stack
+# mindcv (MindSpore's model zoo, pure Python) for the tests that load its own models; --no-deps because
+# its declared requirements would pull in another stack
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps mindcv==0.3.0
+	touch $(TEST_STAMP)
+
+venv: $(STAMP)  ## create .venv with the pinned stack and msdet installed (editable)
+
+lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade (config in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 repro: $(STAMP)  ## run the whole DVC pipeline on params.yaml (embedded data set by default)
 	$(DVC) repro
 
-test: $(STAMP)  ## run the test suite
+test: $(TEST_STAMP)  ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
-test-fast: $(STAMP)  ## the test suite without the slow end-to-end tests
+test-fast: $(TEST_STAMP)  ## the test suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 dag: $(STAMP)  ## print the stage graph

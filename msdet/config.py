@@ -10,10 +10,11 @@ open), ``choices=(...)``, ``multiple_of=N``.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -239,7 +240,7 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, source, prefix=key + ".")
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
@@ -307,7 +308,7 @@ def _check_cross(obj: Any, source: str, prefix: str) -> None:
                               f"'{prefix}{hi}' ({getattr(obj, hi)})")
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Optional[dict] = None) -> Params:
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read and validate ``path``; ``overrides`` (nested dict) is merged on top, for tests and tools."""
     path = Path(path)
     if not path.is_file():

@@ -7,9 +7,10 @@ graph), the detector's decoding, then score threshold, class-wise NMS and mappin
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,17 +73,17 @@ class ClassNames:
     """Names and data-set category ids of the classes, in class-index order (ids None when unknown)."""
 
     names: list[str]
-    category_ids: Optional[list[int]]
+    category_ids: list[int] | None
 
     @classmethod
-    def from_meta(cls, meta: dict, source: str = "meta.json") -> "ClassNames":
+    def from_meta(cls, meta: dict, source: str = "meta.json") -> ClassNames:
         cats = meta.get("categories")
         if not isinstance(cats, list) or not cats:
             raise InferenceError(f"{source}: no 'categories' list")
         return cls([str(c["name"]) for c in cats], [int(c["id"]) for c in cats])
 
     @classmethod
-    def anonymous(cls, num_classes: int) -> "ClassNames":
+    def anonymous(cls, num_classes: int) -> ClassNames:
         return cls([f"class_{k}" for k in range(num_classes)], None)
 
     def __len__(self) -> int:
@@ -109,7 +110,7 @@ def read_meta_file(path: str | Path) -> dict:
 # models
 
 
-def fit_problem(network: Any, ckpt: dict, skip_prefixes: Sequence[str] = ()) -> Optional[str]:
+def fit_problem(network: Any, ckpt: dict, skip_prefixes: Sequence[str] = ()) -> str | None:
     """The first network tensor (in network order) the checkpoint lacks or has in another shape, or None."""
     names = [p for p in network.get_parameters() if not p.name.startswith(tuple(skip_prefixes))]
     found = sum(p.name in ckpt for p in names)
@@ -156,7 +157,7 @@ def network_forward(detector: Any, network: Any) -> Forward:
     return forward
 
 
-def exported_forward(path: str | Path, input_size: Optional[int]) -> tuple[Forward, int]:
+def exported_forward(path: str | Path, input_size: int | None) -> tuple[Forward, int]:
     """An exported MINDIR/ONNX file as a forward function, and its input size.
 
     ``input_size`` (when given) must equal the size the file was exported at."""
@@ -177,7 +178,7 @@ def exported_forward(path: str | Path, input_size: Optional[int]) -> tuple[Forwa
     return model.run, model.input_size
 
 
-def with_model_cfg(cfg: Any, input_size: Optional[int]) -> Any:
+def with_model_cfg(cfg: Any, input_size: int | None) -> Any:
     """The model config for inference: ``input_size`` overridden, nothing downloaded or initialised."""
     changes: dict[str, Any] = {"pretrained_backbone": "none", "init": "none"}
     if input_size is not None:
@@ -257,8 +258,8 @@ def _drawing_names(files: Sequence[Path]) -> list[str]:
 
 
 def run_inference(predictor: Predictor, files: Sequence[Path], classes: ClassNames, out_dir: str | Path,
-                  draw: bool = False, info: Optional[dict] = None,
-                  progress: Optional[Callable[[Path, int], None]] = None) -> dict:
+                  draw: bool = False, info: dict | None = None,
+                  progress: Callable[[Path, int], None] | None = None) -> dict:
     """Detect on every file; write ``out_dir/detections.json`` (and ``out_dir/<stem>.png`` with ``draw``).
 
     Returns the written document: ``info`` plus, per image, file, width, height and detections

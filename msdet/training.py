@@ -5,7 +5,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from msdet.atomic import write_json
 from msdet.config import Params
@@ -13,7 +13,7 @@ from msdet.detectors import get_detector
 from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
 from msdet.engine.distributed import DistInfo, init_distributed
 from msdet.engine.runtime import setup_runtime
-from msdet.engine.trainer import Trainer, TrainData, TrainSummary
+from msdet.engine.trainer import TrainData, Trainer, TrainSummary
 from msdet.summary import count_trainable
 
 
@@ -66,8 +66,8 @@ def build_detector(params: Params, model: str, num_classes: int):
 
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
-                plots_csv: Optional[str | Path] = None, stop_after_epochs: Optional[int] = None,
-                progress: bool = True) -> Optional[dict]:
+                plots_csv: str | Path | None = None, stop_after_epochs: int | None = None,
+                progress: bool = True) -> dict | None:
     """Train ``model`` ("d0" | "nanodet"); writes ``out_dir`` (see msdet.engine.trainer) and the model card.
 
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.

@@ -15,8 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from msdet.bench.runner import (ALL_SECTIONS, DEFAULT_SECTIONS, MODELS, BenchOptions, render, run_benchmarks,
-                                write_report)
+from msdet.bench.runner import (
+    ALL_SECTIONS,
+    DEFAULT_SECTIONS,
+    MODELS,
+    BenchOptions,
+    render,
+    run_benchmarks,
+    write_report,
+)
 from msdet.bench.sections import parse_context
 from msdet.config import ConfigError
 

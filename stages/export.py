@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def export_metrics(report: dict) -> dict:
 
 
 def run_export(params: Params, model: str, ckpt: str | Path, out_dir: str | Path, num_classes: int,
-               input_size: Optional[int] = None, formats: Optional[list[str]] = None,
+               input_size: int | None = None, formats: list[str] | None = None,
                check: str = "val") -> dict:
     """Load ``ckpt`` into ``model`` and export it to ``out_dir``; ``check``: "val" (required), "auto"
     (val images if the val split exists, else random inputs)."""

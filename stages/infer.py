@@ -23,9 +23,19 @@ from msdet.engine.checkpoint import CheckpointError
 from msdet.engine.runtime import setup_runtime
 from msdet.evaluation.runner import nms_iou_for
 from msdet.export.exporter import ExportError
-from msdet.inference import (ClassNames, InferenceError, Predictor, eval_preprocess, exported_forward,
-                             list_images, load_network, network_forward, read_meta_file, run_inference,
-                             with_model_cfg)
+from msdet.inference import (
+    ClassNames,
+    InferenceError,
+    Predictor,
+    eval_preprocess,
+    exported_forward,
+    list_images,
+    load_network,
+    network_forward,
+    read_meta_file,
+    run_inference,
+    with_model_cfg,
+)
 
 
 def resolve_classes(meta_arg: str | None, num_classes: int | None, params: Params) -> ClassNames:

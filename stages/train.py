@@ -9,13 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # started as a file by msrun
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from msdet.config import load_params  # noqa: E402
-from msdet.engine.distributed import launched_distributed  # noqa: E402
-from msdet.engine.launch import DistributedJobFailed, run_distributed  # noqa: E402
-from msdet.training import check_starting_weights_tracked, train_model  # noqa: E402
+from msdet.config import load_params
+from msdet.engine.distributed import launched_distributed
+from msdet.engine.launch import DistributedJobFailed, run_distributed
+from msdet.training import check_starting_weights_tracked, train_model
 
 
 def main(argv: list[str] | None = None) -> int:

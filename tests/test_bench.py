@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import yaml
 
-from msdet.bench.runner import (DATA_TO_TRAIN_TARGET, SEED_REFERENCE, BenchOptions, add_ratios, out_of_date,
-                                run_benchmarks, stages_to_run, write_report)
+from msdet.bench.runner import (
+    DATA_TO_TRAIN_TARGET,
+    SEED_REFERENCE,
+    BenchOptions,
+    add_ratios,
+    out_of_date,
+    run_benchmarks,
+    stages_to_run,
+    write_report,
+)
 from msdet.bench.sections import SMALL_CASES, candidates_per_image, parse_context, synthetic_train_batch
 from msdet.bench.stats import SUMMARY_KEYS, format_table, rates, spread_ratio, summarize, table_rows
 from msdet.config import merge

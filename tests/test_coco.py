@@ -8,8 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from msdet.data.coco import (CategoryMap, CocoFormatError, load_annotations, resolve_tree, validate_tree,
-                             write_pointer)
+from msdet.data.coco import CategoryMap, CocoFormatError, load_annotations, resolve_tree, validate_tree, write_pointer
 
 CATS = [{"id": 9, "name": "dog", "supercategory": "animal"}, {"id": 2, "name": "cat", "supercategory": "animal"},
         {"id": 40, "name": "car", "supercategory": "vehicle"}]

@@ -38,7 +38,7 @@ NBT = "num_batches_tracked"
 OFFICIAL_PARAMS = {("d0", 90): 3_880_067, ("nanodet", 80): 4_330_904}
 
 
-def random_official_state(model: str, num_classes: int, seed: int = 0) -> "OrderedDict[str, np.ndarray]":
+def random_official_state(model: str, num_classes: int, seed: int = 0) -> OrderedDict[str, np.ndarray]:
     """Every tensor of the official listing with random values of its shape and dtype, scaled so that a
     forward pass stays finite (conv weights ~ 1/sqrt(fan_in), positive running variances)."""
     rng = np.random.default_rng(seed)
@@ -291,7 +291,7 @@ def test_torch_fixtures_through_reader_and_prefix_handling():
     ema = {k[len("state_dict/avg_model."):] for k in want if k.startswith("state_dict/avg_model.")}
     assert set(keys) == ema and "backbone.conv1.1.running_var" in keys
     assert ignored == sum(k.startswith("state_dict/model.") for k in want) and "EMA" in layout
-    for key, original in keys.items():
+    for _key, original in keys.items():
         np.testing.assert_array_equal(state[original], want[f"state_dict/{original}"])
 
     want = _npz("nanodet_module_prefix.npz")

@@ -1,6 +1,5 @@
 """EfficientDet-D0 network: size, official key correspondence, output layout, layer semantics, FLOPs, backbone
 loading. PyNative, small shapes."""
-from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -16,6 +15,7 @@ from msdet.models.flops import count_flops, count_macs
 from msdet.models.layers import Conv2dSame, MaxPool2dSame, batch_norm, upsample_nearest2x
 from msdet.ops.anchors import efficientdet_anchors
 from tests.conftest import official_state_dict
+
 
 def _reference_state_dict() -> dict:
     return {key: shape for key, (shape, _) in official_state_dict("d0").items()}
@@ -49,7 +49,8 @@ def test_official_keys_map_one_to_one(net80):
     assert sorted(name_map.values()) == sorted(ours)          # one to one, every parameter covered
     wrong = {k: (expected[k], ours[v]) for k, v in name_map.items() if ours[v] != expected[k]}
     assert not wrong
-    assert name_map["backbone_net.model._blocks.3._bn1.running_var"] == "backbone_net.model._blocks.3._bn1.moving_variance"
+    assert (name_map["backbone_net.model._blocks.3._bn1.running_var"]
+            == "backbone_net.model._blocks.3._bn1.moving_variance")
     assert name_map["regressor.bn_list.4.2.weight"] == "regressor.bn_list.4.2.gamma"
 
 

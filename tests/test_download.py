@@ -12,7 +12,6 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -37,12 +36,12 @@ class ServerState:
     """What the test server serves and how it misbehaves; every request is logged as (path, Range header)."""
 
     files: dict[str, bytes] = field(default_factory=dict)
-    requests: list[tuple[str, Optional[str]]] = field(default_factory=list)
-    drop_after: Optional[int] = None  # the next response stops after this many body bytes
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    drop_after: int | None = None  # the next response stops after this many body bytes
     drop_every: bool = False  # ... and so does every later one
     stall_seconds: float = 0.0  # ... and waits this long before closing
     ignore_range: bool = False
-    status: Optional[int] = None  # answer every request with this error status
+    status: int | None = None  # answer every request with this error status
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

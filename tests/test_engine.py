@@ -14,7 +14,7 @@ from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import read_checkpoint
 from msdet.engine.ema import EMA
 from msdet.engine.schedules import warmup_cosine
-from msdet.engine.trainer import Trainer, TrainData, TrainingDiverged
+from msdet.engine.trainer import TrainData, Trainer, TrainingDiverged
 
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")

@@ -10,8 +10,13 @@ import pytest
 
 from msdet.evaluation.coco_eval import STAT_NAMES, evaluate, evaluate_detections, write_pr_curve
 from msdet.evaluation.plots import GT_COLOR, PRED_COLOR, write_detection_plots
-from msdet.evaluation.postprocess import (ImageDetections, boxes_to_original, postprocess, select_detections,
-                                          to_coco_results)
+from msdet.evaluation.postprocess import (
+    ImageDetections,
+    boxes_to_original,
+    postprocess,
+    select_detections,
+    to_coco_results,
+)
 
 # meta.json "categories" order (class index -> category id), deliberately neither sorted nor contiguous.
 CATEGORIES = [{"id": 42, "name": "kite"}, {"id": 5, "name": "bus"}, {"id": 9, "name": "boat"}]

@@ -15,8 +15,16 @@ from msdet.config import Params
 from msdet.detectors import get_detector
 from msdet.engine.checkpoint import CheckpointError, save_weights
 from msdet.export.exporter import export_model
-from msdet.inference import (ClassNames, InferenceError, Predictor, eval_preprocess, list_images, load_network,
-                             network_forward, run_inference)
+from msdet.inference import (
+    ClassNames,
+    InferenceError,
+    Predictor,
+    eval_preprocess,
+    list_images,
+    load_network,
+    network_forward,
+    run_inference,
+)
 from stages import infer as infer_stage
 from tests.test_export import ToyDetector, toy_preprocess
 

@@ -2,8 +2,6 @@
 the dynamic soft-label assigner and the GFL/GIoU losses against NumPy references."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import mindspore as ms
 import numpy as np
 import pytest
@@ -18,10 +16,17 @@ from msdet.losses.iou_loss import giou_loss
 from msdet.models.ghostpan import upsample_bilinear2x
 from msdet.models.nanodet_plus import NanoDetPlus, count_params
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1, channel_shuffle
-from msdet.ops.distance_coder import (Integral, bbox2distance, bbox2distance_np, distance2bbox, distance2bbox_np,
-                                      integral_np)
+from msdet.ops.distance_coder import (
+    Integral,
+    bbox2distance,
+    bbox2distance_np,
+    distance2bbox,
+    distance2bbox_np,
+    integral_np,
+)
 from msdet.ops.priors import center_priors, num_priors
 from tests.conftest import official_state_dict
+
 
 @pytest.fixture(autouse=True)
 def pynative():

@@ -8,8 +8,16 @@ from mindspore import Tensor
 
 from msdet.ops.anchors import anchors_per_level, efficientdet_anchors
 from msdet.ops.box_coder import decode, decode_np, encode, encode_np
-from msdet.ops.iou import (aligned_giou, aligned_giou_np, aligned_iou, aligned_iou_np, box_giou, box_giou_np,
-                           box_iou, box_iou_np)
+from msdet.ops.iou import (
+    aligned_giou,
+    aligned_giou_np,
+    aligned_iou,
+    aligned_iou_np,
+    box_giou,
+    box_giou_np,
+    box_iou,
+    box_iou_np,
+)
 
 
 def _random_boxes(rng, n, size=100.0):

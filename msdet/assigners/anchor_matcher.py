@@ -8,8 +8,8 @@ All shapes static: ``gt_boxes [B, M, 4]``, ``gt_labels [B, M]``, anchors ``[A, 4
 """
 from __future__ import annotations
 
-from mindspore import Tensor, nn, ops
 import mindspore as ms
+from mindspore import Tensor, nn, ops
 
 from msdet.ops.iou import box_iou
 

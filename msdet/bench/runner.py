@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from msdet.atomic import write_json
 from msdet.bench.stats import format_table, summarize
@@ -46,13 +47,13 @@ class BenchOptions:
     """What to measure. ``repeats`` overrides every section's run count (tests use 2)."""
 
     params: str = "params.yaml"
-    device_target: Optional[str] = None
+    device_target: str | None = None
     quick: bool = False
     full: bool = False
     sections: Sequence[str] = DEFAULT_SECTIONS
     models: Sequence[str] = MODELS
     context: dict[str, Any] = field(default_factory=dict)
-    repeats: Optional[int] = None
+    repeats: int | None = None
     data_batches: int = 40
     micro_small: bool = False
     project_root: Path = field(default_factory=Path.cwd)
@@ -138,8 +139,8 @@ def prepare_data(params: Params, root: Path, scratch: Path, log: Callable[[str],
 # child processes
 
 
-def run_child(section: str, opts: BenchOptions, scratch: Path, data: Optional[BenchData],
-              model: Optional[str] = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_child(section: str, opts: BenchOptions, scratch: Path, data: BenchData | None,
+              model: str | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Run one section in its own process; returns its figures (with its peak RSS) or raises SectionFailed."""
     tag = f"{section}_{model}" if model else section
     out = scratch / f"{tag}.json"

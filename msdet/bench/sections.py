@@ -16,9 +16,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -234,7 +235,7 @@ def _no_dataset(epoch: int) -> Any:
 
 
 def bench_data(params: Params, model: str, mindrecord_dir: str | Path, repeats: int = 3, batches: int = 10,
-               num_workers: Optional[int] = None, python_multiprocessing: bool = False) -> dict[str, Any]:
+               num_workers: int | None = None, python_multiprocessing: bool = False) -> dict[str, Any]:
     """Images/s of ``create_train_dataset`` (decode, augment, pad, batch) over ``batches`` batches after the
     first, in ``repeats`` fresh pipelines (epochs 0, 1, ...); start-up (time to the first batch) apart."""
     from msdet.data.pipeline import create_train_dataset, num_samples
@@ -572,7 +573,7 @@ SMALL_CASES = tuple(dataclasses.replace(c, batch=2, in_ch=16, out_ch=16, hw=16,
                                         groups=16 if c.groups > 1 else 1) for c in REGRESSION_CASES)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("section", choices=SECTIONS)
     ap.add_argument("--out", required=True, help="JSON file for the figures")

@@ -7,7 +7,8 @@ spread says how far to trust it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,12 +107,12 @@ def _unit(name: str) -> str:
     return "x" if name.startswith("ratio") else ""
 
 
-def format_table(report: dict, extra: Optional[Callable[[dict], list[str]]] = None) -> str:
+def format_table(report: dict, extra: Callable[[dict], list[str]] | None = None) -> str:
     """The human-readable view of a report: one line per measured figure, then the verdicts."""
     rows = table_rows(report)
     header = ("section", "figure", "median", "min..max (runs)", "unit")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format(*header), line.format(*("-" * w for w in widths))]
     out += [line.format(*r) for r in rows]
     out += verdicts(report)

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from msdet.atomic import write_json
 from msdet.config import D0Config, NanoDetConfig
-from msdet.engine.checkpoint import category_ids_for  # re-exported: converted checkpoints carry their ids
-from msdet.engine.checkpoint import sha256_file
+from msdet.engine.checkpoint import (
+    category_ids_for,  # re-exported: converted checkpoints carry their ids
+    sha256_file,
+)
 
 MODELS = ("d0", "nanodet")
 OFFICIAL_SOURCES = {"d0": "zylo117/Yet-Another-EfficientDet-Pytorch (efficientdet-d0.pth)",
@@ -81,8 +84,8 @@ class ConversionReport:
 
     model: str
     num_classes: int
-    source: Optional[str] = None
-    source_sha256: Optional[str] = None
+    source: str | None = None
+    source_sha256: str | None = None
     key_layout: str = "bare state dict"
     official_tensors_used: int = 0
     parameters_filled: int = 0
@@ -92,8 +95,8 @@ class ConversionReport:
     freshly_initialised: list[str] = field(default_factory=list)
     cast_to_float32: dict[str, int] = field(default_factory=dict)
     normalisation: list[str] = field(default_factory=list)
-    category_ids: Optional[list[int]] = None
-    class_names: Optional[list[str]] = None
+    category_ids: list[int] | None = None
+    class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -197,7 +200,7 @@ def infer_num_classes(model: str, state: dict[str, np.ndarray], cfg: Any = None,
     return shape[0] - reg
 
 
-def official_categories(model: str, num_classes: int) -> Optional[tuple[list[int], list[str]]]:
+def official_categories(model: str, num_classes: int) -> tuple[list[int], list[str]] | None:
     """(COCO category id, name) per class index of the official COCO heads; None for other class counts.
 
     D0 with 90 classes: zylo117's layout, class k = COCO id k + 1 (ten ids unused by COCO 2017 kept, named
@@ -282,9 +285,9 @@ def restrict_classes(model: str, official: dict[str, np.ndarray], file_ids: Sequ
     return out
 
 
-def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: Optional[int] = None, *,
-                       categories: Optional[Sequence[dict]] = None, cfg: Any = None,
-                       source: Optional[str] = None, source_sha256: Optional[str] = None,
+def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: int | None = None, *,
+                       categories: Sequence[dict] | None = None, cfg: Any = None,
+                       source: str | None = None, source_sha256: str | None = None,
                        seed: int = 0) -> tuple[Any, ConversionReport]:
     """Official state dict (``{key: array}``, any accepted key layout) -> (our network holding it, report).
 
@@ -401,9 +404,9 @@ def checkpoint_metadata(report: ConversionReport) -> dict[str, Any]:
     return meta
 
 
-def convert_file(model: str, src: str | Path, out: str | Path, num_classes: Optional[int] = None, *,
-                 categories: Optional[Sequence[dict]] = None, cfg: Any = None,
-                 report_path: Optional[str | Path] = None, seed: int = 0) -> ConversionReport:
+def convert_file(model: str, src: str | Path, out: str | Path, num_classes: int | None = None, *,
+                 categories: Sequence[dict] | None = None, cfg: Any = None,
+                 report_path: str | Path | None = None, seed: int = 0) -> ConversionReport:
     """Read an official ``.pth``/``.ckpt`` safely (no torch, no code run), convert it, write ``out``.
 
     ``out`` is a MindSpore checkpoint (written atomically) holding every parameter of our network and the

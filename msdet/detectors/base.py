@@ -12,7 +12,8 @@ Batch conventions (produced by ``msdet.data.pipeline``):
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from mindspore import nn

@@ -9,8 +9,8 @@ weighted term, so total = cls + box. The positives are counted per device, as au
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import mindspore as ms
 import numpy as np

@@ -15,8 +15,8 @@ official ``reduce_mean``, so every rank's loss has the same scale as one device 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import mindspore as ms
 import numpy as np

@@ -10,7 +10,7 @@ batches forward in training mode and set each BN's statistics to the mean of its
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from mindspore import Tensor, nn, ops

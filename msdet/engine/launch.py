@@ -12,8 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 
 class DistributedJobFailed(RuntimeError):
@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def msrun_command(script: str, script_args: Sequence[str], workers: int, log_dir: str | Path,
-                  master_port: Optional[int] = None, rank_table: Optional[str] = None) -> list[str]:
+                  master_port: int | None = None, rank_table: str | None = None) -> list[str]:
     msrun = shutil.which("msrun") or str(Path(sys.executable).with_name("msrun"))
     cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}",
            f"--master_port={master_port or free_port()}", f"--log_dir={log_dir}", "--join=True",
@@ -54,8 +54,8 @@ def last_error_line(log: Path) -> str:
 
 
 def run_distributed(script: str, script_args: Sequence[str], workers: int, log_dir: str | Path,
-                    timeout_s: Optional[float] = None, rank_table: Optional[str] = None,
-                    env: Optional[dict] = None) -> None:
+                    timeout_s: float | None = None, rank_table: str | None = None,
+                    env: dict | None = None) -> None:
     """Run ``script`` on ``workers`` ranks; raise DistributedJobFailed naming the failing rank's log."""
     log_dir = Path(log_dir)
     shutil.rmtree(log_dir, ignore_errors=True)
@@ -64,6 +64,9 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
     # workers are started as plain `python`: make it this interpreter
     run_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + run_env.get("PATH", "")
     run_env.setdefault("GLOG_v", "3")
+    # msrun starts the script as a file: resolve its imports from the working directory, as `python -m`
+    # does (this checkout's package, not another one installed in the environment)
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), run_env.get("PYTHONPATH", "")) if p)
     cmd = msrun_command(script, script_args, workers, log_dir, rank_table=rank_table)
     with open(log_dir / "msrun.out", "w") as out:
         try:

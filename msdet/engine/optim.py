@@ -5,9 +5,9 @@ per-level scales); nanodet's recipe is torch's AdamW, so we implement exactly th
 """
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
-import mindspore as ms
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 

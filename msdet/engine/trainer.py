@@ -23,9 +23,10 @@ import itertools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import mindspore as ms
 import numpy as np
@@ -52,7 +53,7 @@ class TrainData:
     make_dataset: Callable[[int], Any]
     num_train_images: int
     #: optional: the sample indices this rank reads in an epoch (logged by each rank in distributed runs)
-    shard_of_epoch: Optional[Callable[[int], Any]] = None
+    shard_of_epoch: Callable[[int], Any] | None = None
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _param_groups(network, cfg: TrainConfig) -> list[dict]:
 class TrainStep(nn.Cell):
     """One optimisation step: loss and gradients, all-reduce, clipping, optimizer update, EMA update."""
 
-    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Cell, ema: EMA, reducer: Optional[nn.Cell],
+    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Cell, ema: EMA, reducer: nn.Cell | None,
                  clip_norm: float) -> None:
         super().__init__(auto_prefix=False)
         self.loss_cell, self.optimizer, self.ema = loss_cell, optimizer, ema
@@ -120,23 +121,23 @@ class Trainer:
     """Builds the compiled step for ``detector`` and runs epochs; see the module docstring for outputs."""
 
     def __init__(self, detector, network, cfg: TrainConfig, data: TrainData, out_dir: str | Path,
-                 dist: DistInfo = DistInfo(), key_payload: Optional[dict] = None, progress: bool = True) -> None:
+                 dist: DistInfo | None = None, key_payload: dict | None = None, progress: bool = True) -> None:
         self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
-        self.out_dir, self.dist, self.progress = Path(out_dir), dist, progress
-        self.global_batch = cfg.batch_size * dist.group_size
+        self.out_dir, self.dist, self.progress = Path(out_dir), dist or DistInfo(), progress
+        self.global_batch = cfg.batch_size * self.dist.group_size
         per_rank = data.num_train_images // self.global_batch
         if per_rank < 1:
             raise ValueError(f"{data.num_train_images} training images cannot fill one global batch of "
-                             f"{self.global_batch} (batch_size {cfg.batch_size} x {dist.group_size} devices)")
+                             f"{self.global_batch} (batch_size {cfg.batch_size} x {self.dist.group_size} devices)")
         self.steps_per_epoch = min(per_rank, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else per_rank
         self.lr = warmup_cosine(cfg, self.steps_per_epoch, self.global_batch)
         self.key = run_key({"train": key_payload or {}, "steps_per_epoch": self.steps_per_epoch,
-                            "group_size": dist.group_size})
+                            "group_size": self.dist.group_size})
 
-        self.loss_cell = detector.loss_cell(network, dist.group_size)
+        self.loss_cell = detector.loss_cell(network, self.dist.group_size)
         self.optimizer = build_optimizer(network, cfg, self.lr)
         self.ema = EMA(network, cfg.ema_decay, cfg.ema_ramp_steps)
-        reducer = gradient_reducer(self.optimizer.parameters, dist) if dist.enabled else None
+        reducer = gradient_reducer(self.optimizer.parameters, self.dist) if self.dist.enabled else None
         # a Cell, not a jitted closure: MindSpore compiles it ~5x faster to run, and it sees set_data()
         self.step_fn = TrainStep(self.loss_cell, self.optimizer, self.ema, reducer, cfg.grad_clip_norm)
         self.loss_names = list(detector.loss_names)
@@ -191,11 +192,11 @@ class Trainer:
                 float(checkpoint_meta(params, "train_seconds", 0.0)))
 
     # ------------------------------------------------------------------ loop
-    def fit(self, stop_after_epochs: Optional[int] = None,
-            on_epoch_end: Optional[Callable[[int], None]] = None) -> TrainSummary:
+    def fit(self, stop_after_epochs: int | None = None,
+            on_epoch_end: Callable[[int], None] | None = None) -> TrainSummary:
         """Train to ``cfg.epochs`` (resuming if possible); ``stop_after_epochs`` ends early, as an interruption."""
-        from mindspore import Tensor
         import mindspore as ms
+        from mindspore import Tensor
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +282,7 @@ class Trainer:
         iterator = self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)
         return [image for image, _, _ in itertools.islice(iterator, n)]
 
-    def write_final(self, plots_csv: Optional[str | Path] = None) -> None:
+    def write_final(self, plots_csv: str | Path | None = None) -> None:
         """final.ckpt, ema.ckpt and the plots CSV, from the current (finished) state. Rank 0 only."""
         if not self.dist.is_main:
             return

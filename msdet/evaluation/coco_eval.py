@@ -10,8 +10,8 @@ import contextlib
 import csv
 import io
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -80,7 +80,7 @@ def _results_coco(gt: COCO, results: Sequence[dict], source: str) -> COCO:
 
 
 def evaluate(gt_annotation_json_path: str | Path, results: Sequence[dict],
-             image_ids: Optional[Iterable[int]] = None) -> dict:
+             image_ids: Iterable[int] | None = None) -> dict:
     """COCO bbox evaluation of ``results`` on ``image_ids`` (default: every ground-truth image).
 
     Returns the 12 COCO stats by name (``STAT_NAMES``), ``per_class_AP`` {category name: AP@[.5:.95]},
@@ -127,7 +127,7 @@ def evaluate(gt_annotation_json_path: str | Path, results: Sequence[dict],
 
 
 def evaluate_detections(gt_annotation_json_path: str | Path, detections: Sequence[ImageDetections],
-                        category_ids: Sequence[int], image_ids: Optional[Iterable[int]] = None) -> dict:
+                        category_ids: Sequence[int], image_ids: Iterable[int] | None = None) -> dict:
     """Decode-free entry point: per-image detections (original pixels, class indices) -> :func:`evaluate`.
 
     Used to score anything that is not a network output, e.g. the ground truth fed back as detections.

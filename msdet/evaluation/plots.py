@@ -1,8 +1,8 @@
 """Qualitative check: predicted and ground-truth boxes drawn on a few validation images."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -23,7 +23,7 @@ def _label(image: np.ndarray, text: str, x: int, y: int, color: tuple) -> None:
 
 
 def draw_detections(image_bgr: np.ndarray, detections: ImageDetections, class_names: Sequence[str],
-                    gt_boxes: Optional[np.ndarray] = None, gt_labels: Optional[np.ndarray] = None,
+                    gt_boxes: np.ndarray | None = None, gt_labels: np.ndarray | None = None,
                     min_score: float = 0.3) -> np.ndarray:
     """A copy of ``image_bgr`` (uint8 [H, W, 3], original size) with ground truth in green (thin, class
     name) and predictions scoring at least ``min_score`` in red (class name and score)."""

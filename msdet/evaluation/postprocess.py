@@ -7,8 +7,8 @@ per-axis scaling, and clipping first makes NMS see the boxes that are actually r
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +59,7 @@ def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig
 
 
 def evaluate_network(detector, network, dataset, gt_json: str | Path, category_ids: list[int],
-                     cfg: EvalConfig, model: str, known_ids: Optional[set[int]] = None) -> EvalOutcome:
+                     cfg: EvalConfig, model: str, known_ids: set[int] | None = None) -> EvalOutcome:
     """Detections on the whole val split scored with pycocotools; metrics flat enough for `dvc metrics`.
 
     ``known_ids``: the data set's category ids; detections of other classes (a 90-class official D0 head

@@ -7,7 +7,7 @@ height by ``ry``. Centres sit at ``stride / 2 + k * stride``. Boxes are x1, y1, 
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

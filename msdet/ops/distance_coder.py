@@ -7,13 +7,13 @@ MindSpore versions run in graph mode; the ``*_np`` twins serve host-side decodin
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 
-def distance2bbox(points: Tensor, distance: Tensor, max_shape: Optional[Sequence[int]] = None) -> Tensor:
+def distance2bbox(points: Tensor, distance: Tensor, max_shape: Sequence[int] | None = None) -> Tensor:
     """points [..., 2] (x, y) and distances [..., 4] (l, t, r, b) -> boxes [..., 4] x1y1x2y2.
 
     ``max_shape`` (h, w) clips the boxes to the image.
@@ -29,7 +29,7 @@ def distance2bbox(points: Tensor, distance: Tensor, max_shape: Optional[Sequence
     return ops.stack([x1, y1, x2, y2], axis=-1)
 
 
-def bbox2distance(points: Tensor, bbox: Tensor, max_dis: Optional[float] = None, eps: float = 0.1) -> Tensor:
+def bbox2distance(points: Tensor, bbox: Tensor, max_dis: float | None = None, eps: float = 0.1) -> Tensor:
     """points [..., 2] and boxes [..., 4] -> distances [..., 4]; with ``max_dis`` clamped to [0, max_dis - eps]."""
     d = ops.stack([points[..., 0] - bbox[..., 0], points[..., 1] - bbox[..., 1],
                    bbox[..., 2] - points[..., 0], bbox[..., 3] - points[..., 1]], axis=-1)
@@ -39,7 +39,7 @@ def bbox2distance(points: Tensor, bbox: Tensor, max_dis: Optional[float] = None,
 
 
 def distance2bbox_np(points: np.ndarray, distance: np.ndarray,
-                     max_shape: Optional[Sequence[int]] = None) -> np.ndarray:
+                     max_shape: Sequence[int] | None = None) -> np.ndarray:
     p = np.asarray(points)
     d = np.asarray(distance)
     boxes = np.stack([p[..., 0] - d[..., 0], p[..., 1] - d[..., 1],
@@ -51,7 +51,7 @@ def distance2bbox_np(points: np.ndarray, distance: np.ndarray,
     return boxes
 
 
-def bbox2distance_np(points: np.ndarray, bbox: np.ndarray, max_dis: Optional[float] = None,
+def bbox2distance_np(points: np.ndarray, bbox: np.ndarray, max_dis: float | None = None,
                      eps: float = 0.1) -> np.ndarray:
     p = np.asarray(points)
     b = np.asarray(bbox)

@@ -7,7 +7,7 @@ row-major (y, then x) inside a level: the order of the head's flattened outputs.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
