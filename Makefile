@@ -16,7 +16,7 @@ PARAMS ?= params.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lint repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
+.PHONY: help venv lint deps repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ venv: $(STAMP)  ## create .venv with the pinned stack and msdet installed (edita
 
 lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade (config in pyproject.toml)
 	$(VENV)/bin/ruff check .
+
+deps: $(STAMP)  ## rewrite each stage's code deps in dvc.yaml to the files its command imports
+	$(PY) -m msdet.devtools.stage_deps --write
 
 repro: $(STAMP)  ## run the whole DVC pipeline on params.yaml (embedded data set by default)
 	$(DVC) repro
@@ -73,6 +76,7 @@ bench: $(STAMP)  ## speed and memory benchmarks -> metrics/bench.json
 bench-full: $(STAMP)  ## time the whole default dvc repro in a clean copy (~15 min) -> metrics/bench_full.json
 	$(PY) -m stages.bench --full --only pipeline --out metrics/bench_full.json
 
-clean:  ## remove generated data, models, plots and caches (keeps .venv and committed metrics)
-	rm -rf data models/d0 models/nanodet plots .pytest_cache kernel_meta rank_* bench_out
+clean:  ## remove what the pipeline and tools generated; files git tracks (committed metrics, plots) stay
+	git clean -fdxq -- data models plots logs bench_out kernel_meta somas_meta .pytest_cache
+	rm -rf rank_*
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

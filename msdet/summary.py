@@ -5,14 +5,10 @@ from typing import Any
 
 from msdet.config import D0Config, NanoDetConfig
 from msdet.detectors import get_detector
-from msdet.models.flops import count_flops
+from msdet.models.flops import count_flops, count_trainable
 
 #: each model's official input size on COCO
 COCO_SETTING = {"d0": D0Config(input_size=512), "nanodet": NanoDetConfig(input_size=320)}
-
-
-def count_trainable(network, exclude_prefixes: tuple[str, ...] = ()) -> int:
-    return int(sum(p.size for p in network.trainable_params() if not p.name.startswith(exclude_prefixes)))
 
 
 def model_summary(num_classes: int = 80) -> dict[str, dict[str, Any]]:

@@ -2,26 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from msdet.atomic import write_json
 from msdet.config import Params
-from msdet.detectors import get_detector
+from msdet.data.mindrecord import read_meta
+from msdet.detectors import build_detector
 from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
 from msdet.engine.distributed import DistInfo, init_distributed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import TrainData, Trainer, TrainSummary
-from msdet.summary import count_trainable
-
-
-def read_meta(mindrecord_dir: str | Path) -> dict[str, Any]:
-    path = Path(mindrecord_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: MindRecord metadata not found; run the mindrecord stage first")
-    return json.loads(path.read_text())
+from msdet.models.flops import count_flops, count_trainable
 
 
 def init_from_checkpoint(detector, network, path: str) -> list[str]:
@@ -59,10 +52,6 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
             raise ValueError(f"{key} = {path}: a checkpoint the train stage starts from must live under "
                              f"{STARTING_WEIGHTS_DIR}/ (a dependency of train_{model}, so replacing it retrains); "
                              f"move or copy it there")
-
-
-def build_detector(params: Params, model: str, num_classes: int):
-    return get_detector(model, getattr(params, model), num_classes, seed=params.runtime.seed)
 
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
@@ -116,8 +105,6 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
 
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
                reinit: list[str], start_files: dict[str, str]) -> dict[str, Any]:
-    from msdet.models.flops import count_flops
-
     flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
     return {
         "model": detector.name,
@@ -148,5 +135,5 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
     }
 
 
-__all__ = ["train_model", "model_card", "read_meta", "init_from_checkpoint", "build_detector", "CheckpointError",
+__all__ = ["train_model", "model_card", "init_from_checkpoint", "CheckpointError",
            "STARTING_WEIGHTS_DIR", "starting_weight_files", "check_starting_weights_tracked"]

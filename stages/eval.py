@@ -1,4 +1,4 @@
-"""DVC stage eval@<model>: COCO metrics of the EMA weights on the val split.
+"""DVC stage eval_<model>: COCO metrics of the EMA weights on the val split.
 
     python -m stages.eval --model d0|nanodet [--ckpt models/<model>/ema.ckpt]
 

@@ -1,4 +1,4 @@
-"""DVC stage export@<model>, and a standalone export tool for any checkpoint of ours (converted ones included).
+"""DVC stage export_<model>, and a standalone export tool for any checkpoint of ours (converted ones included).
 
 DVC stage (reads params.yaml; EMA weights, num_classes from the MindRecord meta.json, val images to check):
 
@@ -24,12 +24,12 @@ import numpy as np
 
 from msdet.atomic import write_json
 from msdet.config import ConfigError, Params, load_params
+from msdet.data.mindrecord import read_meta
 from msdet.detectors import MODEL_NAMES, get_detector
 from msdet.engine.checkpoint import CheckpointError
 from msdet.engine.runtime import setup_runtime
 from msdet.export.exporter import ExportError, export_model
 from msdet.inference import InferenceError, load_network, read_meta_file, with_model_cfg
-from msdet.training import read_meta
 
 
 def has_val_split(mindrecord_dir: str | Path) -> bool:

@@ -106,7 +106,7 @@ def test_parse_context_and_dvc_output_parsing():
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_context(["runtime_num_threads"])
     assert out_of_date("{}\n") == [] and out_of_date("") == []
-    assert out_of_date('{"train_d0": [], "eval@d0": []}') == ["eval@d0", "train_d0"]
+    assert out_of_date('{"train_d0": [], "eval_d0": []}') == ["eval_d0", "train_d0"]
     assert stages_to_run("Running stage 'train_d0':\n> python x\nStage 'download' didn't change\n") == ["train_d0"]
 
 

@@ -51,7 +51,7 @@ import mindspore as ms
 from mindspore import Tensor
 from mindspore.communication import get_rank, init
 from msdet.config import load_params
-from msdet.training import build_detector
+from msdet.detectors import build_detector
 ms.set_device("CPU")
 ms.set_context(mode=ms.PYNATIVE_MODE)
 init()

@@ -13,8 +13,9 @@ from msdet.detectors import nanodet as nanodet_module
 from msdet.detectors.nanodet import NanoDetDetector, load_pretrained_backbone, mindcv_key, official_name_map
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss
 from msdet.losses.iou_loss import giou_loss
+from msdet.models.flops import count_trainable
 from msdet.models.ghostpan import upsample_bilinear2x
-from msdet.models.nanodet_plus import NanoDetPlus, count_params
+from msdet.models.nanodet_plus import NanoDetPlus
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1, channel_shuffle
 from msdet.ops.distance_coder import (
     Integral,
@@ -51,8 +52,8 @@ def _official_state_dict() -> dict[str, tuple]:
 
 def test_parameter_counts_match_official(net80):
     # the official counts are PyTorch parameters(): trainable tensors, BN statistics and buffers excluded
-    assert count_params(net80) == 4_330_904
-    assert count_params(net80, ("aux_fpn.", "aux_head.")) == 1_197_924
+    assert count_trainable(net80) == 4_330_904
+    assert count_trainable(net80, ("aux_fpn.", "aux_head.")) == 1_197_924
     all_tensors = sum(int(np.prod(p.shape)) for p in net80.get_parameters())
     assert all_tensors > 4_330_904  # moving statistics and the integral's projection are not trainable
 

@@ -1,10 +1,13 @@
 """End to end: the real dvc.yaml in a throw-away git + DVC repo, on a tiny config.
 
 Checks that `dvc repro` runs every stage, that a no-op repro does nothing, that `dvc exp run -S` on an eval
-param reruns only the eval stages, and that `dvc metrics diff` / `dvc params diff` report the change.
+param reruns only the eval stages, that `dvc metrics diff` / `dvc params diff` report the change, that a code
+edit reruns exactly the stages that import the file (tests/test_stage_deps.py checks the lists themselves),
+and that `make clean` deletes no tracked file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -86,10 +89,61 @@ def test_repro_then_experiment(repo):
 
     out = run(dvc + ["exp", "run", "-S", "eval.score_threshold=0.0"], dst, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"eval@d0", "eval@nanodet"}, out
+    assert ran == {"eval_d0", "eval_nanodet"}, out
     params_diff = json.loads(run(dvc + ["params", "diff", "--json"], dst, env))
     changed_param = params_diff["params.yaml"]["eval.score_threshold"]
     assert (changed_param["old"], changed_param["new"]) == (0.05, 0.0)
     metrics_diff = json.loads(run(dvc + ["metrics", "diff", "--json", "--all"], dst, env))
     changed = [k for f, d in metrics_diff.items() for k, v in d.items() if k == "num_detections" and v.get("diff")]
     assert changed, metrics_diff
+
+
+def test_remote_round_trip_restores_every_output(repo, tmp_path):
+    """A team shares data/ and models/ through a DVC remote: push, clone, pull, and nothing is left to run."""
+    dst, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = tmp_path / "remote"
+    run(dvc + ["remote", "add", "-d", "shared", str(remote)], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "shared remote"], dst, env)
+    run(dvc + ["push"], dst, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(dst), str(clone)], tmp_path, env)
+    run(dvc + ["pull"], clone, env)
+    for model in ("d0", "nanodet"):
+        for name in ("ema.ckpt", "final.ckpt", "export/model.mindir"):
+            assert (clone / "models" / model / name).read_bytes() == (dst / "models" / model / name).read_bytes()
+    assert "changed" not in run(dvc + ["status"], clone, env)
+    assert "Running stage" not in run(dvc + ["repro"], clone, env)
+
+
+def test_code_edit_reruns_exactly_the_stages_that_import_it(repo):
+    dst, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    # An edit to D0's box decoding: train_d0 reruns and writes the same checkpoint, and eval_d0 still reruns
+    # because it imports the decoder itself; no NanoDet stage runs.
+    ema = dst / "models" / "d0" / "ema.ckpt"
+    before = hashlib.sha256(ema.read_bytes()).hexdigest()
+    coder = dst / "msdet" / "ops" / "box_coder.py"
+    coder.write_text(coder.read_text().replace("def decode_np(", "# edited by the test\ndef decode_np(", 1))
+    out = run(dvc + ["repro"], dst, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_d0", "eval_d0", "export_d0"}, out
+    assert hashlib.sha256(ema.read_bytes()).hexdigest() == before
+
+    # An edit to a NanoDet-only file leaves every D0 stage alone
+    ghostpan = dst / "msdet" / "models" / "ghostpan.py"
+    ghostpan.write_text(ghostpan.read_text() + "\n# edited by the test\n")
+    changed = set(json.loads(run(dvc + ["status", "--json"], dst, env)))
+    assert changed == {"train_nanodet", "eval_nanodet", "export_nanodet"}, changed
+    run(["git", "checkout", "--", "msdet/models/ghostpan.py"], dst, env)
+
+
+def test_make_clean_deletes_no_tracked_file(repo):
+    dst, env = repo
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "after the edits"], dst, env)
+    run(["make", "clean"], dst, env)
+    deleted = [ln for ln in run(["git", "status", "--porcelain"], dst, env).splitlines() if ln[:2].strip() == "D"]
+    assert not deleted, deleted
+    assert not (dst / "models" / "d0" / "ema.ckpt").exists() and not (dst / "data" / "mindrecord").exists()

@@ -186,8 +186,8 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
     import mindspore as ms
     from mindspore import Tensor
 
+    from msdet.detectors import build_detector
     from msdet.engine.trainer import TrainData, Trainer
-    from msdet.training import build_detector
 
     mcfg = getattr(params, model)
     tcfg = mcfg.train
@@ -329,11 +329,12 @@ def bench_eval(params: Params, model: str, mindrecord_dir: str | Path, gt_json: 
     detections. NMS cost grows with the candidates, so their number is reported with each figure."""
     from mindspore import Tensor
 
+    from msdet.data.mindrecord import read_meta
     from msdet.data.pipeline import create_eval_dataset
+    from msdet.detectors import build_detector
     from msdet.evaluation.coco_eval import evaluate
     from msdet.evaluation.postprocess import postprocess, to_coco_results
     from msdet.evaluation.runner import nms_iou_for, predict_dataset
-    from msdet.training import build_detector, read_meta
 
     meta = read_meta(mindrecord_dir)
     ecfg = params.eval
@@ -396,8 +397,8 @@ def bench_export(params: Params, model: str, num_classes: int, repeats: int = 10
     the in-memory network, the MINDIR (``nn.GraphCell``) and the ONNX file (onnxruntime, CPU)."""
     from mindspore import Tensor
 
+    from msdet.detectors import build_detector
     from msdet.export.exporter import FILE_NAMES, export_model, load_exported
-    from msdet.training import build_detector
 
     detector = build_detector(params, model, num_classes)
     network = detector.build_network()
@@ -467,8 +468,8 @@ def profile_train(params: Params, model: str, num_classes: int, steps: int = 3) 
     from mindspore import Tensor
     from mindspore.profiler import ProfilerActivity
 
+    from msdet.detectors import build_detector
     from msdet.engine.trainer import TrainData, Trainer
-    from msdet.training import build_detector
 
     mcfg = getattr(params, model)
     tcfg = mcfg.train

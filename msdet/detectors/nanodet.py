@@ -120,7 +120,9 @@ class NanoDetDetector:
     loss_names = ("loss", "qfl", "bbox", "dfl", "aux_qfl", "aux_bbox", "aux_dfl")
     training_only_prefixes = TRAINING_ONLY_PREFIXES
 
-    def __init__(self, cfg: NanoDetConfig, num_classes: int) -> None:
+    def __init__(self, cfg: NanoDetConfig, num_classes: int, seed: int = 0) -> None:
+        """``seed`` is part of the detector interface; NanoDet's initialisers draw from the global seed that
+        ``setup_runtime`` sets from ``runtime.seed``, so it is not used here."""
         if cfg.input_size % 64:
             raise ValueError(f"nanodet.input_size = {cfg.input_size}: must be a multiple of 64 (stride of the "
                              f"extra level)")

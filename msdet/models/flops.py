@@ -1,4 +1,5 @@
-"""Count multiply-accumulates of Conv2d and Dense layers by running a network once (PyNative, forward hooks).
+"""Parameter counts, and multiply-accumulates of Conv2d and Dense layers by running a network once (PyNative,
+forward hooks).
 
 MACs of a Conv2d = output elements x (in_channels / groups) x kernel area; of a Dense = output elements x
 in_features. Biases, normalisation, activations, pooling and element-wise ops are not counted (they are a few
@@ -71,3 +72,8 @@ def count_macs(network: nn.Cell, inputs: tuple[Tensor, ...] | Tensor) -> FlopRep
 def count_flops(network: nn.Cell, input_shape: tuple[int, ...]) -> FlopReport:
     """:func:`count_macs` for one zero input of ``input_shape`` (e.g. (1, 3, 512, 512))."""
     return count_macs(network, Tensor(np.zeros(input_shape, np.float32)))
+
+
+def count_trainable(network: nn.Cell, exclude_prefixes: tuple[str, ...] = ()) -> int:
+    """Trainable parameters, as PyTorch's ``parameters()`` counts them (BN running statistics are buffers)."""
+    return int(sum(p.size for p in network.trainable_params() if not p.name.startswith(exclude_prefixes)))

@@ -8,11 +8,10 @@ Cell names mirror the official modules so parameter names are the official state
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.models.ghostpan import ConvModule, DepthwiseConvModule, GhostPAN, normal_init
@@ -202,12 +201,5 @@ class NanoDetPlusInference(nn.Cell):
         return ops.concat((ops.sigmoid(out[..., :c]), out[..., c:]), axis=-1)
 
 
-def count_params(cell: nn.Cell, exclude_prefixes: Sequence[str] = ()) -> int:
-    """Trainable parameters (the official convention: PyTorch ``parameters()``, buffers excluded)."""
-    prefixes = tuple(exclude_prefixes)
-    return int(sum(int(np.prod(p.shape)) for p in cell.trainable_params()
-                   if not (prefixes and p.name.startswith(prefixes))))
-
-
 __all__ = ["NanoDetPlus", "NanoDetPlusHead", "SimpleConvHead", "Scale", "NanoDetPlusInference", "NanoDetPlusSpec",
-           "NANODET_PLUS_M", "CLS_BIAS_INIT", "keep_gradient", "count_params"]
+           "NANODET_PLUS_M", "CLS_BIAS_INIT", "keep_gradient"]

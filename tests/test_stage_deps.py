@@ -1,0 +1,59 @@
+"""Each DVC stage's code deps are exactly the project files its command imports (msdet/devtools/stage_deps.py)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from msdet.devtools.stage_deps import closure, command_roots, differences, expected_code_deps, load_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_yaml_code_deps_equal_each_stage_import_closure():
+    problems = differences(ROOT)
+    assert not problems, "\n".join(problems) + "\nrun `make deps`"
+
+
+def test_a_missing_or_an_extra_dep_line_is_named():
+    stages = copy.deepcopy(dict(load_stages(ROOT)))
+    stages["eval_d0"]["deps"] = [d for d in stages["eval_d0"]["deps"] if d != "msdet/ops/box_coder.py"]
+    stages["train_d0"]["deps"].append("msdet/models/ghostpan.py")
+    assert differences(ROOT, stages) == [
+        "train_d0: lists msdet/models/ghostpan.py, which its command does not import",
+        "eval_d0: imports msdet/ops/box_coder.py, which its deps do not list",
+    ]
+
+
+def test_each_model_stage_sees_its_own_model_only():
+    train_d0 = set(expected_code_deps("python -m stages.train --model d0", ROOT))
+    train_nd = set(expected_code_deps("python -m stages.train --model nanodet", ROOT))
+    eval_d0 = set(expected_code_deps("python -m stages.eval --model d0", ROOT))
+    export_nd = set(expected_code_deps("python -m stages.export --model nanodet", ROOT))
+    assert {"msdet/detectors/d0.py", "msdet/ops/box_coder.py", "msdet/config.py", "msdet/atomic.py",
+            "stages/__init__.py", "stages/train.py"} <= train_d0
+    assert not {f for f in train_d0 | eval_d0 if "nanodet" in f or "ghostpan" in f or "shufflenet" in f}
+    assert not {f for f in train_nd | export_nd if f.endswith(("d0.py", "efficientdet.py", "bifpn.py"))}
+    # evaluation and export do not import the training loop
+    assert not {"msdet/training.py", "msdet/engine/trainer.py", "msdet/engine/optim.py"} & (eval_d0 | export_nd)
+
+
+def test_closure_follows_lazy_and_relative_imports_only_into_the_project(tmp_path):
+    pkg = tmp_path / "msdet"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import numpy\n\ndef f():\n    from msdet.sub import b\n    return b\n")
+    (pkg / "sub" / "b.py").write_text("from . import c\n")
+    (pkg / "sub" / "c.py").write_text("import os\n")
+    (pkg / "unused.py").write_text("")
+    got = {p.as_posix() for p in closure(tmp_path, [Path("msdet/a.py")])}
+    assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/sub/__init__.py", "msdet/sub/b.py", "msdet/sub/c.py"}
+
+
+def test_a_command_that_is_not_python_is_refused():
+    with pytest.raises(ValueError, match="expected 'python -m"):
+        command_roots("bash run.sh", ROOT)
+    with pytest.raises(ValueError, match="model 'yolo' is not in"):
+        command_roots("python -m stages.train --model yolo", ROOT)
