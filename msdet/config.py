@@ -149,7 +149,8 @@ class D0AugmentConfig:
 @dataclass(frozen=True)
 class D0Config:
     input_size: int = _f(256, range=(128, 4096), multiple_of=128)
-    # "none", a path to a MindSpore checkpoint of EfficientNet-B0, or "mindcv" (ImageNet weights, online).
+    # "none", a path (under weights/) to a checkpoint of EfficientNet-B0, or "mindcv" (ImageNet weights, online);
+    # see msdet/conversion/pretrained.py
     pretrained_backbone: str = _f("none")
     # "none" or a checkpoint of the whole detector (ours or converted from the official weights).
     init: str = _f("none")

@@ -72,10 +72,11 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     detector = build_detector(params, model, int(meta["num_classes"]))
     network = detector.build_network()
     reinit: list[str] = []
+    backbone_load = None
     if mcfg.init != "none":
         reinit = init_from_checkpoint(detector, network, mcfg.init)
     elif mcfg.pretrained_backbone != "none":
-        detector.load_pretrained_backbone(network, mcfg.pretrained_backbone)
+        backbone_load = detector.load_pretrained_backbone(network, mcfg.pretrained_backbone).card()
 
     def make_dataset(epoch: int):
         return create_train_dataset(
@@ -98,13 +99,16 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     trainer.write_final(plots_csv)
     if not dist.is_main:
         return None
-    card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files)
+    card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load)
     write_json(Path(out_dir) / "model_card.json", card)
     return card
 
 
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
-               reinit: list[str], start_files: dict[str, str]) -> dict[str, Any]:
+               reinit: list[str], start_files: dict[str, str],
+               backbone_load: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``backbone_load``: what loading ``pretrained_backbone`` did (``BackboneLoad.card()``: source, layout,
+    tensors loaded, tensors that kept their initialisation, adaptations such as the BatchNorm eps fold)."""
     flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
     return {
         "model": detector.name,
@@ -128,6 +132,7 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "final_losses": summary.final_losses,
         "init": mcfg.init,
         "pretrained_backbone": mcfg.pretrained_backbone,
+        "pretrained_backbone_load": backbone_load,
         "class_head_reinitialised": reinit,
         "starting_weights_sha256": start_files,
         "weights": {"ema": "ema.ckpt", "final": "final.ckpt"},

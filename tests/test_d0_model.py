@@ -7,10 +7,10 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.config import D0Config
-from msdet.detectors import d0 as d0_module
-from msdet.detectors.d0 import D0Detector, load_pretrained_backbone
+from msdet.conversion import pretrained
+from msdet.conversion.naming import NUM_BATCHES_TRACKED, mindcv_efficientnet_b0_map, relative_parameters
+from msdet.detectors.d0 import D0Detector
 from msdet.models.efficientdet import EfficientDet
-from msdet.models.efficientnet import mindcv_b0_key_map
 from msdet.models.flops import count_flops, count_macs
 from msdet.models.layers import Conv2dSame, MaxPool2dSame, batch_norm, upsample_nearest2x
 from msdet.ops.anchors import efficientdet_anchors
@@ -42,9 +42,9 @@ def test_official_keys_map_one_to_one(net80):
     reference = _reference_state_dict()
     name_map = D0Detector(D0Config(input_size=128), 80).official_name_map(net80)
     ours = {p.name: tuple(p.shape) for p in net80.get_parameters()}
-    expected = {k: v for k, v in reference.items() if not k.endswith("." + d0_module.UNMAPPED_OFFICIAL_SUFFIX)}
+    expected = {k: v for k, v in reference.items() if not k.endswith("." + NUM_BATCHES_TRACKED)}
     unmapped_kinds = {k.rsplit(".", 1)[-1] for k in reference if k not in name_map}
-    assert unmapped_kinds == {d0_module.UNMAPPED_OFFICIAL_SUFFIX}
+    assert unmapped_kinds == {NUM_BATCHES_TRACKED}
     assert set(name_map) == set(expected)
     assert sorted(name_map.values()) == sorted(ours)          # one to one, every parameter covered
     wrong = {k: (expected[k], ours[v]) for k, v in name_map.items() if ours[v] != expected[k]}
@@ -173,7 +173,11 @@ def test_decode_zero_regression_gives_clipped_anchors():
 
 
 def _backbone_items(net, names_fn):
-    return [{"name": names_fn(n), "data": p} for n, p in d0_module.relative_parameters(net.backbone_net.model)]
+    return [{"name": names_fn(n), "data": p} for n, p, _ in relative_parameters(net.backbone_net.model)]
+
+
+def load_pretrained_backbone(net, spec):
+    return D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(net, spec).loaded
 
 
 def test_load_backbone_from_our_and_mindcv_layouts(tmp_path):
@@ -182,11 +186,11 @@ def test_load_backbone_from_our_and_mindcv_layouts(tmp_path):
     ms.save_checkpoint(_backbone_items(src, lambda n: "model." + n), str(ours_path))
     loaded = load_pretrained_backbone(dst, str(ours_path))
     assert len(loaded) == len(list(src.backbone_net.model.get_parameters())) == 304
-    for (n, p), (_, q) in zip(d0_module.relative_parameters(src.backbone_net.model),
-                              d0_module.relative_parameters(dst.backbone_net.model)):
+    for (n, p, _), (_, q, _) in zip(relative_parameters(src.backbone_net.model),
+                                    relative_parameters(dst.backbone_net.model)):
         np.testing.assert_array_equal(p.asnumpy(), q.asnumpy(), err_msg=n)
     # mindcv naming (as mindcv 0.3.0 efficientnet_b0 saves it), plus its unused ImageNet head
-    key_map = mindcv_b0_key_map(src.backbone_net.model)
+    key_map = mindcv_efficientnet_b0_map(src.backbone_net.model)
     mindcv_path = tmp_path / "b0_mindcv.ckpt"
     items = _backbone_items(src, lambda n: key_map[n])
     items.append({"name": "mlp_head.weight", "data": Tensor(np.zeros((1000, 1280), np.float32))})
@@ -199,7 +203,7 @@ def test_load_backbone_from_our_and_mindcv_layouts(tmp_path):
 
 def test_load_backbone_errors(tmp_path, monkeypatch):
     net = EfficientDet(2)
-    assert load_pretrained_backbone(net, "none") == []
+    assert D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(net, "none") is None
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_pretrained_backbone(net, str(tmp_path / "nope.ckpt"))
     items = _backbone_items(net, lambda n: n)
@@ -212,6 +216,7 @@ def test_load_backbone_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"_blocks\.5\._bn2\.gamma"):
         load_pretrained_backbone(net, str(tmp_path / "short.ckpt"))
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(d0_module, "MINDCV_B0_URL", "http://127.0.0.1:9/efficientnet_b0.ckpt")
+    monkeypatch.setattr(pretrained, "MINDCV_EFFICIENTNET_B0", pretrained.PublishedCheckpoint(
+        "http://127.0.0.1:9/efficientnet_b0.ckpt", "00000000", 1e-5))
     with pytest.raises(RuntimeError, match="cannot download"):
         load_pretrained_backbone(net, "mindcv")

@@ -9,8 +9,9 @@ from mindspore import Tensor
 
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
-from msdet.detectors import nanodet as nanodet_module
-from msdet.detectors.nanodet import NanoDetDetector, load_pretrained_backbone, mindcv_key, official_name_map
+from msdet.conversion import pretrained
+from msdet.conversion.naming import mindcv_shufflenet_v2_key as mindcv_key
+from msdet.detectors.nanodet import NanoDetDetector
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.flops import count_trainable
@@ -157,10 +158,18 @@ def _backbone_items(net, name_of=lambda local: local):
     return {name_of(p.name[len(prefix):]): p.asnumpy() for p in net.backbone.get_parameters()}
 
 
+def official_name_map(net):
+    return NanoDetDetector(NanoDetConfig(input_size=128), 3).official_name_map(net)
+
+
+def load_pretrained_backbone(net, spec):
+    return NanoDetDetector(NanoDetConfig(input_size=128), 3).load_pretrained_backbone(net, spec).loaded
+
+
 def test_pretrained_backbone_layouts_and_errors(tmp_path, net80):
     target = NanoDetPlus(3)
     det = NanoDetDetector(NanoDetConfig(input_size=128), 3)
-    assert det.load_pretrained_backbone(target, "none") == []
+    assert det.load_pretrained_backbone(target, "none") is None
     # our names (as in a NanoDet checkpoint, prefixed "backbone.") -> every backbone tensor copied
     ours = _backbone_items(net80, lambda local: "backbone." + local)
     ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in ours.items()], str(tmp_path / "ours.ckpt"))
@@ -201,7 +210,8 @@ def test_pretrained_backbone_mindcv_layout(tmp_path, net80, monkeypatch):
                                   net80.backbone.stage3[1].branch2[0].weight.asnumpy())
     # "mindcv" without network access: a clear error telling how to proceed offline
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(nanodet_module, "MINDCV_SHUFFLENET_V2_X1_0_URL", "http://127.0.0.1:9/shufflenet.ckpt")
+    monkeypatch.setattr(pretrained, "MINDCV_SHUFFLENET_V2_X1_0", pretrained.PublishedCheckpoint(
+        "http://127.0.0.1:9/shufflenet.ckpt", "00000000", 1e-5))
     with pytest.raises(RuntimeError, match="cannot download"):
         load_pretrained_backbone(target, "mindcv")
 

@@ -46,7 +46,8 @@ def test_closure_follows_lazy_and_relative_imports_only_into_the_project(tmp_pat
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("import numpy\n\ndef f():\n    from msdet.sub import b\n    return b\n")
     (pkg / "sub" / "b.py").write_text("from . import c\n")
-    (pkg / "sub" / "c.py").write_text("import os\n")
+    (pkg / "sub" / "c.py").write_text("import os\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+                                      "    from msdet import unused\n")
     (pkg / "unused.py").write_text("")
     got = {p.as_posix() for p in closure(tmp_path, [Path("msdet/a.py")])}
     assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/sub/__init__.py", "msdet/sub/b.py", "msdet/sub/c.py"}

@@ -21,6 +21,7 @@ from msdet.conversion.torch_reader import (
     load_torch_pickle,
     load_torch_state,
 )
+from tests.conftest import pkl_dict, pkl_int, pkl_ints, pkl_str, pkl_tensor, zip_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 MARKER = Path("/tmp/PWNED_msdet_3f9c2a71d4")  # what fixture (e) would create if it were executed
@@ -132,18 +133,6 @@ def test_malicious_fixture_is_refused_without_running_it():
     assert not MARKER.exists()
 
 
-def _zip_checkpoint(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None,
-                    byteorder: str | None = "little") -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("some_name/data.pkl", data_pkl)
-        if byteorder is not None:
-            zf.writestr("some_name/byteorder", byteorder)
-        for key, raw in (records or {}).items():
-            zf.writestr(f"some_name/data/{key}", raw)
-        zf.writestr("some_name/version", "3\n")
-    return path
-
-
 class _CallOnLoad:
     def __init__(self, func, *args):
         self.func, self.args = func, args
@@ -165,7 +154,7 @@ def test_code_running_globals_are_refused(tmp_path, protocol, func, args, global
     args = tuple([a.format(marker=str(marker)) for a in x] if isinstance(x, list)
                  else x.format(marker=str(marker)) if isinstance(x, str) else x for x in args)
     payload = pickle.dumps({"state_dict": {"w": _CallOnLoad(func, *args)}}, protocol=protocol)
-    path = _zip_checkpoint(tmp_path / "evil.pth", payload)
+    path = zip_checkpoint(tmp_path / "evil.pth", payload)
     with pytest.raises(UnsafeCheckpointError) as err:
         load_torch_pickle(path)
     assert err.value.global_name == global_name
@@ -180,7 +169,7 @@ def test_dotted_attribute_of_an_allowed_global_is_refused(tmp_path):
     payload = (pickle.PROTO + b"\x04" + short_str("torch._utils") + short_str("_rebuild_tensor_v2.__globals__")
                + pickle.STACK_GLOBAL + pickle.STOP)
     with pytest.raises(UnsafeCheckpointError, match=r"_rebuild_tensor_v2\.__globals__"):
-        load_torch_pickle(_zip_checkpoint(tmp_path / "evil.pth", payload))
+        load_torch_pickle(zip_checkpoint(tmp_path / "evil.pth", payload))
 
 
 def test_truncated_and_corrupt_zips_give_clear_errors(tmp_path):
@@ -219,38 +208,12 @@ def test_non_checkpoint_files_give_clear_errors(tmp_path):
         load_torch_state(FIXTURES / "zylo117_bare.npz")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_torch_state(tmp_path / "missing.pth")
-    garbage = _zip_checkpoint(tmp_path / "garbage.pth", b"\x80\x02}q\x00(X")
+    garbage = zip_checkpoint(tmp_path / "garbage.pth", b"\x80\x02}q\x00(X")
     with pytest.raises(CheckpointFormatError, match=r"garbage\.pth: corrupt checkpoint"):
         load_torch_state(garbage)
 
 
 # --- hand-assembled checkpoints for what torch on this machine cannot write (big-endian, bad strides) ---
-
-def _s(text: str) -> bytes:
-    b = text.encode()
-    return pickle.BINUNICODE + struct.pack("<I", len(b)) + b
-
-
-def _i(value: int) -> bytes:
-    return pickle.BININT + struct.pack("<i", value)
-
-
-def _ints(values) -> bytes:
-    return pickle.MARK + b"".join(_i(v) for v in values) + pickle.TUPLE
-
-
-def _tensor(storage_type: str, key: str, numel: int, offset: int, size, stride) -> bytes:
-    storage = (pickle.MARK + _s("storage") + pickle.GLOBAL + b"torch\n" + storage_type.encode() + b"\n"
-               + _s(key) + _s("cpu") + _i(numel) + pickle.TUPLE + pickle.BINPERSID)
-    hooks = pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
-    return (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage + _i(offset)
-            + _ints(size) + _ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
-
-
-def _dict_pickle(entries: dict[str, bytes]) -> bytes:
-    body = b"".join(_s(k) + v for k, v in entries.items())
-    return pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.MARK + body + pickle.SETITEMS + pickle.STOP
-
 
 @pytest.mark.parametrize("byteorder", ["big", "little", None])
 def test_byteorder_record_is_honoured(tmp_path, byteorder):
@@ -261,14 +224,14 @@ def test_byteorder_record_is_honoured(tmp_path, byteorder):
     end = ">" if byteorder == "big" else "<"
     records = {"0": f32.astype(end + "f4").tobytes(), "1": i64.astype(end + "i8").tobytes(),
                "2": f16.astype(end + "f2").tobytes(), "3": bf16_bits.astype(end + "u2").tobytes()}
-    payload = _dict_pickle({
-        "f32": _tensor("FloatStorage", "0", 6, 0, (2, 3), (3, 1)),
-        "f32_t": _tensor("FloatStorage", "0", 6, 0, (3, 2), (1, 3)),
-        "i64": _tensor("LongStorage", "1", 3, 2, (), ()),
-        "f16": _tensor("HalfStorage", "2", 2, 0, (2,), (1,)),
-        "bf16": _tensor("BFloat16Storage", "3", 2, 0, (2,), (1,)),
+    payload = pkl_dict({
+        "f32": pkl_tensor("FloatStorage", "0", 6, 0, (2, 3), (3, 1)),
+        "f32_t": pkl_tensor("FloatStorage", "0", 6, 0, (3, 2), (1, 3)),
+        "i64": pkl_tensor("LongStorage", "1", 3, 2, (), ()),
+        "f16": pkl_tensor("HalfStorage", "2", 2, 0, (2,), (1,)),
+        "bf16": pkl_tensor("BFloat16Storage", "3", 2, 0, (2,), (1,)),
     })
-    got = load_torch_state(_zip_checkpoint(tmp_path / "x.pth", payload, records, byteorder))
+    got = load_torch_state(zip_checkpoint(tmp_path / "x.pth", payload, records, byteorder))
     np.testing.assert_array_equal(got["f32"], f32.reshape(2, 3))
     np.testing.assert_array_equal(got["f32_t"], f32.reshape(2, 3).T)
     assert got["i64"].shape == () and got["i64"] == 1 << 40
@@ -278,20 +241,20 @@ def test_byteorder_record_is_honoured(tmp_path, byteorder):
 
 
 @pytest.mark.parametrize("tensor, records, message", [
-    pytest.param(_tensor("FloatStorage", "0", 4, 1, (2, 2), (2, 1)), {"0": bytes(16)},
+    pytest.param(pkl_tensor("FloatStorage", "0", 4, 1, (2, 2), (2, 1)), {"0": bytes(16)},
                  "reads past the end of storage", id="offset-past-end"),
-    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (1, 4)), {"0": bytes(16)},
+    pytest.param(pkl_tensor("FloatStorage", "0", 4, 0, (2, 2), (1, 4)), {"0": bytes(16)},
                  "reads past the end of storage", id="stride-past-end"),
-    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {"0": bytes(12)},
+    pytest.param(pkl_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {"0": bytes(12)},
                  "has 12 bytes, expected 4 x 4", id="short-record"),
-    pytest.param(_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {},
+    pytest.param(pkl_tensor("FloatStorage", "0", 4, 0, (2, 2), (2, 1)), {},
                  "storage record some_name/data/0 is missing", id="missing-record"),
-    pytest.param(_tensor("FloatStorage", "../x", 4, 0, (4,), (1,)), {}, "bad storage key", id="path-key"),
-    pytest.param(_tensor("FloatStorage", "0", 1, 0, (1 << 20, 1 << 20), (0, 0)), {"0": bytes(4)},
+    pytest.param(pkl_tensor("FloatStorage", "../x", 4, 0, (4,), (1,)), {}, "bad storage key", id="path-key"),
+    pytest.param(pkl_tensor("FloatStorage", "0", 1, 0, (1 << 20, 1 << 20), (0, 0)), {"0": bytes(4)},
                  "implausible tensor", id="huge-expand"),
 ])
 def test_inconsistent_tensor_records_are_rejected(tmp_path, tensor, records, message):
-    path = _zip_checkpoint(tmp_path / "bad.pth", _dict_pickle({"w": tensor}), records)
+    path = zip_checkpoint(tmp_path / "bad.pth", pkl_dict({"w": tensor}), records)
     with pytest.raises(CheckpointFormatError, match=message) as err:
         load_torch_state(path)
     assert str(path) in str(err.value)
@@ -328,12 +291,13 @@ def test_legacy_format_is_read_exactly():
 
 def _legacy_pid_tensor(storage_type: str, key: str, numel: int, offset: int, size, stride, view=None) -> bytes:
     """A tensor record whose persistent id has the legacy 6th field (None or (view key, offset, size))."""
-    view_bytes = pickle.NONE if view is None else pickle.MARK + _s(view[0]) + _i(view[1]) + _i(view[2]) + pickle.TUPLE
-    storage = (pickle.MARK + _s("storage") + pickle.GLOBAL + b"torch\n" + storage_type.encode() + b"\n"
-               + _s(key) + _s("cuda:0") + _i(numel) + view_bytes + pickle.TUPLE + pickle.BINPERSID)
+    view_bytes = (pickle.NONE if view is None
+                  else pickle.MARK + pkl_str(view[0]) + pkl_int(view[1]) + pkl_int(view[2]) + pickle.TUPLE)
+    storage = (pickle.MARK + pkl_str("storage") + pickle.GLOBAL + b"torch\n" + storage_type.encode() + b"\n"
+               + pkl_str(key) + pkl_str("cuda:0") + pkl_int(numel) + view_bytes + pickle.TUPLE + pickle.BINPERSID)
     hooks = pickle.GLOBAL + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
-    return (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage + _i(offset)
-            + _ints(size) + _ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
+    return (pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + storage + pkl_int(offset)
+            + pkl_ints(size) + pkl_ints(stride) + pickle.NEWFALSE + hooks + pickle.TUPLE + pickle.REDUCE)
 
 
 def _legacy_file(path: Path, main: bytes, records: list[tuple[str, int, bytes]]) -> Path:
@@ -348,7 +312,7 @@ def _legacy_file(path: Path, main: bytes, records: list[tuple[str, int, bytes]])
 def test_legacy_storage_views_and_shared_storages(tmp_path):
     root = np.arange(8, dtype=np.float32) * 1.5
     ints = np.array([3, -4], dtype=np.int64)
-    main = _dict_pickle({
+    main = pkl_dict({
         "whole": _legacy_pid_tensor("FloatStorage", "140", 8, 0, (2, 4), (4, 1)),
         "whole_t": _legacy_pid_tensor("FloatStorage", "140", 8, 0, (4, 2), (1, 4)),
         "view": _legacy_pid_tensor("FloatStorage", "140", 8, 1, (2,), (1,), view=("150", 2, 3)),
@@ -388,14 +352,14 @@ def test_truncated_legacy_files_give_clear_errors(tmp_path, cut, message):
 
 
 def test_inconsistent_legacy_records_are_rejected(tmp_path):
-    main = _dict_pickle({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (4,), (1,))})
+    main = pkl_dict({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (4,), (1,))})
     wrong_count = _legacy_file(tmp_path / "count.pth", main, [("140", 3, bytes(12))])
     with pytest.raises(CheckpointFormatError, match="holds 3 elements, the checkpoint expects 4"):
         load_torch_state(wrong_count)
     stray = _legacy_file(tmp_path / "stray.pth", main, [("140", 4, bytes(16)), ("999", 1, bytes(4))])
     with pytest.raises(CheckpointFormatError, match="'999' is not referred to"):
         load_torch_state(stray)
-    outside = _dict_pickle({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (2,), (1,), view=("1", 3, 2))})
+    outside = pkl_dict({"w": _legacy_pid_tensor("FloatStorage", "140", 4, 0, (2,), (1,), view=("1", 3, 2))})
     with pytest.raises(CheckpointFormatError, match="lies outside storage '140'"):
         load_torch_state(_legacy_file(tmp_path / "view.pth", outside, [("140", 4, bytes(16))]))
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from msdet.atomic import write_json
 from msdet.config import D0Config, NanoDetConfig
+from msdet.conversion.naming import NUM_BATCHES_TRACKED
 from msdet.engine.checkpoint import (
     category_ids_for,  # re-exported: converted checkpoints carry their ids
     sha256_file,
@@ -42,8 +43,6 @@ from msdet.engine.checkpoint import (
 MODELS = ("d0", "nanodet")
 OFFICIAL_SOURCES = {"d0": "zylo117/Yet-Another-EfficientDet-Pytorch (efficientdet-d0.pth)",
                     "nanodet": "RangiLyu/nanodet (NanoDet-Plus-m .pth or Lightning .ckpt)"}
-#: PyTorch's BatchNorm update counter: the one official tensor kind without a MindSpore counterpart
-NUM_BATCHES_TRACKED = "num_batches_tracked"
 #: the official class-head tensor whose first dimension gives the number of classes
 CLASS_HEAD_KEYS = {"d0": "classifier.header.pointwise_conv.conv.weight", "nanodet": "head.gfl_cls.0.weight"}
 #: training-only NanoDet branches that may be missing from a release (then freshly initialised)

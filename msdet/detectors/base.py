@@ -13,7 +13,7 @@ Batch conventions (produced by ``msdet.data.pipeline``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from mindspore import nn
@@ -50,5 +50,6 @@ class Detector(Protocol):
     def class_head_param_names(self, network: nn.Cell) -> list[str]:
         """Parameters whose shape depends on num_classes (re-initialised when fine-tuning on other classes)."""
 
-    def load_pretrained_backbone(self, network: nn.Cell, spec: str) -> None:
-        """spec: a local MindSpore checkpoint of the ImageNet backbone, or "mindcv"; clear error if unusable."""
+    def load_pretrained_backbone(self, network: nn.Cell, spec: str) -> Any:
+        """spec: "none", a local MindSpore checkpoint of the ImageNet backbone, or "mindcv"; clear error if
+        unusable. Returns None for "none", else a ``msdet.conversion.pretrained.BackboneLoad``."""

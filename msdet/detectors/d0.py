@@ -1,5 +1,5 @@
-"""EfficientDet-D0 behind the Detector interface: network, in-graph matching + focal/Huber loss, decoding,
-official-name mapping and ImageNet backbone loading.
+"""EfficientDet-D0 behind the Detector interface: network, in-graph matching + focal/Huber loss and decoding
+(official names and ImageNet backbone loading live in ``msdet.conversion``).
 
 Loss (automl): anchors matched by IoU (``pos_iou``/``neg_iou``, each GT force-matched to its best anchor);
 sigmoid focal loss over positive and negative anchors (ignored anchors excluded), summed over the batch and
@@ -10,7 +10,7 @@ weighted term, so total = cls + box. The positives are counted per device, as au
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
@@ -18,17 +18,13 @@ from mindspore import Tensor, nn, ops
 
 from msdet.assigners.anchor_matcher import AnchorMatcher
 from msdet.config import D0Config
-from msdet.engine.checkpoint import cached_download, read_pretrained
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
-from msdet.models.efficientnet import MINDCV_B0_URL, mindcv_b0_key_map
 from msdet.ops.anchors import efficientdet_anchors
 from msdet.ops.box_coder import decode_np, encode
 
-#: PyTorch BatchNorm state-dict suffix -> MindSpore BatchNorm2d parameter name.
-BN_TORCH_TO_MS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
-#: The one kind of official tensor with no MindSpore counterpart (PyTorch's BN update counter).
-UNMAPPED_OFFICIAL_SUFFIX = "num_batches_tracked"
+if TYPE_CHECKING:
+    from msdet.conversion.pretrained import BackboneLoad
 
 
 class D0LossCell(nn.Cell):
@@ -110,91 +106,16 @@ class D0Detector:
         return [p.name for p in network.get_parameters() if p.name.startswith("classifier.header.")]
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
-        return official_name_map(network)
+        """zylo117's state-dict keys: our cell tree mirrors the official module tree."""
+        from msdet.conversion.naming import pytorch_name_map
 
-    def load_pretrained_backbone(self, network: EfficientDet, spec: str) -> list[str]:
-        return load_pretrained_backbone(network, spec)
+        return pytorch_name_map(network)
 
+    def load_pretrained_backbone(self, network: EfficientDet, spec: str) -> BackboneLoad | None:
+        """EfficientNet-B0 ImageNet weights into ``network.backbone_net.model`` (see
+        :func:`msdet.conversion.pretrained.load_efficientnet_b0`); None for ``spec`` "none"."""
+        if spec in ("", "none"):
+            return None
+        from msdet.conversion.pretrained import load_efficientnet_b0
 
-# ----------------------------------------------------------------------------------------------------
-# official names
-
-
-def official_name_map(network: nn.Cell) -> dict[str, str]:
-    """zylo117 state-dict key -> our parameter name, one to one.
-
-    Our cell tree mirrors the official module tree, so a key is the cell path plus the parameter name, with
-    BatchNorm's gamma/beta/moving_mean/moving_variance spelled weight/bias/running_mean/running_var.
-    ``*.num_batches_tracked`` (PyTorch only) is the only official kind of key without a counterpart.
-    """
-    ms_to_torch = {v: k for k, v in BN_TORCH_TO_MS.items()}
-    out: dict[str, str] = {}
-    for path, cell in network.cells_and_names():
-        is_bn = isinstance(cell, nn.BatchNorm2d)
-        for p in cell.get_parameters(expand=False):
-            local = p.name.rsplit(".", 1)[-1]
-            key = ms_to_torch[local] if is_bn else local
-            out[f"{path}.{key}" if path else key] = p.name
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# ImageNet backbone
-
-
-_OUR_PREFIXES = ("backbone_net.model.", "model.")
-
-
-def download_mindcv_b0(timeout: float = 60.0) -> Path:
-    """mindcv's ImageNet checkpoint for this backbone, downloaded once into the cache."""
-    return cached_download(MINDCV_B0_URL, "d0.pretrained_backbone", timeout)
-
-
-def load_pretrained_backbone(network: EfficientDet, spec: str) -> list[str]:
-    """Load EfficientNet-B0 weights into ``network.backbone_net.model``; returns the loaded parameter names.
-
-    ``spec``: "none" (nothing), "mindcv" (mindcv's ImageNet checkpoint, downloaded once), or the path of a
-    MindSpore checkpoint holding an EfficientNet-B0 either in our names (optionally prefixed
-    ``backbone_net.model.`` or ``model.``; e.g. a D0 checkpoint) or in mindcv's names. Every backbone tensor
-    must be present with our shape; extra tensors (ImageNet head, optimiser state) are ignored.
-    """
-    if spec in ("", "none"):
-        return []
-    path = download_mindcv_b0() if spec == "mindcv" else Path(spec)
-    ckpt = read_pretrained(path)
-    model = network.backbone_net.model
-    params = {name: p for name, p in relative_parameters(model)}
-    if any(k.startswith("features.") for k in ckpt):
-        source = mindcv_b0_key_map(model)
-        fmt = "mindcv"
-    else:
-        source = {}
-        for local in params:
-            for pre in ("",) + _OUR_PREFIXES:
-                if pre + local in ckpt:
-                    source[local] = pre + local
-                    break
-        fmt = "msdet"
-    loaded = []
-    for local, param in params.items():
-        key = source.get(local)
-        if key is None or key not in ckpt:
-            raise ValueError(f"pretrained_backbone: {path} ({fmt} layout) has no tensor for backbone parameter "
-                             f"'{local}'" + (f" (looked for '{key}')" if key else ""))
-        value = ckpt[key]
-        if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(f"pretrained_backbone: {path}: tensor '{key}' has shape {tuple(value.shape)}, "
-                             f"backbone parameter '{local}' needs {tuple(param.shape)}")
-        param.set_data(Tensor(value.asnumpy().astype(np.float32)))
-        loaded.append(param.name)
-    return loaded
-
-
-def relative_parameters(model: nn.Cell) -> list[tuple[str, ms.Parameter]]:
-    """(name relative to ``model``, parameter), independent of how the network was prefixed."""
-    out = []
-    for path, cell in model.cells_and_names():
-        for p in cell.get_parameters(expand=False):
-            local = p.name.rsplit(".", 1)[-1]
-            out.append((f"{path}.{local}" if path else local, p))
-    return out
+        return load_efficientnet_b0(network.backbone_net.model, spec)

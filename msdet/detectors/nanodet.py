@@ -1,5 +1,5 @@
 """NanoDet-Plus-m behind the Detector interface: network, in-graph dynamic soft-label assignment and GFL losses,
-decoding, official-name mapping and ImageNet backbone loading.
+decoding (official names and ImageNet backbone loading live in ``msdet.conversion``).
 
 Loss (official ``NanoDetPlusHead.loss`` with aux predictions), per head (main and aux), on ONE assignment made
 by the DynamicSoftLabelAssigner from the aux head's detached predictions:
@@ -16,7 +16,7 @@ official ``reduce_mean``, so every rank's loss has the same scale as one device 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mindspore as ms
 import numpy as np
@@ -24,7 +24,6 @@ from mindspore import Tensor, nn, ops
 
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.config import NanoDetConfig
-from msdet.engine.checkpoint import cached_download, read_pretrained
 from msdet.engine.distributed import RankMean
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
@@ -32,20 +31,14 @@ from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusIn
 from msdet.ops.distance_coder import bbox2distance, distance2bbox, distance2bbox_np, integral_np
 from msdet.ops.priors import center_priors
 
-#: PyTorch norm-layer state-dict suffix -> MindSpore parameter name (BatchNorm2d and GroupNorm).
-BN_TORCH_TO_MS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
-GN_TORCH_TO_MS = {"weight": "gamma", "bias": "beta"}
-#: The one kind of official tensor with no MindSpore counterpart (PyTorch's BN update counter).
-UNMAPPED_OFFICIAL_SUFFIX = "num_batches_tracked"
+if TYPE_CHECKING:
+    from msdet.conversion.pretrained import BackboneLoad
+
 TRAINING_ONLY_PREFIXES = ("aux_fpn.", "aux_head.")
-MINDCV_SHUFFLENET_V2_X1_0_URL = (
-    "https://download.mindspore.cn/toolkits/mindcv/shufflenet/shufflenetv2/shufflenet_v2_x1_0-0da4b7fa.ckpt")
 ARCHITECTURE = ("NanoDet-Plus-m: ShuffleNetV2 1.0x (stages 2-4, LeakyReLU 0.1) + GhostPAN (96 ch, k5, bilinear x2, "
                 "1 extra level) + NanoDetPlusHead (2 depthwise-separable k5 convs per level, GFL outputs, reg_max "
                 "{reg_max}), strides 8/16/32/64; training-only Assign Guidance Module (aux GhostPAN + "
                 "SimpleConvHead 192 ch), DynamicSoftLabelAssigner, QFL + GIoU + DFL")
-#: the number of blocks per ShuffleNetV2 stage (stage2, stage3, stage4): mindcv numbers them 0..15 in a row
-_STAGE_REPEATS = (4, 8, 4)
 
 
 class NanoDetLossCell(nn.Cell):
@@ -160,7 +153,10 @@ class NanoDetDetector:
         return boxes.astype(np.float32), out[..., :c].astype(np.float32)
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
-        return official_name_map(network)
+        """RangiLyu's state-dict keys: our cell tree mirrors the official module tree."""
+        from msdet.conversion.naming import pytorch_name_map
+
+        return pytorch_name_map(network)
 
     def class_head_param_names(self, network: nn.Cell) -> list[str]:
         names = [f"head.gfl_cls.{i}.{k}" for i in range(len(self.strides)) for k in ("weight", "bias")]
@@ -168,114 +164,14 @@ class NanoDetDetector:
         present = {p.name for p in network.get_parameters()}
         return [n for n in names if n in present]
 
-    def load_pretrained_backbone(self, network: NanoDetPlus, spec: str) -> list[str]:
-        return load_pretrained_backbone(network, spec)
+    def load_pretrained_backbone(self, network: NanoDetPlus, spec: str) -> BackboneLoad | None:
+        """ShuffleNetV2 1.0x ImageNet weights into ``network.backbone`` (see
+        :func:`msdet.conversion.pretrained.load_shufflenet_v2`); None for ``spec`` "none"."""
+        if spec in ("", "none"):
+            return None
+        from msdet.conversion.pretrained import load_shufflenet_v2
+
+        return load_shufflenet_v2(network.backbone, spec)
 
 
-# ----------------------------------------------------------------------------------------------------
-# official names
-
-
-def official_name_map(network: nn.Cell) -> dict[str, str]:
-    """Official NanoDet state-dict key -> our parameter name, one to one.
-
-    The cell tree mirrors the official module tree: a key is the cell path plus the parameter name, with
-    BatchNorm's gamma/beta/moving_mean/moving_variance and GroupNorm's gamma/beta spelled PyTorch's way.
-    ``*.num_batches_tracked`` is the only official kind of key without a counterpart.
-    """
-    bn = {v: k for k, v in BN_TORCH_TO_MS.items()}
-    gn = {v: k for k, v in GN_TORCH_TO_MS.items()}
-    out: dict[str, str] = {}
-    for path, cell in network.cells_and_names():
-        rename = bn if isinstance(cell, nn.BatchNorm2d) else gn if isinstance(cell, nn.GroupNorm) else {}
-        for p in cell.get_parameters(expand=False):
-            local = p.name.rsplit(".", 1)[-1]
-            key = rename.get(local, local)
-            out[f"{path}.{key}" if path else key] = p.name
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# ImageNet backbone
-
-
-def download_mindcv_shufflenet(timeout: float = 60.0) -> Path:
-    """mindcv's ImageNet checkpoint for this backbone, downloaded once into the cache."""
-    return cached_download(MINDCV_SHUFFLENET_V2_X1_0_URL, "nanodet.pretrained_backbone", timeout)
-
-
-def _relative_params(model: nn.Cell) -> list[tuple[str, ms.Parameter, bool]]:
-    """(name relative to ``model`` in our spelling, parameter, is a BatchNorm parameter)."""
-    out = []
-    for path, cell in model.cells_and_names():
-        for p in cell.get_parameters(expand=False):
-            local = p.name.rsplit(".", 1)[-1]
-            out.append((f"{path}.{local}" if path else local, p, isinstance(cell, nn.BatchNorm2d)))
-    return out
-
-
-def mindcv_key(local: str) -> str:
-    """Our backbone-relative name -> mindcv ``shufflenet_v2_x1_0`` name (``first_conv``, ``features.k``,
-    ``branch_proj`` = our ``branch1``, ``branch_main`` = our ``branch2``)."""
-    parts = local.split(".")
-    if parts[0] == "conv1":
-        return ".".join(["first_conv"] + parts[1:])
-    stage, block = int(parts[0][len("stage"):]), int(parts[1])
-    index = sum(_STAGE_REPEATS[:stage - 2]) + block
-    branch = {"branch1": "branch_proj", "branch2": "branch_main"}[parts[2]]
-    return ".".join(["features", str(index), branch] + parts[3:])
-
-
-def load_pretrained_backbone(network: NanoDetPlus, spec: str) -> list[str]:
-    """Load ShuffleNetV2 1.0x ImageNet weights into ``network.backbone``; returns the parameter names loaded.
-
-    ``spec``: "none" (nothing); a MindSpore checkpoint path holding the backbone in our names (optionally
-    prefixed ``backbone.``, e.g. a NanoDet checkpoint), in torchvision/NanoDet names (BatchNorm spelled
-    weight/bias/running_mean/running_var, as a converted ``shufflenetv2_x1-5666bf0f80.pth``) or in mindcv's
-    names; or "mindcv" (mindcv 0.3.0's ImageNet checkpoint, downloaded once).
-
-    Our/torchvision layouts must provide every backbone tensor with our shape. mindcv's ShuffleNetV2 is the
-    Megvii variant (channel split before the block, stage2's first block keeps 24 + 92 channels): tensors are
-    mapped by name and every one must exist, but the four stage2.0 tensors whose shapes differ
-    (``branch1.2``, ``branch1.3``, ``branch2.5``, ``branch2.6``) keep their initialisation, and the channel
-    routing differs from NanoDet's, so mindcv weights are an approximate ImageNet start, not the official one.
-    """
-    if spec in ("", "none"):
-        return []
-    path = download_mindcv_shufflenet() if spec == "mindcv" else Path(spec)
-    ckpt = read_pretrained(path)
-    bn_ms_to_torch = {v: k for k, v in BN_TORCH_TO_MS.items()}
-    params = _relative_params(network.backbone)
-    mindcv = any(k.startswith(("first_conv.", "features.")) for k in ckpt)
-    fmt = "mindcv" if mindcv else "msdet/torchvision"
-    loaded, skipped = [], []
-    for local, param, is_bn in params:
-        if mindcv:
-            candidates = [mindcv_key(local)]
-        else:
-            torch_local = local
-            if is_bn:
-                head, leaf = local.rsplit(".", 1)
-                torch_local = f"{head}.{bn_ms_to_torch[leaf]}"
-            candidates = [pre + name for name in dict.fromkeys((local, torch_local)) for pre in ("", "backbone.")]
-        key = next((k for k in candidates if k in ckpt), None)
-        if key is None:
-            raise ValueError(f"pretrained_backbone: {path} ({fmt} layout) has no tensor for backbone parameter "
-                             f"'{local}' (looked for {', '.join(repr(k) for k in candidates)})")
-        value = ckpt[key]
-        if tuple(value.shape) != tuple(param.shape):
-            if mindcv and local.startswith("stage2.0."):
-                skipped.append(local)
-                continue
-            raise ValueError(f"pretrained_backbone: {path}: tensor '{key}' has shape {tuple(value.shape)}, "
-                             f"backbone parameter '{local}' needs {tuple(param.shape)}")
-        param.set_data(Tensor(value.asnumpy().astype(np.float32)))
-        loaded.append(param.name)
-    if skipped:
-        print(f"pretrained_backbone: {path.name}: {len(loaded)} tensors loaded; {len(skipped)} keep their "
-              f"initialisation (mindcv's Megvii-style stage2.0 has other shapes): {', '.join(skipped)}")
-    return loaded
-
-
-__all__ = ["NanoDetDetector", "NanoDetLossCell", "official_name_map", "load_pretrained_backbone", "mindcv_key",
-           "download_mindcv_shufflenet", "TRAINING_ONLY_PREFIXES", "MINDCV_SHUFFLENET_V2_X1_0_URL"]
+__all__ = ["NanoDetDetector", "NanoDetLossCell", "TRAINING_ONLY_PREFIXES"]

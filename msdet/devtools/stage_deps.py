@@ -1,7 +1,8 @@
 """Each DVC stage's code deps are exactly the project files its command imports: compute, check, rewrite.
 
 The import closure is static (``ast``): every ``import``/``from`` of a project module anywhere in a file, imports
-inside functions included, followed transitively, with each package's ``__init__.py``. The one import made by
+inside functions included, followed transitively, with each package's ``__init__.py``; imports under
+``if TYPE_CHECKING:`` are left out (they never run). The one import made by
 name at run time, the detector registry (``msdet.detectors.DETECTORS``), is resolved from the stage command's
 ``--model``: ``train_d0`` gets D0's code and not NanoDet's.
 
@@ -38,7 +39,7 @@ def imported_modules(path: Path, root: Path) -> set[str]:
     rel = path.relative_to(root).with_suffix("")
     package = list(rel.parts[:-1])  # the package a module (or an __init__) belongs to
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _walk_runtime(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -50,6 +51,23 @@ def imported_modules(path: Path, root: Path) -> set[str]:
             out.add(module)
             out.update(f"{module}.{alias.name}" for alias in node.names)
     return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _walk_runtime(tree: ast.AST):
+    """``ast.walk`` minus the bodies of ``if TYPE_CHECKING:`` (their ``else`` runs)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
 
 
 def detector_modules(root: Path) -> dict[str, str]:
