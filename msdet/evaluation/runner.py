@@ -92,13 +92,14 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     """The eval stage: EMA weights of ``model`` on the val MindRecord, metrics JSON, PR curve, drawn images."""
     from msdet.atomic import write_json
     from msdet.data.coco import resolve_tree
+    from msdet.data.meta import read_meta
     from msdet.data.mindrecord import read_mindrecord
     from msdet.data.pipeline import create_eval_dataset
     from msdet.engine.checkpoint import category_ids_for, checkpoint_meta, load_weights, read_checkpoint
     from msdet.engine.runtime import setup_runtime
     from msdet.evaluation.coco_eval import write_pr_curve
     from msdet.evaluation.plots import write_detection_plots
-    from msdet.training import build_detector, read_meta
+    from msdet.training import build_detector
 
     setup_runtime(params.runtime)
     mr_dir = params.mindrecord.out_dir
