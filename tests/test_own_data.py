@@ -445,3 +445,20 @@ def test_params_own_block_is_validated(tmp_path):
         load({"format": "yolo", "path": "/x", "names": ["a", "a"]})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) data.own.train.labels"):
         load({"format": "coco", "train": {"labels": "x"}})
+
+
+def test_download_stage_converts_or_prints_one_line(pool, tmp_path, capsys):
+    from stages.download import main
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    cfg = write_yolo(pool, tmp_path / "src")
+    own = {"format": "yolo", "path": cfg.path, "workers": 1}
+    params = merge(base, {"data": {"source": "own", "root": str(tmp_path / "coco"), "own": own}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "p.yaml")]) == 0
+    assert validate_tree(resolve_tree(tmp_path / "coco"))["val"] == {"images": 2, "annotations": 3}
+    (tmp_path / "src/labels/val/g.txt").write_text("7 0.5 0.5 0.1 0.1\n")
+    assert main(["--params", str(tmp_path / "p.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "g.txt:1: class index 7" in err and err.count("\n") == 1
+    assert validate_tree(resolve_tree(tmp_path / "coco"))["val"] == {"images": 2, "annotations": 3}  # untouched
