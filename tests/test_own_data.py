@@ -210,6 +210,20 @@ def test_alpha_png_becomes_what_imread_color_gives(converted, pool):
     np.testing.assert_array_equal(out, cv2.imread(str(pool / "c.png"), cv2.IMREAD_COLOR))
 
 
+def test_roboflow_umbrella_category_is_left_out(pool, tmp_path):
+    def umbrella(coco):
+        coco["categories"] = [{"id": 0, "name": "pets", "supercategory": "none"}] + [
+            dict(c, supercategory="pets") for c in coco["categories"]]
+
+    cfg = _coco_with(pool, tmp_path / "src", umbrella)
+    val = json.loads(Path(cfg.val.annotations).read_text())
+    val["categories"] = json.loads(Path(cfg.train.annotations).read_text())["categories"]
+    Path(cfg.val.annotations).write_text(json.dumps(val))
+    convert_own(cfg, tmp_path / "out")
+    cats = json.loads((tmp_path / "out/annotations/instances_val.json").read_text())["categories"]
+    assert cats == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
+
+
 def test_flat_yolo_without_val_is_split_deterministically(pool, tmp_path):
     cfg = write_yolo(pool, tmp_path / "src", nested=False)
     cfg = dataclasses.replace(cfg, val_fraction=0.3, split_seed=5)

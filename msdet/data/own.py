@@ -4,7 +4,8 @@ Three formats (``data.own.format``):
 
 - ``coco``: instances JSON(s) with any paths, ``train: {images, annotations}`` and optionally ``val``
   (CVAT, Label Studio, Roboflow ``_annotations.coco.json``, detectron2/mmdet custom sets). Image and
-  category ids are kept.
+  category ids are kept; a box-less category that only names the others' supercategory (Roboflow's
+  project-named id 0) is left out.
 - ``voc``: ``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/{train,val}.txt`` when present, read as
   NanoDet's ``XMLDataset`` reads them (``filename``, ``size``, ``object/name``, ``bndbox`` with
   ``w = xmax - xmin``, no 1-pixel offset); ``difficult`` objects become ``iscrowd`` (ignored by training
@@ -99,7 +100,21 @@ def read_coco(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
                 category_ids=ann.category_ids[sel], crowd=ann.iscrowd[sel],
                 where=[f"{ann.path}: annotation id {int(a)}" for a in ann.ann_ids[sel]],
                 described=f"{ann.path}: image id {iid} ({name})"))
-    return categories, items
+    return _drop_umbrella_categories(categories, items, Path(cfg.train.annotations)), items
+
+
+def _drop_umbrella_categories(categories: list[dict[str, Any]], items: list[Item],
+                              path: Path) -> list[dict[str, Any]]:
+    """Without the category that only names the others' supercategory and has no box (Roboflow exports
+    one, id 0, named after the project): it would be a class that is never seen."""
+    raw = json.loads(path.read_text())["categories"]
+    parents = {str(c.get("supercategory")) for c in raw if isinstance(c, dict)}
+    used = set(np.concatenate([it.category_ids for it in items] + [np.zeros(0, np.int64)]).tolist())
+    drop = {int(c["id"]) for c in raw if c["name"] in parents and int(c["id"]) not in used}
+    if drop:
+        log.info("%s: category id(s) %s only name the others' supercategory and have no box: left out",
+                 path, sorted(drop))
+    return [c for c in categories if c["id"] not in drop]
 
 
 def _text(node: ET.Element, tag: str, xml: Path, what: str) -> str:
