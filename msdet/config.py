@@ -70,12 +70,47 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    # format coco: the folder the JSON's file_name entries are relative to, and the JSON file.
+    images: str = _f("")
+    annotations: str = _f("")
+
+
+@dataclass(frozen=True)
+class OwnDataConfig:
+    """A data set of one's own (``data.source: own``), converted by msdet/data/own.py into a COCO tree."""
+
+    format: str = _f("coco", choices=("coco", "voc", "yolo"))
+    # voc: the folder with Annotations/, JPEGImages/ (and ImageSets/Main/); yolo: a data.yaml, or a folder
+    # with images/ and labels/ (flat, or train/ and val/ inside each). Unused for coco.
+    path: str = _f("")
+    train: SplitSpec = _f(SplitSpec)
+    # Empty: the validation images are split off the training set (val_fraction, split_seed).
+    val: SplitSpec = _f(SplitSpec)
+    # Class names in index order: required for yolo without a data.yaml; voc: fixes the order (else sorted).
+    names: list = _f([])
+    val_fraction: float = _f(0.2, range=(0.0, 0.9))
+    split_seed: int = _f(0, range=(0, 2**31 - 1))
+    # apply: boxes refer to the photo as displayed (EXIF orientation applied, as browsers, CVAT, Label Studio,
+    # ultralytics and detectron2 show it); ignore: to the stored pixel grid.
+    exif_orientation: str = _f("apply", choices=("apply", "ignore"))
+    # Longer image side kept; larger images are downscaled at conversion (boxes follow). 0 = keep all.
+    max_image_side: int = _f(2048, range=(0, 65536))
+    # Refuse boxes outside their image or of non-positive size, and image sizes that disagree with the
+    # annotation, instead of dropping / correcting them (counted in metrics/data.json either way).
+    strict: bool = _f(False)
+    workers: int = _f(2, range=(1, 256))
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    # "synthetic" (embedded set, made on the spot), "coco2017" (downloaded), or a path to a local COCO tree.
+    # "synthetic" (embedded set, made on the spot), "coco2017" (downloaded), "own" (data.own, converted), or a
+    # path to a local tree laid out like COCO 2017 (used in place).
     source: str = _f("synthetic")
     # Where the download stage materialises the COCO-format tree.
     root: str = _f("data/coco")
     synthetic: SyntheticConfig = _f(SyntheticConfig)
+    own: OwnDataConfig = _f(OwnDataConfig)
 
 
 @dataclass(frozen=True)
@@ -128,8 +163,9 @@ class TrainConfig:
     ema_decay: float = _f(0.9998, range=(0.0, 1.0))
     # EMA decay ramps up as decay * (1 - exp(-step / ema_ramp_steps)) (nanodet: 2000).
     ema_ramp_steps: float = _f(2000.0, range=(1.0, 1e9))
-    # Padded ground-truth boxes per image: static shapes so the step compiles once.
-    max_gt_boxes: int = _f(32, range=(1, 1000))
+    # Padded ground-truth boxes per image (static shapes: the step compiles once); 0 = from the data, the
+    # most boxes on one training image rounded up to a multiple of 8 (metrics/data.json: gt_padding).
+    max_gt_boxes: int = _f(0, range=(0, 1000))
     num_workers: int = _f(2, range=(1, 64))
     log_every_steps: int = _f(1, range=(1, 10**6))
     # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
@@ -298,8 +334,24 @@ def from_dict(cls: type, data: dict, source: str = "params.yaml", prefix: str = 
     return obj
 
 
+def _check_own(own: OwnDataConfig, source: str, prefix: str) -> None:
+    """What each format of ``data.own`` needs (checked when ``data.source`` is ``own``)."""
+    key = f"{prefix}own."
+    if own.format == "coco":
+        if not (own.train.images and own.train.annotations):
+            raise ConfigError(f"{source}: format coco needs '{key}train.images' and '{key}train.annotations'")
+        if bool(own.val.images) != bool(own.val.annotations):
+            raise ConfigError(f"{source}: give both '{key}val.images' and '{key}val.annotations', or neither")
+    elif not own.path:
+        raise ConfigError(f"{source}: format {own.format} needs '{key}path'")
+    if not all(isinstance(n, str) and n for n in own.names) or len(set(own.names)) != len(own.names):
+        raise ConfigError(f"{source}: '{key}names' must be distinct non-empty strings, got {own.names!r}")
+
+
 def _check_cross(obj: Any, source: str, prefix: str) -> None:
     """Constraints between fields of one block."""
+    if isinstance(obj, DataConfig) and obj.source == "own":
+        _check_own(obj.own, source, prefix)
     pairs = [("min_objects", "max_objects"), ("min_object_frac", "max_object_frac"), ("scale_min", "scale_max"),
              ("stretch_min", "stretch_max"), ("contrast_min", "contrast_max"), ("saturation_min", "saturation_max"),
              ("neg_iou", "pos_iou")]

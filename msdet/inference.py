@@ -77,10 +77,12 @@ class ClassNames:
 
     @classmethod
     def from_meta(cls, meta: dict, source: str = "meta.json") -> ClassNames:
+        from msdet.data.meta import category_ids, class_names
+
         cats = meta.get("categories")
         if not isinstance(cats, list) or not cats:
             raise InferenceError(f"{source}: no 'categories' list")
-        return cls([str(c["name"]) for c in cats], [int(c["id"]) for c in cats])
+        return cls(class_names(meta), category_ids(meta))
 
     @classmethod
     def anonymous(cls, num_classes: int) -> ClassNames:
@@ -91,19 +93,14 @@ class ClassNames:
 
 
 def read_meta_file(path: str | Path) -> dict:
-    """A MindRecord ``meta.json`` (categories in class-index order, num_classes)."""
-    import json
+    """A MindRecord ``meta.json`` (msdet.data.meta), its problems as :class:`InferenceError`."""
+    from msdet.data.meta import MetaError
+    from msdet.data.meta import read_meta_file as read
 
-    path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"{path}: meta file not found")
     try:
-        meta = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InferenceError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("num_classes"), int):
-        raise InferenceError(f"{path}: no integer 'num_classes'")
-    return meta
+        return read(path)
+    except (MetaError, FileNotFoundError) as exc:
+        raise InferenceError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------------

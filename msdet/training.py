@@ -8,7 +8,7 @@ from typing import Any
 
 from msdet.atomic import write_json
 from msdet.config import Params
-from msdet.data.mindrecord import read_meta
+from msdet.data.meta import read_meta
 from msdet.detectors import build_detector
 from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
 from msdet.engine.distributed import DistInfo, init_distributed
@@ -62,7 +62,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
     Returns the model card (rank 0) or None.
     """
-    from msdet.data.pipeline import create_train_dataset, epoch_order, num_samples
+    from msdet.data.pipeline import create_train_dataset, epoch_order, num_samples, resolve_max_gt_boxes
 
     setup_runtime(params.runtime)  # the device must be set before communication.init()
     dist: DistInfo = init_distributed()
@@ -78,10 +78,12 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     elif mcfg.pretrained_backbone != "none":
         backbone_load = detector.load_pretrained_backbone(network, mcfg.pretrained_backbone).card()
 
+    max_gt_boxes = resolve_max_gt_boxes(tcfg.max_gt_boxes, mindrecord_dir)
+
     def make_dataset(epoch: int):
         return create_train_dataset(
             mindrecord_dir, model=model, input_size=mcfg.input_size, augment_cfg=mcfg.augment,
-            batch_size=tcfg.batch_size, max_gt_boxes=tcfg.max_gt_boxes, num_workers=tcfg.num_workers,
+            batch_size=tcfg.batch_size, max_gt_boxes=max_gt_boxes, num_workers=tcfg.num_workers,
             seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size)
 
     n_train = num_samples(mindrecord_dir, "train")

@@ -1,7 +1,8 @@
 """DVC stage download: materialise the COCO-format tree at ``data.root``.
 
 ``data.source``: ``synthetic`` generates the embedded set; ``coco2017`` downloads COCO 2017 (resumable);
-anything else is a local COCO tree, validated and used in place through a pointer file.
+``own`` converts the data set ``data.own`` describes (COCO JSON, VOC, YOLO) into a COCO tree; anything else is
+a local COCO tree, validated and used in place through a pointer file.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 from msdet.config import load_params
-from msdet.data.coco import POINTER_FILE, resolve_tree, validate_tree, write_pointer
+from msdet.data.coco import POINTER_FILE, CocoFormatError, resolve_tree, validate_tree, write_pointer
 from msdet.data.synthetic import generate_synthetic
 
 
@@ -34,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if source == "synthetic":
             generate_synthetic(root, params.data.synthetic)
+        elif source == "own":
+            from msdet.data.own import convert_own
+
+            try:
+                report = convert_own(params.data.own, root)
+            except CocoFormatError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"[download] {params.data.own.format} -> {root}: {report['counts']}")
         else:
             write_pointer(root, source)
     tree = resolve_tree(root)

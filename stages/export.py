@@ -24,7 +24,7 @@ import numpy as np
 
 from msdet.atomic import write_json
 from msdet.config import ConfigError, Params, load_params
-from msdet.data.mindrecord import read_meta
+from msdet.data.meta import read_meta
 from msdet.detectors import MODEL_NAMES, get_detector
 from msdet.engine.checkpoint import CheckpointError
 from msdet.engine.runtime import setup_runtime
@@ -33,7 +33,7 @@ from msdet.inference import InferenceError, load_network, read_meta_file, with_m
 
 
 def has_val_split(mindrecord_dir: str | Path) -> bool:
-    from msdet.data.mindrecord import mindrecord_files
+    from msdet.data.meta import mindrecord_files
 
     try:
         return bool(mindrecord_files(mindrecord_dir, "val"))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from msdet.config import ConfigError, Params, load_params
+from msdet.data.meta import META_FILE
 from msdet.detectors import MODEL_NAMES, get_detector
 from msdet.engine.checkpoint import CheckpointError
 from msdet.engine.runtime import setup_runtime
@@ -39,7 +40,7 @@ from msdet.inference import (
 
 
 def resolve_classes(meta_arg: str | None, num_classes: int | None, params: Params) -> ClassNames:
-    default_meta = Path(params.mindrecord.out_dir) / "meta.json"
+    default_meta = Path(params.mindrecord.out_dir) / META_FILE
     meta_path = meta_arg or (str(default_meta) if num_classes is None and default_meta.is_file() else None)
     if meta_path is None:
         if num_classes is None:

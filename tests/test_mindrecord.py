@@ -13,7 +13,8 @@ import yaml
 from msdet.config import MindrecordConfig, merge
 from msdet.data import mindrecord as mr
 from msdet.data.coco import CocoFormatError, resolve_tree
-from msdet.data.mindrecord import BadImageError, convert_tree, mindrecord_files, read_mindrecord, read_split
+from msdet.data.meta import mindrecord_files
+from msdet.data.mindrecord import BadImageError, convert_tree, read_mindrecord, read_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = [{"id": 9, "name": "dog", "supercategory": "a"}, {"id": 2, "name": "cat", "supercategory": "a"},

@@ -9,6 +9,7 @@ import pytest
 
 from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import pipeline as P
+from msdet.data.meta import meta_path, mindrecord_files, read_meta, write_meta
 from msdet.data.mindrecord import SCHEMA
 
 SIZES = [(48, 96), (96, 48), (64, 64)]  # (h, w), cycled over the images
@@ -58,6 +59,12 @@ def write_split(out_dir: Path, split: str, n: int, shards: int, corrupt_id: int 
     writer.add_schema(SCHEMA, "msdet test")
     writer.write_raw_data(rows)
     writer.commit()
+    # meta.json lists the shards (msdet.data.meta), as the MindRecord stage writes it
+    meta = read_meta(out_dir) if meta_path(out_dir).is_file() else {
+        "num_classes": 1, "categories": [{"id": 1, "name": "x"}], "splits": {}}
+    names = [f"{split}.mindrecord"] if shards == 1 else [f"{split}.mindrecord{k}" for k in range(shards)]
+    meta["splits"][split] = {"files": names, "images": n}
+    write_meta(out_dir, meta)
     return rows
 
 
@@ -88,12 +95,12 @@ def train(root: Path, model: str, cfg=None, **kw):
 
 
 def test_files_and_counts(records, odd_records):
-    files = P.mindrecord_files(records, "train")
+    files = mindrecord_files(records, "train")
     assert [Path(f).name for f in files] == ["train.mindrecord0", "train.mindrecord1"]
-    assert [Path(f).name for f in P.mindrecord_files(records, "val")] == ["val.mindrecord"]
+    assert [Path(f).name for f in mindrecord_files(records, "val")] == ["val.mindrecord"]
     assert P.num_samples(records, "train") == 8 and P.num_samples(records, "val") == 5
     assert P.num_samples(odd_records, "train") == 7
-    with pytest.raises(FileNotFoundError, match="no val.mindrecord"):
+    with pytest.raises(FileNotFoundError, match="no val.mindrecord files listed"):
         P.num_samples(odd_records, "val")
     with pytest.raises(FileNotFoundError, match="not_there"):
         P.num_samples(records / "not_there", "train")

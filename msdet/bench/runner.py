@@ -109,13 +109,13 @@ def prepare_data(params: Params, root: Path, scratch: Path, log: Callable[[str],
     """The project's COCO tree and MindRecord when both exist, else a small synthetic set built in
     ``scratch`` with :mod:`msdet.data.synthetic` + :mod:`msdet.data.mindrecord` (the report says which)."""
     from msdet.data.coco import CocoFormatError, resolve_tree
+    from msdet.data.meta import is_converted
 
     mr_dir = (root / params.mindrecord.out_dir).resolve()
     coco_root = (root / params.data.root).resolve()
     try:
         tree = resolve_tree(coco_root)
-        if (mr_dir / "meta.json").is_file() and any(mr_dir.glob("train.mindrecord*")) \
-                and any(mr_dir.glob("val.mindrecord*")):
+        if is_converted(mr_dir):
             return BenchData(coco_root, mr_dir, Path(tree.annotations["val"]), f"{params.mindrecord.out_dir}")
         reason = f"{mr_dir} has no complete MindRecord"
     except (FileNotFoundError, CocoFormatError, KeyError, OSError) as exc:

@@ -82,9 +82,10 @@ def setup(params: Params, context: dict[str, Any]) -> None:
 
 def dataset_num_classes(mindrecord_dir: str | Path) -> int:
     """Classes of the converted data set, or of the embedded synthetic set when there is none yet."""
-    meta = Path(mindrecord_dir) / "meta.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text())["num_classes"])
+    from msdet.data.meta import meta_path, num_classes
+
+    if meta_path(mindrecord_dir).is_file():
+        return num_classes(mindrecord_dir)
     from msdet.data.synthetic import CATEGORIES
 
     return len(CATEGORIES)
@@ -181,6 +182,13 @@ def synthetic_train_batch(batch: int, size: int, max_gt_boxes: int, num_classes:
     return image, gt_boxes, gt_labels
 
 
+def synthetic_gt_rows(params: Params, model: str) -> int:
+    """Padded boxes per image for the synthetic batches: pinned, or as derived for the embedded set."""
+    from msdet.data.meta import gt_rows
+
+    return gt_rows(getattr(params, model).train.max_gt_boxes, params.data.synthetic.max_objects)
+
+
 def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Images/s of the compiled training step, built as :class:`msdet.engine.trainer.Trainer` builds it."""
     import mindspore as ms
@@ -199,7 +207,7 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
         trainer = Trainer(detector, network, tcfg, data, tmp, progress=False)
         network.set_train(True)
         image, gt_boxes, gt_labels = (Tensor(a) for a in synthetic_train_batch(
-            batch, mcfg.input_size, tcfg.max_gt_boxes, num_classes, seed=params.runtime.seed))
+            batch, mcfg.input_size, synthetic_gt_rows(params, model), num_classes, seed=params.runtime.seed))
         epoch = Tensor(0, ms.int32)
 
         def step(i: int) -> np.ndarray:
@@ -216,7 +224,7 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
     step_summary = summarize([t * 1000.0 for t in times])
     return {
         "input_size": mcfg.input_size, "batch_size": batch, "num_classes": num_classes,
-        "max_gt_boxes": tcfg.max_gt_boxes, "optimizer": tcfg.optimizer,
+        "max_gt_boxes": synthetic_gt_rows(params, model), "optimizer": tcfg.optimizer,
         "build_s": round(t_build, 3),
         # the first call compiles and runs one step: compile time is the excess over a median step
         "compile_s": round(max(first - step_summary["median"] / 1000.0, 0.0), 3),
@@ -238,7 +246,7 @@ def bench_data(params: Params, model: str, mindrecord_dir: str | Path, repeats: 
                num_workers: int | None = None, python_multiprocessing: bool = False) -> dict[str, Any]:
     """Images/s of ``create_train_dataset`` (decode, augment, pad, batch) over ``batches`` batches after the
     first, in ``repeats`` fresh pipelines (epochs 0, 1, ...); start-up (time to the first batch) apart."""
-    from msdet.data.pipeline import create_train_dataset, num_samples
+    from msdet.data.pipeline import create_train_dataset, num_samples, resolve_max_gt_boxes
 
     mcfg = getattr(params, model)
     tcfg = mcfg.train
@@ -251,7 +259,8 @@ def bench_data(params: Params, model: str, mindrecord_dir: str | Path, repeats: 
     for r in range(repeats):
         dataset = create_train_dataset(
             mindrecord_dir, model=model, input_size=mcfg.input_size, augment_cfg=mcfg.augment,
-            batch_size=tcfg.batch_size, max_gt_boxes=tcfg.max_gt_boxes, num_workers=workers,
+            batch_size=tcfg.batch_size, max_gt_boxes=resolve_max_gt_boxes(tcfg.max_gt_boxes, mindrecord_dir),
+            num_workers=workers,
             seed=params.runtime.seed, epoch=r, python_multiprocessing=python_multiprocessing)
         t0 = time.perf_counter()
         iterator = dataset.create_tuple_iterator(num_epochs=1)
@@ -329,7 +338,7 @@ def bench_eval(params: Params, model: str, mindrecord_dir: str | Path, gt_json: 
     detections. NMS cost grows with the candidates, so their number is reported with each figure."""
     from mindspore import Tensor
 
-    from msdet.data.mindrecord import read_meta
+    from msdet.data.meta import read_meta
     from msdet.data.pipeline import create_eval_dataset
     from msdet.detectors import build_detector
     from msdet.evaluation.coco_eval import evaluate
@@ -478,7 +487,8 @@ def profile_train(params: Params, model: str, num_classes: int, steps: int = 3) 
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         trainer = Trainer(detector, network, tcfg, TrainData(_no_dataset, tcfg.batch_size * (steps + 3)), tmp,
                           progress=False)
-        batch = [Tensor(a) for a in synthetic_train_batch(tcfg.batch_size, mcfg.input_size, tcfg.max_gt_boxes,
+        batch = [Tensor(a) for a in synthetic_train_batch(tcfg.batch_size, mcfg.input_size,
+                                                           synthetic_gt_rows(params, model),
                                                            num_classes, seed=params.runtime.seed)]
         epoch = Tensor(0, ms.int32)
         for i in range(2):  # compile, warm up
@@ -500,10 +510,11 @@ def profile_data(params: Params, model: str, mindrecord_dir: str | Path, samples
     import pstats
 
     from msdet.data.mindrecord import read_mindrecord
-    from msdet.data.pipeline import TrainSampleMap
+    from msdet.data.pipeline import TrainSampleMap, resolve_max_gt_boxes
 
     mcfg = getattr(params, model)
-    fn = TrainSampleMap(model, mcfg.input_size, mcfg.augment, mcfg.train.max_gt_boxes, params.runtime.seed, 0,
+    fn = TrainSampleMap(model, mcfg.input_size, mcfg.augment,
+                        resolve_max_gt_boxes(mcfg.train.max_gt_boxes, mindrecord_dir), params.runtime.seed, 0,
                         str(mindrecord_dir))
     records = []
     for rec in read_mindrecord(mindrecord_dir, "train"):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from msdet.atomic import atomic_path
 
 SPLITS = ("train", "val")
 POINTER_FILE = "source.json"
+#: Written by the conversion of a user's data set (msdet/data/own.py) into the tree it makes: what was
+#: converted, dropped, clipped or re-encoded; the MindRecord stage copies it into metrics/data.json.
+CONVERSION_FILE = "conversion.json"
 LAYOUTS = {
     # layout name -> split -> (image folder, annotation file under annotations/)
     "synthetic": {s: (s, f"instances_{s}.json") for s in SPLITS},
@@ -286,6 +290,17 @@ def validate_tree(tree: CocoTree) -> dict[str, dict[str, int]]:
                                   f"{files.annotation_file.name} are missing, e.g. {', '.join(absent[:5])}")
         summary[split] = {"images": ann.num_images, "annotations": len(ann.ann_ids)}
     return summary
+
+
+def read_conversion_report(tree: CocoTree) -> dict[str, Any] | None:
+    """The conversion report of a tree made from a user's data set, or None for other trees."""
+    path = tree.root / CONVERSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CocoFormatError(f"{path}: not valid JSON: {exc}") from exc
 
 
 def write_pointer(root: str | Path, target: str | Path) -> CocoTree:

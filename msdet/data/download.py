@@ -24,9 +24,9 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 from tqdm import tqdm
 
@@ -67,8 +67,8 @@ class RemoteFile:
     url: str
     name: str
     targets: tuple[str, ...]
-    md5: Optional[str] = None
-    size: Optional[int] = None
+    md5: str | None = None
+    size: int | None = None
 
     def __post_init__(self) -> None:
         for part in (self.name, *self.targets):
@@ -271,7 +271,7 @@ def _verify_and_publish(remote: RemoteFile, part: Path, final: Path, digest: _Pa
     os.replace(part, final)
 
 
-def _content_range(value: Optional[str]) -> tuple[int, int, Optional[int]]:
+def _content_range(value: str | None) -> tuple[int, int, int | None]:
     """Parse ``bytes a-b/total`` or ``bytes */total`` into (a, b, total); start -1 for the second form."""
     match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", value or "")
     if match is None:

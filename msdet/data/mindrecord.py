@@ -9,18 +9,18 @@ needs them), and a missing or corrupt image stops the conversion naming the file
 Worker processes read and check the image files; one writer writes. Each shard is written by its own
 ``FileWriter`` (MindRecord's multi-shard writer distributes rows at random), so the files are
 byte-identical from run to run and the sample order never changes. Shards are independent MindRecord
-files: pass the whole list from :func:`mindrecord_files` to ``mindspore.dataset.MindDataset``.
+files: pass the whole list from :func:`msdet.data.meta.mindrecord_files` to ``mindspore.dataset.MindDataset``.
 Everything goes to a temporary directory that replaces ``out_dir`` only when all of it succeeded.
 """
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from msdet.atomic import atomic_path
 from msdet.config import MindrecordConfig
-from msdet.data.coco import SPLITS, CategoryMap, CocoAnnotations, CocoFormatError, CocoTree, load_annotations
+from msdet.data.coco import SPLITS, CocoAnnotations, CocoFormatError, CocoTree, load_annotations
+from msdet.data.meta import gt_rows, mindrecord_files, write_meta
 
 SCHEMA = {
     "image": {"type": "bytes"},
@@ -39,7 +40,6 @@ SCHEMA = {
     "labels": {"type": "int32", "shape": [-1]},
 }
 COLUMNS = tuple(SCHEMA)
-META_FILE = "meta.json"
 BOX_DROP_REASONS = ("crowd", "outside_image", "degenerate")
 # Rows handed to FileWriter per call (or fewer when they exceed _WRITE_BYTES): fixed, for identical files.
 _WRITE_ROWS = 64
@@ -98,7 +98,7 @@ def build_targets(ann: CocoAnnotations, min_box_side: float, keep_empty_images: 
     )
 
 
-def check_image_bytes(data: bytes, width: int, height: int) -> Optional[str]:
+def check_image_bytes(data: bytes, width: int, height: int) -> str | None:
     """The problem with an encoded image, or None when it decodes completely to ``width`` x ``height``."""
     if not data:
         return "empty file"
@@ -117,7 +117,7 @@ def check_image_bytes(data: bytes, width: int, height: int) -> Optional[str]:
     return None
 
 
-def _read_image(task: tuple[str, int, int]) -> tuple[Optional[bytes], Optional[str]]:
+def _read_image(task: tuple[str, int, int]) -> tuple[bytes | None, str | None]:
     path, width, height = task
     try:
         with open(path, "rb") as f:
@@ -186,7 +186,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 
 def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: str, cfg: MindrecordConfig,
-                  pool: Optional[Pool] = None) -> dict[str, Any]:
+                  pool: Pool | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/<split>.mindrecord<k>`` (+ .db) for one split; returns its statistics."""
     keep_empty = cfg.keep_empty_images or split != "train"
     targets = build_targets(ann, cfg.min_box_side, keep_empty)
@@ -202,7 +202,7 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
     tasks = [(p, int(ann.widths[r]), int(ann.heights[r])) for p, r in zip(paths, rows)]
     results = pool.imap(_read_image, tasks, chunksize=8) if pool is not None else map(_read_image, tasks)
     per_class = np.zeros(ann.categories.num_classes, dtype=np.int64)
-    files, skipped, writer, written = [], [], None, 0
+    files, skipped, boxes_per_image, writer, written = [], [], [], None, 0
     for i, (data, problem) in enumerate(tqdm(results, total=len(tasks), desc=f"mindrecord {split}",
                                              mininterval=5, disable=None)):
         if writer is not None and writer.path.name != shard_name(split, int(shard_of[i]), num_shards):
@@ -225,6 +225,7 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
         writer.add({"image": data, "image_id": int(ann.image_ids[r]), "height": int(ann.heights[r]),
                     "width": int(ann.widths[r]), "boxes": targets.boxes[i], "labels": targets.labels[i]})
         per_class += np.bincount(targets.labels[i], minlength=len(per_class))
+        boxes_per_image.append(len(targets.labels[i]))
         written += 1
     if writer is not None:
         writer.close()
@@ -239,15 +240,31 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
         "skipped_images": len(skipped),
         "skipped_files": skipped[:_MAX_LISTED_SKIPS],
         "files": files,
+        "boxes_per_image": np.array(boxes_per_image, dtype=np.int64),
     }
 
 
-def convert_tree(tree: CocoTree, out_dir: str | Path, cfg: MindrecordConfig) -> dict[str, Any]:
+def gt_padding_report(boxes_per_image: np.ndarray, caps: dict[str, int]) -> dict[str, Any]:
+    """Per model (``caps``: its ``train.max_gt_boxes``, 0 = derived): the padded rows and the boxes on
+    training images beyond them, which padding drops (an upper bound: augmentation only removes boxes)."""
+    most = int(boxes_per_image.max(initial=0))
+    report: dict[str, Any] = {"max_boxes_per_image": most}
+    for model, pinned in caps.items():
+        rows = gt_rows(pinned, most)
+        over = np.maximum(boxes_per_image - rows, 0)
+        report[model] = {"max_gt_boxes": rows, "boxes_over_cap": int(over.sum()),
+                         "images_over_cap": int(np.count_nonzero(over))}
+    return report
+
+
+def convert_tree(tree: CocoTree, out_dir: str | Path, cfg: MindrecordConfig,
+                 gt_caps: dict[str, int] | None = None) -> dict[str, Any]:
     """Convert train and val of ``tree`` into ``out_dir`` (atomically) and write meta.json.
 
     Returns the statistics for metrics/data.json (numbers only): ``num_classes`` and, per split, images,
     boxes, per-class box counts by name, dropped boxes/images by reason, clipped boxes and skipped images.
-    The names of skipped files go to meta.json.
+    The names of skipped files go to meta.json. With ``gt_caps`` (model -> ``train.max_gt_boxes``) the
+    statistics also hold ``gt_padding`` (:func:`gt_padding_report` of the training split).
     """
     anns = {s: load_annotations(tree[s].annotation_file) for s in SPLITS}
     categories = anns["train"].categories
@@ -274,38 +291,14 @@ def convert_tree(tree: CocoTree, out_dir: str | Path, cfg: MindrecordConfig) -> 
                            "boxes": stats[s]["boxes"], "skipped_files": stats[s].pop("skipped_files")}
                        for s in SPLITS},
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(tmp, meta)
+    train_counts = [stats[s].pop("boxes_per_image") for s in SPLITS][0]
+    if gt_caps is not None:
+        stats["gt_padding"] = gt_padding_report(train_counts, gt_caps)
     return stats
 
 
-def read_meta(out_dir: str | Path) -> dict[str, Any]:
-    path = Path(out_dir) / META_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found; run the mindrecord stage first") from None
-    except json.JSONDecodeError as exc:
-        raise CocoFormatError(f"{path}: not valid JSON: {exc}") from exc
-
-
-def category_map(out_dir: str | Path) -> CategoryMap:
-    """Class index <-> COCO id mapping of a converted data set."""
-    return CategoryMap(read_meta(out_dir)["categories"], source=str(Path(out_dir) / META_FILE))
-
-
-def mindrecord_files(out_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of ``split`` in order; give all of them to ``MindDataset``."""
-    meta = read_meta(out_dir)
-    if split not in meta.get("splits", {}):
-        raise KeyError(f"{Path(out_dir) / META_FILE}: no split {split!r}")
-    files = [Path(out_dir) / f for f in meta["splits"][split]["files"]]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{out_dir}: MindRecord file(s) listed in {META_FILE} are missing: {missing}")
-    return files
-
-
-def read_mindrecord(path: str | Path, split: Optional[str] = None) -> Iterator[dict[str, Any]]:
+def read_mindrecord(path: str | Path, split: str | None = None) -> Iterator[dict[str, Any]]:
     """Samples in stored order: image bytes, image_id/height/width ints, boxes [n, 4] and labels [n].
 
     ``path`` is one MindRecord file, or with ``split`` the output folder (then every shard of the split).
@@ -329,6 +322,21 @@ def read_mindrecord(path: str | Path, split: Optional[str] = None) -> Iterator[d
             }
     finally:
         reader.close()
+
+
+def max_boxes_per_image(out_dir: str | Path, split: str = "train") -> int:
+    """The most boxes on one image of ``split`` (reads only the labels column, not the images)."""
+    from mindspore.mindrecord import FileReader
+
+    most = 0
+    for shard in mindrecord_files(out_dir, split):
+        reader = FileReader(str(shard), num_consumer=1, columns=["labels"])
+        try:
+            for row in reader.get_next():
+                most = max(most, int(np.asarray(row["labels"]).size))
+        finally:
+            reader.close()
+    return most
 
 
 def read_split(out_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:

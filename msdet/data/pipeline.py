@@ -12,24 +12,25 @@ same batches as an uninterrupted one, whatever ``num_workers``.
 """
 from __future__ import annotations
 
-import os
-
 import logging
-import re
+import os
 import threading
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+if TYPE_CHECKING:
+    import mindspore.dataset
+
 from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import transforms as T
+from msdet.data.meta import gt_rows, mindrecord_files
 
 log = logging.getLogger(__name__)
 
 MODELS = ("d0", "nanodet")
-SPLITS = ("train", "val")
 #: Columns the pipelines read from the MindRecord schema.
 _TRAIN_READ = ["image", "image_id", "height", "width", "boxes", "labels"]
 _EVAL_READ = ["image", "image_id", "height", "width"]
@@ -43,35 +44,27 @@ _SAMPLE_STREAM, _ORDER_STREAM = 0, 1
 # files
 
 
-def mindrecord_files(mindrecord_dir: Union[str, Path], split: str) -> list[str]:
-    """The data files of ``split`` in ``mindrecord_dir``, in shard order (index ``.db`` files excluded)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(mindrecord_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: MindRecord directory not found; run the mindrecord stage first")
-    pattern = re.compile(rf"^{split}\.mindrecord(\d*)$")
-    found = [(m.group(1), p) for p in root.iterdir() if (m := pattern.match(p.name))]
-    if not found:
-        raise FileNotFoundError(f"{root}: no {split}.mindrecord* files; run the mindrecord stage first")
-    found.sort(key=lambda t: int(t[0]) if t[0] else -1)
-    missing_db = [str(p) for _, p in found if not Path(str(p) + ".db").is_file()]
-    if missing_db:
-        raise FileNotFoundError(f"{missing_db[0]}: MindRecord index file '.db' missing (incomplete write?)")
-    return [str(p) for _, p in found]
-
-
 def usable_workers(requested: int) -> int:
     """MindSpore refuses more map workers than CPU cores; params written for a big host still run here."""
     return max(1, min(int(requested), os.cpu_count() or 1))
 
 
-def num_samples(mindrecord_dir: Union[str, Path], split: str) -> int:
+def num_samples(mindrecord_dir: str | Path, split: str) -> int:
     """Number of images in ``split`` (all shards)."""
     import mindspore.dataset as ds
 
-    files = mindrecord_files(mindrecord_dir, split)
+    files = [str(f) for f in mindrecord_files(mindrecord_dir, split)]
     return int(ds.MindDataset(files, columns_list=["image_id"], shuffle=False).get_dataset_size())
+
+
+def resolve_max_gt_boxes(pinned: int, mindrecord_dir: str | Path) -> int:
+    """Ground-truth rows per training image: ``pinned`` (> 0), else derived from the converted training
+    split (:func:`msdet.data.meta.gt_rows`), as the MindRecord stage reports in metrics/data.json."""
+    if pinned > 0:
+        return int(pinned)
+    from msdet.data.mindrecord import max_boxes_per_image
+
+    return gt_rows(0, max_boxes_per_image(mindrecord_dir, "train"))
 
 
 def decode_image(data: np.ndarray, image_id: Any, height: Any, width: Any, source: str) -> np.ndarray:
@@ -186,10 +179,10 @@ def _check_model(model: str, augment_cfg: Any = None) -> None:
         raise TypeError(f"model {model!r} needs a {expected.__name__}, got {type(augment_cfg).__name__}")
 
 
-def create_train_dataset(mindrecord_dir: Union[str, Path], model: str, input_size: int, augment_cfg: Any,
+def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int, augment_cfg: Any,
                          batch_size: int, max_gt_boxes: int, num_workers: int, seed: int, rank: int = 0,
                          group_size: int = 1, shuffle: bool = True, epoch: int = 0,
-                         python_multiprocessing: bool = False) -> "mindspore.dataset.Dataset":
+                         python_multiprocessing: bool = False) -> mindspore.dataset.Dataset:
     """Training batches of one epoch for this rank: columns image float32 [B,3,S,S], gt_boxes float32
     [B,M,4], gt_labels int32 [B,M] (see the module docstring for order and determinism).
 
@@ -204,7 +197,7 @@ def create_train_dataset(mindrecord_dir: Union[str, Path], model: str, input_siz
     if batch_size < 1 or max_gt_boxes < 1 or num_workers < 1:
         raise ValueError(f"batch_size ({batch_size}), max_gt_boxes ({max_gt_boxes}) and num_workers "
                          f"({num_workers}) must be positive")
-    files = mindrecord_files(mindrecord_dir, "train")
+    files = [str(f) for f in mindrecord_files(mindrecord_dir, "train")]
     ds.config.set_seed(int(seed))
     n = int(ds.MindDataset(files, columns_list=["image_id"], shuffle=False).get_dataset_size())
     order = epoch_order(n, seed, epoch, rank, group_size, shuffle)
@@ -220,8 +213,8 @@ def create_train_dataset(mindrecord_dir: Union[str, Path], model: str, input_siz
     return data.batch(batch_size, drop_remainder=True)
 
 
-def create_eval_dataset(mindrecord_dir: Union[str, Path], model: str, input_size: int, batch_size: int,
-                        num_workers: int = 2) -> "mindspore.dataset.Dataset":
+def create_eval_dataset(mindrecord_dir: str | Path, model: str, input_size: int, batch_size: int,
+                        num_workers: int = 2) -> mindspore.dataset.Dataset:
     """Every val image exactly once, in file order: columns image float32 [B,3,S,S], image_id int64 [B],
     scale float32 [B,2] (original_xy = input_xy / scale), orig_size float32 [B,2] = (h, w).
 
@@ -233,7 +226,7 @@ def create_eval_dataset(mindrecord_dir: Union[str, Path], model: str, input_size
     _check_model(model)
     if batch_size < 1 or num_workers < 1:
         raise ValueError(f"batch_size ({batch_size}) and num_workers ({num_workers}) must be positive")
-    files = mindrecord_files(mindrecord_dir, "val")
+    files = [str(f) for f in mindrecord_files(mindrecord_dir, "val")]
     data = ds.MindDataset(files, columns_list=_EVAL_READ, shuffle=False, num_parallel_workers=1)
     fn = EvalSampleMap(model, input_size, str(mindrecord_dir))
     data = data.map(operations=fn, input_columns=_EVAL_READ, output_columns=EVAL_COLUMNS,
@@ -242,6 +235,6 @@ def create_eval_dataset(mindrecord_dir: Union[str, Path], model: str, input_size
     return data.batch(batch_size, drop_remainder=False)
 
 
-__all__ = ["MODELS", "TRAIN_COLUMNS", "EVAL_COLUMNS", "mindrecord_files", "num_samples", "decode_image",
+__all__ = ["MODELS", "TRAIN_COLUMNS", "EVAL_COLUMNS", "num_samples", "resolve_max_gt_boxes", "decode_image",
            "sample_rng", "epoch_order", "TrainSampleMap", "EvalSampleMap", "create_train_dataset",
            "create_eval_dataset"]

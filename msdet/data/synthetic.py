@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import cv2
 import numpy as np
@@ -218,7 +218,7 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)
 
 
-def _write_split(root: Path, split: str, cfg: SyntheticConfig, pool: Optional[ProcessPoolExecutor]) -> dict:
+def _write_split(root: Path, split: str, cfg: SyntheticConfig, pool: ProcessPoolExecutor | None) -> dict:
     """Images into ``root/split``; returns the COCO dict of the split (in index order, whatever the pool)."""
     count = cfg.num_train if split == "train" else cfg.num_val
     (root / split).mkdir()
@@ -241,7 +241,7 @@ def _write_split(root: Path, split: str, cfg: SyntheticConfig, pool: Optional[Pr
     }
 
 
-def generate_synthetic(root: str | Path, cfg: SyntheticConfig, workers: Optional[int] = None
+def generate_synthetic(root: str | Path, cfg: SyntheticConfig, workers: int | None = None
                        ) -> dict[str, dict[str, int]]:
     """Write the whole tree to ``root`` atomically (replacing it); returns images and boxes per split.
 

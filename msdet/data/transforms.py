@@ -25,7 +25,7 @@ network-input pixels.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -52,7 +52,7 @@ class TrainSample(NamedTuple):
 class EvalSample(NamedTuple):
     image: np.ndarray  # float32 [3, S, S], normalised
     scale: np.ndarray  # float32 [2] (sx, sy): original_xy = input_xy / scale
-    boxes: Optional[np.ndarray]  # float32 [N, 4] in input pixels, when boxes were given (unfiltered)
+    boxes: np.ndarray | None  # float32 [N, 4] in input pixels, when boxes were given (unfiltered)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def normalize_nanodet(image: np.ndarray) -> np.ndarray:
     return _normalize_planes(image, (0, 1, 2), NANODET_MEAN_BGR, NANODET_STD_BGR)
 
 
-def _eval_boxes(boxes: Optional[np.ndarray], matrix: np.ndarray) -> Optional[np.ndarray]:
+def _eval_boxes(boxes: np.ndarray | None, matrix: np.ndarray) -> np.ndarray | None:
     """Eval boxes are mapped (for checks and validation losses) but never clipped or filtered."""
     return None if boxes is None else transform_boxes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), matrix)
 
@@ -223,7 +223,7 @@ def d0_train(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size: int
     return TrainSample(_zero_outside(normalize_imagenet_rgb(out), vh, vw), boxes, labels)
 
 
-def d0_eval(image: np.ndarray, size: int, boxes: Optional[np.ndarray] = None) -> EvalSample:
+def d0_eval(image: np.ndarray, size: int, boxes: np.ndarray | None = None) -> EvalSample:
     """Longer side to ``size`` keeping the aspect ratio, zero padding bottom/right; scale = (s, s)."""
     check_sample(image, np.zeros((0, 4)), np.zeros(0))
     h, w = image.shape[:2]
@@ -299,7 +299,7 @@ def nanodet_train(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size
     return TrainSample(normalize_nanodet(nanodet_color(out, cfg, rng)), boxes, labels)
 
 
-def nanodet_eval(image: np.ndarray, size: int, boxes: Optional[np.ndarray] = None) -> EvalSample:
+def nanodet_eval(image: np.ndarray, size: int, boxes: np.ndarray | None = None) -> EvalSample:
     """Stretch to SxS (no aspect ratio kept); scale = (S / w, S / h)."""
     check_sample(image, np.zeros((0, 4)), np.zeros(0))
     h, w = image.shape[:2]

@@ -92,7 +92,8 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     """The eval stage: EMA weights of ``model`` on the val MindRecord, metrics JSON, PR curve, drawn images."""
     from msdet.atomic import write_json
     from msdet.data.coco import resolve_tree
-    from msdet.data.mindrecord import read_meta, read_mindrecord
+    from msdet.data.meta import read_meta
+    from msdet.data.mindrecord import read_mindrecord
     from msdet.data.pipeline import create_eval_dataset
     from msdet.detectors import build_detector
     from msdet.engine.checkpoint import category_ids_for, checkpoint_meta, load_weights, read_checkpoint
