@@ -25,6 +25,7 @@ from msdet.bench.runner import (
     write_report,
 )
 from msdet.bench.sections import parse_context
+from msdet.cli import run
 from msdet.config import ConfigError
 
 
@@ -67,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

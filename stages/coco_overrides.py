@@ -8,6 +8,7 @@ import sys
 
 import yaml
 
+from msdet.cli import run
 from msdet.config import flatten, load_params
 
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

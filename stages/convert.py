@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msdet.cli import run
 from msdet.config import ConfigError, Params, load_params
 from msdet.conversion.converters import MODELS, ConversionError, convert_file
 from msdet.conversion.torch_reader import CheckpointError
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msdet.cli import run
 from msdet.config import load_params
 from msdet.data.coco import POINTER_FILE, CocoFormatError, resolve_tree, validate_tree, write_pointer
 from msdet.data.synthetic import generate_synthetic
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msdet.cli import run
 from msdet.config import load_params
 from msdet.evaluation.runner import run_eval
 
@@ -32,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

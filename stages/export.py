@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from msdet.atomic import write_json
+from msdet.cli import run
 from msdet.config import ConfigError, Params, load_params
 from msdet.data.meta import read_meta
 from msdet.detectors import MODEL_NAMES, get_detector
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

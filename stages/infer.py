@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msdet.cli import run
 from msdet.config import ConfigError, Params, load_params
 from msdet.data.meta import META_FILE
 from msdet.detectors import MODEL_NAMES, get_detector
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from msdet.atomic import write_json
+from msdet.cli import run
 from msdet.config import load_params
 from msdet.data.coco import read_conversion_report, resolve_tree
 from msdet.data.mindrecord import convert_tree
@@ -36,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

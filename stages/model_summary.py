@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import sys
 
+from msdet.cli import run
 from msdet.summary import model_summary
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     print(json.dumps(model_summary(), indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msdet.cli import run
 from msdet.config import load_params
 from msdet.engine.distributed import launched_distributed
 from msdet.engine.launch import DistributedJobFailed, run_distributed
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from msdet.config import DownloadConfig
+from msdet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ COCO2017_ARCHIVES: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A download or extraction failed for good; the message names the URL or file and the problem."""
 
 

@@ -30,6 +30,7 @@ from msdet.atomic import atomic_path
 from msdet.config import MindrecordConfig
 from msdet.data.coco import SPLITS, CocoAnnotations, CocoFormatError, CocoTree, load_annotations
 from msdet.data.meta import gt_rows, mindrecord_files, write_meta
+from msdet.errors import UserError
 
 SCHEMA = {
     "image": {"type": "bytes"},
@@ -47,7 +48,7 @@ _WRITE_BYTES = 64 << 20
 _MAX_LISTED_SKIPS = 50
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError):
     """An image file is missing, truncated, undecodable or not the size its annotation states."""
 
 
