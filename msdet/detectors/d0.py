@@ -11,7 +11,7 @@ Where the two official codes differ, ``D0Config`` reaches either (``params_coco.
 focal ``gamma`` automl 1.5 (``hparams_config.py``), zylo117 2.0 (``efficientdet/loss.py``); matching band
 automl ``neg_iou = pos_iou = 0.5`` (``tf2/anchors.py`` AnchorLabeler: ``unmatched_threshold=match_threshold``,
 nothing ignored), zylo117 0.4 / 0.5; head depthwise fan_in (``head_init``, see ``init_heads``). Both use
-alpha 0.25, Huber delta 0.1, box weight 50 and force-match each GT to its best anchor.
+alpha 0.25 and box weight 50; the force match and Huber delta 0.1 are automl's (zylo117: neither, smooth L1).
 """
 from __future__ import annotations
 
