@@ -192,12 +192,18 @@ class D0Config:
     init: str = _f("none")
     drop_connect_rate: float = _f(0.2, range=(0.0, 0.9))
     anchor_scale: float = _f(4.0, range=(0.1, 100.0))
+    # Anchor matching: IoU >= pos_iou positive, < neg_iou background, in between ignored. automl: 0.5 / 0.5 (no
+    # ignored anchors, anchors.py AnchorLabeler); zylo117: 0.5 / 0.4.
     pos_iou: float = _f(0.5, range=(0.0, 1.0))
-    neg_iou: float = _f(0.4, range=(0.0, 1.0))
+    neg_iou: float = _f(0.5, range=(0.0, 1.0))
     focal_alpha: float = _f(0.25, range=(0.0, 1.0))
-    focal_gamma: float = _f(2.0, range=(0.0, 10.0))
+    # automl hparams_config.py: 1.5; zylo117 loss.py: 2.0.
+    focal_gamma: float = _f(1.5, range=(0.0, 10.0))
     box_loss_weight: float = _f(50.0, range=(0.0, 1e4))
     huber_delta: float = _f(0.1, range=(1e-6, 10.0))
+    # Box/class net depthwise fan_in: "automl" (Keras, kh*kw*in_channels) or "zylo117" (kh*kw, 8x larger std).
+    # From-scratch only: converted official weights or d0.init replace it.
+    head_init: str = _f("automl", choices=("automl", "zylo117"))
     train: TrainConfig = _f(TrainConfig)
     augment: D0AugmentConfig = _f(D0AugmentConfig)
 

@@ -36,6 +36,8 @@ def test_repo_params_load_and_cover_every_field():
     ({"runtime": {"graph_mode": "yes"}}, r"'runtime.graph_mode' must be true or false"),
     ({"bogus": {}}, r"unknown key\(s\) bogus"),
     ({"eval": {"batch_size": 2.5}}, r"'eval.batch_size' must be an integer"),
+    ({"d0": {"head_init": "torch"}}, r"'d0.head_init' = 'torch' is not one of \['automl', 'zylo117'\]"),
+    ({"d0": {"pos_iou": 0.5, "neg_iou": 0.6}}, r"'d0.neg_iou' \(0.6\) must not exceed 'd0.pos_iou' \(0.5\)"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,7 +10,7 @@ from msdet.config import D0Config
 from msdet.conversion import pretrained
 from msdet.conversion.naming import NUM_BATCHES_TRACKED, mindcv_efficientnet_b0_map, relative_parameters
 from msdet.detectors.d0 import D0Detector
-from msdet.models.efficientdet import EfficientDet
+from msdet.models.efficientdet import EfficientDet, HeadNet, init_heads
 from msdet.models.flops import count_flops, count_macs
 from msdet.models.layers import Conv2dSame, MaxPool2dSame, batch_norm, upsample_nearest2x
 from msdet.ops.anchors import efficientdet_anchors
@@ -75,6 +75,47 @@ def test_head_init(net80):
     bias = net80.classifier.header.pointwise_conv.conv.bias.asnumpy()
     np.testing.assert_allclose(bias, -np.log(99.0), rtol=1e-6)
     assert np.all(net80.regressor.header.pointwise_conv.conv.bias.asnumpy() == 0)
+
+
+def _keras_fan_in(shape: tuple) -> int:
+    """Keras ``_compute_fans``: a kernel [kh, kw, in, out] (depthwise: [kh, kw, in, multiplier])."""
+    return int(np.prod(shape[:-2])) * shape[-2]
+
+
+def _torch_fan_in(shape: tuple) -> int:
+    """PyTorch ``_calculate_fan_in_and_fan_out``: a weight [out, in / groups, kh, kw]."""
+    return shape[1] * int(np.prod(shape[2:]))
+
+
+@pytest.mark.parametrize("head_init", ["automl", "zylo117"])
+def test_head_init_output_std_follows_variance_scaling(head_init):
+    """Weights std sqrt(1 / fan_in) with automl's (Keras) or zylo117's (PyTorch) fans; the header's output std
+    on unit-variance features is then sqrt(9 / fan_dw x 64 / fan_pw): 1/8 (automl) or 1 (zylo117)."""
+    c, anchors, outs = 64, 9, 4
+    regressor, classifier = HeadNet(c, anchors, outs, 1, 1), HeadNet(c, anchors, 2, 1, 1)
+    init_heads(regressor, classifier, np.random.default_rng(0), head_init)
+    fans = _keras_fan_in if head_init == "automl" else _torch_fan_in
+    shapes = {"automl": ((3, 3, c, 1), (1, 1, c, anchors * outs)),
+              "zylo117": ((c, 1, 3, 3), (anchors * outs, c, 1, 1))}[head_init]
+    fan_dw, fan_pw = (fans(s) for s in shapes)
+    header = regressor.header
+    for conv, fan in ((header.depthwise_conv.conv, fan_dw), (header.pointwise_conv.conv, fan_pw)):
+        w = conv.weight.asnumpy()
+        assert w.std() == pytest.approx(np.sqrt(1.0 / fan), rel=0.06)
+        assert np.abs(w).max() <= 2 * np.sqrt(1.0 / fan) / 0.87962566103423978 + 1e-6    # truncated at 2 std
+    x = np.random.default_rng(1).normal(size=(2, c, 34, 34)).astype(np.float32)
+    y = header(Tensor(x)).asnumpy()[:, :, 1:-1, 1:-1]                                   # away from the padding
+    expected = np.sqrt(9.0 / fan_dw * c / fan_pw)
+    assert y.std() == pytest.approx(expected, rel=0.1)
+    assert {"automl": 0.125, "zylo117": 1.0}[head_init] == pytest.approx(expected)
+
+
+def test_head_init_reaches_the_network_and_is_checked():
+    det = D0Detector(D0Config(input_size=128, head_init="zylo117"), 2)
+    w = det.build_network().classifier.header.depthwise_conv.conv.weight.asnumpy()
+    assert w.std() == pytest.approx(1 / 3, rel=0.06)
+    with pytest.raises(ValueError, match="head_init = 'keras'"):
+        EfficientDet(2, head_init="keras")
 
 
 def test_eval_is_deterministic_and_train_drops_connections():

@@ -39,6 +39,30 @@ def test_matcher_hand_cases():
     assert not pos_nf[0, 2] and neg_nf[0, 2] and labels_nf[0, 2] == -1
 
 
+def test_matcher_without_band_ignores_nothing():
+    """automl: unmatched_threshold = match_threshold = 0.5, so anchor 3 (IoU 0.45) is background, not ignored."""
+    _, labels, pos, neg = _match(AnchorMatcher(0.5, 0.5))
+    np.testing.assert_array_equal(pos[0], [True, True, True, False, False, False])
+    np.testing.assert_array_equal(neg[0], [False, False, False, True, True, True])
+    assert (pos ^ neg).all()                                       # every anchor trained, none twice
+    np.testing.assert_array_equal(labels[0], [4, 1, 2, -1, -1, -1])
+    # on a dense grid of anchors around one object: a band ignores some, no band none
+    xy = np.arange(0, 64, 2, dtype=np.float32)
+    grid = np.array([[x, y, x + 24, y + 24] for y in xy for x in xy], np.float32)
+    boxes = np.array([[[20, 20, 44, 44]]], np.float32)
+    labels1 = np.array([[0]], np.int32)
+    _, _, pos_b, neg_b = _match(AnchorMatcher(0.5, 0.4), grid, boxes, labels1)
+    _, _, pos_n, neg_n = _match(AnchorMatcher(0.5, 0.5), grid, boxes, labels1)
+    iou = box_iou_np(grid, boxes[0])[:, 0]
+    band = (iou >= 0.4) & (iou < 0.5)
+    assert band.sum() > 0
+    np.testing.assert_array_equal(~(pos_b[0] | neg_b[0]), band)
+    np.testing.assert_array_equal(pos_n[0], pos_b[0])
+    assert (pos_n ^ neg_n).all()
+    with pytest.raises(ValueError, match="neg_iou"):
+        AnchorMatcher(0.5, 0.6)
+
+
 def test_matcher_force_match_overrides_other_gt_and_thresholds():
     anchors = np.array([[0, 0, 10, 10], [0, 0, 10, 12]], np.float32)
     # GT 0 sits exactly on anchor 0; GT 1 overlaps anchor 1 more than GT 0 does, and claims anchor 1.
@@ -173,7 +197,7 @@ def test_training_steps_lower_the_loss_in_graph_mode():
     assert names[0] == "backbone_net.model._conv_stem.conv.weight"     # the loss cell kept our names
     assert np.isfinite(history).all()
     first, last = history[0], history[-1]
-    assert last[0] < 0.6 * first[0], history
+    assert last[0] < 0.75 * first[0], history      # automl's head init starts ~half as high as zylo117's
     assert last[2] < first[2] and last[1] < first[1]
 
 

@@ -1,9 +1,10 @@
 """EfficientDet anchor matching (automl ArgMaxMatcher with force_match_for_each_row), vectorised in graph.
 
 For every anchor, the GT of highest IoU: IoU >= ``pos_iou`` positive, < ``neg_iou`` negative, in between
-ignored. Then every valid GT also claims its best anchor (force match) - that anchor becomes positive for that
-GT even below ``pos_iou`` (when GTs share a best anchor, the lowest GT index wins, as automl's argmax). A GT
-whose best IoU is 0 (degenerate box) forces nothing. Padding GTs (label < 0) never match.
+ignored (none with ``neg_iou == pos_iou``, automl's 0.5). Then every valid GT also claims its best anchor
+(force match) - that anchor becomes positive for that GT even below ``pos_iou`` (when GTs share a best
+anchor, the lowest GT index wins, as automl's argmax). A GT whose best IoU is 0 (degenerate box) forces nothing.
+Padding GTs (label < 0) never match.
 All shapes static: ``gt_boxes [B, M, 4]``, ``gt_labels [B, M]``, anchors ``[A, 4]``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ class AnchorMatcher(nn.Cell):
     positive), positive [B, A] bool, negative [B, A] bool). Anchors neither positive nor negative are ignored.
     """
 
-    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, force_match: bool = True) -> None:
+    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.5, force_match: bool = True) -> None:
         super().__init__()
         if neg_iou > pos_iou:
             raise ValueError(f"AnchorMatcher: neg_iou ({neg_iou}) must not exceed pos_iou ({pos_iou})")

@@ -6,6 +6,12 @@ sigmoid focal loss over positive and negative anchors (ignored anchors excluded)
 divided by max(1, positives in the batch); Huber (``huber_delta``) on the encoded box targets of positives,
 summed and divided by 4 x max(1, positives), times ``box_loss_weight``. The "box" component reported is that
 weighted term, so total = cls + box. The positives are counted per device, as automl does per replica.
+
+Where the two official codes differ, ``D0Config`` reaches either (``params_coco.yaml`` takes automl's):
+focal ``gamma`` automl 1.5 (``hparams_config.py``), zylo117 2.0 (``efficientdet/loss.py``); matching band
+automl ``neg_iou = pos_iou = 0.5`` (``tf2/anchors.py`` AnchorLabeler: ``unmatched_threshold=match_threshold``,
+nothing ignored), zylo117 0.4 / 0.5; head depthwise fan_in (``head_init``, see ``init_heads``). Both use
+alpha 0.25 and box weight 50; the force match and Huber delta 0.1 are automl's (zylo117: neither, smooth L1).
 """
 from __future__ import annotations
 
@@ -83,7 +89,8 @@ class D0Detector:
     # ------------------------------------------------------------------ Detector interface
     def build_network(self) -> EfficientDet:
         """Freshly initialised network; ImageNet weights come from :meth:`load_pretrained_backbone`."""
-        return EfficientDet(self.num_classes, D0_SPEC, drop_connect_rate=self.cfg.drop_connect_rate, seed=self.seed)
+        return EfficientDet(self.num_classes, D0_SPEC, drop_connect_rate=self.cfg.drop_connect_rate, seed=self.seed,
+                            head_init=self.cfg.head_init)
 
     def loss_cell(self, network: nn.Cell, group_size: int = 1) -> nn.Cell:
         """``group_size`` is unused: automl normalises by each replica's own positives."""

@@ -69,11 +69,30 @@ class HeadNet(nn.Cell):
         return ops.concat(outs, 1)
 
 
+HEAD_INITS = ("automl", "zylo117")
+
+
+def init_heads(regressor: HeadNet, classifier: HeadNet, rng: np.random.Generator, head_init: str = "automl") -> None:
+    """Box/class net weights ``VarianceScaling(1.0, fan_in)``, biases 0, class output bias -log((1 - pi) / pi).
+
+    automl (``efficientdet_keras.py`` ClassNet/BoxNet: ``depthwise_initializer='variance_scaling'``) counts a
+    3x3 depthwise kernel's fan_in over its input channels as Keras does (3 x 3 x 64 = 576); zylo117
+    (``utils.variance_scaling_`` on the PyTorch shape [64, 1, 3, 3]) counts 9, so its header outputs start
+    sqrt(64) = 8x larger. Both draw std sqrt(1 / fan_in); we draw it truncated as Keras (zylo117: plain normal).
+    """
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init = {head_init!r}: must be one of {list(HEAD_INITS)}")
+    for conv in convs_of(regressor) + convs_of(classifier):
+        init_conv_variance_scaling(conv, rng, keras_fans=head_init == "automl")
+    bias = classifier.header.pointwise_conv.conv.bias
+    bias.set_data(Tensor(np.full(bias.shape, -math.log((1 - PRIOR_PROB) / PRIOR_PROB), np.float32)))
+
+
 class EfficientDet(nn.Cell):
     """image [B, 3, S, S] -> (regression [B, A, 4], class logits [B, A, C]); S a multiple of 2^(max level)."""
 
     def __init__(self, num_classes: int, spec: EfficientDetSpec = D0_SPEC, drop_connect_rate: float = 0.2,
-                 seed: int = 0) -> None:
+                 seed: int = 0, head_init: str = "automl") -> None:
         super().__init__()
         self.num_classes = num_classes
         self.spec = spec
@@ -82,11 +101,7 @@ class EfficientDet(nn.Cell):
         self.regressor = HeadNet(spec.fpn_channels, spec.num_anchors, 4, spec.head_repeats, spec.num_levels)
         self.classifier = HeadNet(spec.fpn_channels, spec.num_anchors, num_classes, spec.head_repeats,
                                   spec.num_levels)
-        rng = np.random.default_rng(seed + 2)
-        for conv in convs_of(self.regressor) + convs_of(self.classifier):
-            init_conv_variance_scaling(conv, rng)
-        bias = self.classifier.header.pointwise_conv.conv.bias
-        bias.set_data(Tensor(np.full(bias.shape, -math.log((1 - PRIOR_PROB) / PRIOR_PROB), np.float32)))
+        init_heads(self.regressor, self.classifier, np.random.default_rng(seed + 2), head_init)
 
     def construct(self, image: Tensor) -> tuple:
         feats = self.backbone_net(image)

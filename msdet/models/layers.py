@@ -149,10 +149,18 @@ def init_conv_normal_fan_out(conv: nn.Conv2d, rng: np.random.Generator) -> None:
         _set(conv.bias, np.zeros(conv.bias.shape))
 
 
-def init_conv_variance_scaling(conv: nn.Conv2d, rng: np.random.Generator, scale: float = 1.0) -> None:
-    """Keras ``VarianceScaling()`` (fan_in, truncated normal) for conv weights; bias zero."""
+def init_conv_variance_scaling(conv: nn.Conv2d, rng: np.random.Generator, scale: float = 1.0,
+                               keras_fans: bool = True) -> None:
+    """Keras ``VarianceScaling()`` (fan_in, truncated normal, std sqrt(scale / fan_in)) for conv weights; bias 0.
+
+    ``keras_fans``: fan_in as Keras counts it, kh x kw x in_channels also for a depthwise kernel (its Keras
+    shape is [kh, kw, in, 1]); False counts from the MindSpore/PyTorch shape [C, 1, kh, kw], i.e. kh x kw for
+    a depthwise kernel, as zylo117's ``variance_scaling_`` does. The two agree for ungrouped convs.
+    """
     shape = tuple(conv.weight.shape)
     fan_in, _ = _fans(shape)
+    if keras_fans:
+        fan_in *= conv.group
     std = math.sqrt(scale / max(1, fan_in)) / 0.87962566103423978
     w = rng.normal(0.0, 1.0, shape)
     while np.any(np.abs(w) > 2.0):
