@@ -77,6 +77,12 @@ def failed_rank_logs(log_dir: str | Path) -> list[Path]:
     return bad
 
 
+#: what a rank logs when a collective or the scheduler loses a peer that died elsewhere (measured with a
+#: SIGKILLed node: the survivors' AllReduce gives up after ~30 s)
+LOST_PEER = re.compile(r"Reduce wait receiving|AllReduce\w* launch failed|Failed to connect to the meta server|"
+                       r"timed out node|heartbeat", re.I)
+
+
 def last_error_line(log: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^\w*(Error|Exception|Diverged)\b", ln) or "Error:" in ln]
@@ -110,5 +116,7 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
         bad = failed_rank_logs(log_dir)
         if bad:
             rank = bad[0].stem.rsplit("_", 1)[-1]
-            raise DistributedJobFailed(f"{where}rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])})")
+            lost = " It lost a peer: a rank on another node stopped (that node's launcher names it, unless the " \
+                   "node itself died)." if where and LOST_PEER.search(bad[0].read_text(errors="replace")) else ""
+            raise DistributedJobFailed(f"{where}rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])}).{lost}")
         raise DistributedJobFailed(f"{where}msrun exited with code {proc.returncode}; see {log_dir}/msrun.out")
