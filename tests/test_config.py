@@ -36,6 +36,9 @@ def test_repo_params_load_and_cover_every_field():
     ({"runtime": {"graph_mode": "yes"}}, r"'runtime.graph_mode' must be true or false"),
     ({"bogus": {}}, r"unknown key\(s\) bogus"),
     ({"eval": {"batch_size": 2.5}}, r"'eval.batch_size' must be an integer"),
+    ({"runtime": {"nodes": 2, "node_rank": 2, "master_port": 8118}}, r"'runtime.node_rank' \(2\) must be below"),
+    ({"runtime": {"nodes": 2, "node_rank": 1}}, r"'runtime.nodes' is 2: .* fixed 'runtime.master_port'"),
+    ({"d0": {"train": {"accumulate_steps": 0}}}, r"'d0.train.accumulate_steps' = 0 is out of range"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
