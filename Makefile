@@ -13,6 +13,12 @@ TEST_STAMP := $(VENV)/.installed-test
 MODEL  ?= nanodet
 WORKERS ?= 8
 PARAMS ?= params.yaml
+# multi-node (train-8p): NODES hosts, this one NODE_RANK, node 0 reachable at MASTER_ADDR:MASTER_PORT
+NODES ?=
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 8118
+CLUSTER_ARGS := $(if $(NODES),--nodes $(NODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT))
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -56,9 +62,9 @@ dag: $(STAMP)  ## print the stage graph
 model-summary: $(STAMP)  ## parameter counts and GFLOPs of both models at the COCO setting, as JSON
 	$(PY) -m stages.model_summary
 
-train-8p: $(STAMP)  ## data-parallel training on WORKERS devices with msrun (MODEL=d0|nanodet, WORKERS=8)
-	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS) --params $(PARAMS)
-	$(DVC) commit -f train_$(MODEL)
+train-8p: $(STAMP)  ## data-parallel training with msrun (MODEL=d0|nanodet WORKERS=8 [NODES= NODE_RANK= MASTER_ADDR=])
+	$(PY) -m stages.train --model $(MODEL) --workers $(WORKERS) --params $(PARAMS) $(CLUSTER_ARGS)
+	$(if $(filter-out 0,$(NODE_RANK)),@echo "node $(NODE_RANK): outputs are written and committed on node 0",$(DVC) commit -f train_$(MODEL))
 
 SWEEP ?= -S 'nanodet.train.lr=0.001,0.002' -S 'eval.score_threshold=0.05,0.3'
 

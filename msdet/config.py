@@ -46,6 +46,12 @@ class RuntimeConfig:
     workers: int = _f(1, range=(1, 4096))
     # Ascend HCCL rank-table JSON, the seed scripts' multi-device setup; "" = let msrun build the cluster.
     rank_table: str = _f("")
+    # Hosts in the job (msrun on each, ``workers`` per host); this host's index 0..nodes-1; the scheduler's
+    # address (node 0, reachable from every host) and port (0 = a free port, single host only).
+    nodes: int = _f(1, range=(1, 4096))
+    node_rank: int = _f(0, range=(0, 4095))
+    master_addr: str = _f("127.0.0.1")
+    master_port: int = _f(0, range=(0, 65535))
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,13 @@ class TrainConfig:
     # Precise BN: before saving, BN statistics are recomputed over this many training batches with the
     # final (and the EMA) weights; 0 keeps the running averages (msdet/engine/batch_norm_stats.py).
     bn_recalibration_batches: int = _f(0, range=(0, 10**6))
+    # Micro-batches of ``batch_size`` whose gradients are summed before one optimizer step: the effective
+    # global batch is batch_size x devices x accumulate_steps (lr scaling, warmup, EMA and the loss
+    # normalisers follow it; BatchNorm still sees micro-batches). See msdet/engine/accumulate.py.
+    accumulate_steps: int = _f(1, range=(1, 4096))
+    # Also save the resume state every this many optimizer steps inside an epoch (0 = at epoch ends only);
+    # a killed run continues from there with identical results (msdet/engine/resume.py).
+    checkpoint_every_steps: int = _f(0, range=(0, 10**9))
 
 
 @dataclass(frozen=True)
@@ -365,6 +378,14 @@ def _check_cross(obj: Any, source: str, prefix: str) -> None:
         if hasattr(obj, lo) and hasattr(obj, hi) and getattr(obj, lo) > getattr(obj, hi):
             raise ConfigError(f"{source}: '{prefix}{lo}' ({getattr(obj, lo)}) must not exceed "
                               f"'{prefix}{hi}' ({getattr(obj, hi)})")
+    if isinstance(obj, RuntimeConfig):
+        if obj.node_rank >= obj.nodes:
+            raise ConfigError(f"{source}: '{prefix}node_rank' ({obj.node_rank}) must be below "
+                              f"'{prefix}nodes' ({obj.nodes})")
+        if obj.nodes > 1 and (obj.master_port == 0 or not obj.master_addr.strip()):
+            raise ConfigError(f"{source}: '{prefix}nodes' is {obj.nodes}: every host must be given the same "
+                              f"'{prefix}master_addr' (node 0's address) and a fixed '{prefix}master_port' "
+                              f"(got {obj.master_addr!r}:{obj.master_port})")
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:

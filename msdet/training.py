@@ -80,19 +80,23 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
 
     max_gt_boxes = resolve_max_gt_boxes(tcfg.max_gt_boxes, mindrecord_dir)
 
-    def make_dataset(epoch: int):
+    def make_dataset(epoch: int, skip_batches: int = 0):
         return create_train_dataset(
             mindrecord_dir, model=model, input_size=mcfg.input_size, augment_cfg=mcfg.augment,
             batch_size=tcfg.batch_size, max_gt_boxes=max_gt_boxes, num_workers=tcfg.num_workers,
-            seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size)
+            seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size,
+            skip_batches=skip_batches)
 
     n_train = num_samples(mindrecord_dir, "train")
     data = TrainData(make_dataset=make_dataset, num_train_images=n_train,
                      shard_of_epoch=lambda epoch: epoch_order(n_train, params.runtime.seed, epoch, dist.rank,
-                                                              dist.group_size, True))
+                                                              dist.group_size, True),
+                     make_dataset_from=make_dataset)
     # the starting files' content is part of the run: a replaced file must not resume the old run's state
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
-    payload = {"model": dataclasses.asdict(mcfg), "runtime_seed": params.runtime.seed, "meta": meta,
+    model_key = dataclasses.asdict(mcfg)
+    del model_key["train"]["checkpoint_every_steps"]  # how often the state is saved does not change the run
+    payload = {"model": model_key, "runtime_seed": params.runtime.seed, "meta": meta,
                "starting_weights_sha256": start_files}
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)

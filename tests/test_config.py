@@ -38,6 +38,9 @@ def test_repo_params_load_and_cover_every_field():
     ({"eval": {"batch_size": 2.5}}, r"'eval.batch_size' must be an integer"),
     ({"d0": {"head_init": "torch"}}, r"'d0.head_init' = 'torch' is not one of \['automl', 'zylo117'\]"),
     ({"d0": {"pos_iou": 0.5, "neg_iou": 0.6}}, r"'d0.neg_iou' \(0.6\) must not exceed 'd0.pos_iou' \(0.5\)"),
+    ({"runtime": {"nodes": 2, "node_rank": 2, "master_port": 8118}}, r"'runtime.node_rank' \(2\) must be below"),
+    ({"runtime": {"nodes": 2, "node_rank": 1}}, r"'runtime.nodes' is 2: .* fixed 'runtime.master_port'"),
+    ({"d0": {"train": {"accumulate_steps": 0}}}, r"'d0.train.accumulate_steps' = 0 is out of range"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -155,6 +155,18 @@ def test_train_deterministic_across_workers_and_processes(records):
     assert orders[0] != orders[1] and orders[0] == orders[2]
 
 
+@pytest.mark.parametrize("rank,group_size,batch", [(0, 1, 2), (1, 2, 1)])
+def test_skipped_batches_leave_the_rest_of_the_epoch_unchanged(records, rank, group_size, batch):
+    """A resume inside an epoch skips at the sampler: the remaining batches (augmentation included) are the
+    whole epoch's tail."""
+    whole = train(records, "d0", epoch=3, batch_size=batch, rank=rank, group_size=group_size)
+    tail = train(records, "d0", epoch=3, batch_size=batch, rank=rank, group_size=group_size, skip_batches=1)
+    assert len(whole) == 4 and len(tail) == 3
+    for x, y in zip(whole[1:], tail):
+        for u, v in zip(x, y):
+            np.testing.assert_array_equal(u, v)
+
+
 def images_seen(root: Path, model: str, rank: int, group_size: int, epoch: int = 0) -> list[int]:
     out = train(root, model, NO_AUG[model], batch_size=1, rank=rank, group_size=group_size, epoch=epoch)
     return [int(b[2][0, 0]) for b in out]

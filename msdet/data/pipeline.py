@@ -182,9 +182,11 @@ def _check_model(model: str, augment_cfg: Any = None) -> None:
 def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int, augment_cfg: Any,
                          batch_size: int, max_gt_boxes: int, num_workers: int, seed: int, rank: int = 0,
                          group_size: int = 1, shuffle: bool = True, epoch: int = 0,
-                         python_multiprocessing: bool = False) -> mindspore.dataset.Dataset:
+                         python_multiprocessing: bool = False, skip_batches: int = 0) -> mindspore.dataset.Dataset:
     """Training batches of one epoch for this rank: columns image float32 [B,3,S,S], gt_boxes float32
     [B,M,4], gt_labels int32 [B,M] (see the module docstring for order and determinism).
+    ``skip_batches`` leaves out the epoch's first batches at the sampler, without reading them (a resume
+    inside an epoch); the batches after them are the same as in the whole epoch.
 
     The map runs in ``num_workers`` threads (cv2 releases the GIL). ``python_multiprocessing`` moves it
     to worker processes instead; measured here (2 cores, 256 px) that is only faster when other jobs load
@@ -204,6 +206,7 @@ def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int
     if len(order) < batch_size:
         raise ValueError(f"{mindrecord_dir}: rank {rank} of {group_size} gets {len(order)} of {n} training "
                          f"images, fewer than one batch of {batch_size}")
+    order = order[skip_batches * batch_size:]
     data = ds.MindDataset(files, columns_list=_TRAIN_READ, sampler=ds.SubsetSampler(order.tolist()),
                           num_parallel_workers=1)
     fn = TrainSampleMap(model, input_size, augment_cfg, max_gt_boxes, seed, epoch, str(mindrecord_dir))

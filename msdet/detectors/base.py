@@ -36,7 +36,9 @@ class Detector(Protocol):
     def loss_cell(self, network: nn.Cell, group_size: int = 1) -> nn.Cell:
         """Cell: (image, gt_boxes, gt_labels, epoch) -> (total_loss scalar, components float32 [K]).
 
-        ``group_size``: data-parallel devices, for normalisers the official code averages across them."""
+        ``group_size``: data-parallel devices, for normalisers the official code averages across them.
+        A loss divided by a count made from the batch has a ``return_normaliser`` attribute: set True, the
+        cell also returns that raw count (gradient accumulation, msdet/engine/accumulate.py)."""
 
     def inference_cell(self, network: nn.Cell) -> nn.Cell:
         """Cell: image -> outputs in the official layout (what export writes)."""

@@ -46,12 +46,15 @@ class D0LossCell(nn.Cell):
         self.gamma = cfg.focal_gamma
         self.delta = cfg.huber_delta
         self.box_weight = cfg.box_loss_weight
+        #: also return the raw positives count (gradient accumulation, msdet/engine/accumulate.py)
+        self.return_normaliser = False
 
     def construct(self, image: Tensor, gt_boxes: Tensor, gt_labels: Tensor, epoch: Tensor) -> tuple:
         regression, logits = self.network(image)
         boxes, labels, positive, negative = self.matcher(self.anchors, gt_boxes, gt_labels)
         pos = positive.astype(ms.float32)
-        num_pos = ops.clamp(ops.sum(pos), min=1.0)
+        count = ops.sum(pos)
+        num_pos = ops.clamp(count, min=1.0)
         onehot = ops.one_hot(ops.clamp(labels, min=0), self.num_classes, Tensor(1.0, ms.float32),
                              Tensor(0.0, ms.float32)) * ops.expand_dims(pos, -1)
         care = ops.logical_or(positive, negative).astype(ms.float32)
@@ -61,6 +64,8 @@ class D0LossCell(nn.Cell):
         box_loss = ops.sum(huber_loss(regression, targets, self.delta) * ops.expand_dims(pos, -1))
         box_loss = box_loss / (num_pos * 4.0) * self.box_weight
         total = cls_loss + box_loss
+        if self.return_normaliser:
+            return total, ops.stack([total, cls_loss, box_loss]), count
         return total, ops.stack([total, cls_loss, box_loss])
 
 

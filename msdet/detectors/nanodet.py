@@ -60,6 +60,8 @@ class NanoDetLossCell(nn.Cell):
         self.dfl_weight = float(cfg.dfl_weight)
         self.giou_weight = float(cfg.giou_weight)
         self.bmm = ops.BatchMatMul()
+        #: also return the raw positives count (gradient accumulation, msdet/engine/accumulate.py)
+        self.return_normaliser = False
 
     def _decode(self, reg: Tensor) -> Tensor:
         dist = self.network.head.distribution_project(reg) * self.strides
@@ -88,7 +90,8 @@ class NanoDetLossCell(nn.Cell):
         assigned_gt, assigned_iou, matching = self.assigner(
             ops.stop_gradient(aux_cls), self.priors, ops.stop_gradient(aux_boxes), gt_boxes, gt_labels)
         pos = (assigned_gt >= 0).astype(ms.float32)
-        num_pos = ops.clamp(self.rank_mean(ops.sum(pos)), min=1.0)
+        count = self.rank_mean(ops.sum(pos))
+        num_pos = ops.clamp(count, min=1.0)
         classes = ops.arange(c, dtype=ms.int32)
         gt_onehot = (ops.expand_dims(gt_labels.astype(ms.int32), -1) == classes).astype(ms.float32)
         cls_target = self.bmm(matching, gt_onehot) * ops.expand_dims(assigned_iou, -1)     # [B, P, C]
@@ -103,7 +106,10 @@ class NanoDetLossCell(nn.Cell):
         aux_qfl, aux_bbox, aux_dfl = self._head_loss(aux_cls, aux_reg, aux_boxes, cls_target, box_target,
                                                      dist_target, pos, num_pos)
         total = qfl + bbox + dfl + aux_qfl + aux_bbox + aux_dfl
-        return total, ops.stack([total, qfl, bbox, dfl, aux_qfl, aux_bbox, aux_dfl])
+        parts = ops.stack([total, qfl, bbox, dfl, aux_qfl, aux_bbox, aux_dfl])
+        if self.return_normaliser:
+            return total, parts, count
+        return total, parts
 
 
 class NanoDetDetector:

@@ -1,8 +1,13 @@
 """Start data-parallel training on MindSpore's own launcher, ``msrun``, and report a failed rank by its log.
 
-msrun spawns one scheduler and ``workers`` worker processes on this host; when any worker dies it stops the
-job and exits non-zero. We add: a free scheduler port, an overall timeout, and a message naming the log of
-the rank that failed first. On Ascend a rank-table file (the seed scripts' HCCL setup) is passed through.
+msrun spawns ``workers`` worker processes on this host (and, on node 0, the scheduler that builds the
+cluster); when any of its workers dies it stops them and exits non-zero. Several hosts: run the same command
+on each with ``nodes``, its ``node_rank`` and node 0's ``master_addr``/``master_port``; msrun then numbers the
+ranks ``node_rank * workers + local index``. With ``--cluster_time_out`` a host whose peers never show up
+gives up after that many seconds; a host that dies mid-run stops the others when their scheduler heartbeat
+or collective fails (see the README's multi-node section). We add: a free scheduler port on one host, an
+overall timeout, and a message naming the host and log of the rank that failed first. On Ascend a
+rank-table file (the seed scripts' HCCL setup) is passed through.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -26,12 +32,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """Where this host sits in a multi-node job (the defaults: one host, scheduler on a free local port)."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    #: seconds msrun's processes wait for the whole cluster to form before giving up
+    cluster_time_out: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.node_rank < self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} is outside 0..{self.nodes - 1}")
+        if self.nodes > 1 and self.master_port == 0:
+            raise ValueError(f"{self.nodes} nodes need a fixed master_port shared by every host")
+
+
 def msrun_command(script: str, script_args: Sequence[str], workers: int, log_dir: str | Path,
-                  master_port: int | None = None, rank_table: str | None = None) -> list[str]:
+                  master_port: int | None = None, rank_table: str | None = None,
+                  cluster: Cluster | None = None) -> list[str]:
+    """The msrun command line for ``workers`` processes on this host (``cluster.nodes`` hosts in all)."""
+    cluster = cluster or Cluster()
     msrun = shutil.which("msrun") or str(Path(sys.executable).with_name("msrun"))
-    cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}",
-           f"--master_port={master_port or free_port()}", f"--log_dir={log_dir}", "--join=True",
-           "--cluster_time_out=300"]
+    port = master_port or cluster.master_port or free_port()
+    cmd = [msrun, f"--worker_num={workers * cluster.nodes}", f"--local_worker_num={workers}",
+           f"--master_port={port}", f"--log_dir={log_dir}", "--join=True",
+           f"--cluster_time_out={cluster.cluster_time_out}"]
+    if cluster.nodes > 1:
+        cmd += [f"--node_rank={cluster.node_rank}", f"--master_addr={cluster.master_addr}"]
     if rank_table:
         cmd.append(f"--rank_table_file={rank_table}")
     return cmd + [script, *script_args]
@@ -47,6 +77,12 @@ def failed_rank_logs(log_dir: str | Path) -> list[Path]:
     return bad
 
 
+#: what a rank logs when a collective or the scheduler loses a peer that died elsewhere (measured with a
+#: SIGKILLed node: the survivors' AllReduce gives up after ~30 s)
+LOST_PEER = re.compile(r"Reduce wait receiving|AllReduce\w* launch failed|Failed to connect to the meta server|"
+                       r"timed out node|heartbeat", re.I)
+
+
 def last_error_line(log: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^\w*(Error|Exception|Diverged)\b", ln) or "Error:" in ln]
@@ -55,8 +91,9 @@ def last_error_line(log: Path) -> str:
 
 def run_distributed(script: str, script_args: Sequence[str], workers: int, log_dir: str | Path,
                     timeout_s: float | None = None, rank_table: str | None = None,
-                    env: dict | None = None) -> None:
-    """Run ``script`` on ``workers`` ranks; raise DistributedJobFailed naming the failing rank's log."""
+                    env: dict | None = None, cluster: Cluster | None = None) -> None:
+    """Run ``script`` on ``workers`` ranks of this host; raise DistributedJobFailed naming the host and the
+    failing rank's log."""
     log_dir = Path(log_dir)
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
@@ -67,15 +104,19 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
     # msrun starts the script as a file: resolve its imports from the working directory, as `python -m`
     # does (this checkout's package, not another one installed in the environment)
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), run_env.get("PYTHONPATH", "")) if p)
-    cmd = msrun_command(script, script_args, workers, log_dir, rank_table=rank_table)
+    cmd = msrun_command(script, script_args, workers, log_dir, rank_table=rank_table, cluster=cluster)
+    where = f"node {cluster.node_rank} ({socket.gethostname()}): " if cluster and cluster.nodes > 1 else ""
     with open(log_dir / "msrun.out", "w") as out:
         try:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=run_env, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise DistributedJobFailed(f"distributed job timed out after {timeout_s} s; logs in {log_dir}") from exc
+            raise DistributedJobFailed(f"{where}distributed job timed out after {timeout_s} s; "
+                                       f"logs in {log_dir}") from exc
     if proc.returncode != 0:
         bad = failed_rank_logs(log_dir)
         if bad:
             rank = bad[0].stem.rsplit("_", 1)[-1]
-            raise DistributedJobFailed(f"rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])})")
-        raise DistributedJobFailed(f"msrun exited with code {proc.returncode}; see {log_dir}/msrun.out")
+            lost = " It lost a peer: a rank on another node stopped (that node's launcher names it, unless the " \
+                   "node itself died)." if where and LOST_PEER.search(bad[0].read_text(errors="replace")) else ""
+            raise DistributedJobFailed(f"{where}rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])}).{lost}")
+        raise DistributedJobFailed(f"{where}msrun exited with code {proc.returncode}; see {log_dir}/msrun.out")

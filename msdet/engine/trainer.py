@@ -5,7 +5,9 @@ owns everything else: optimizer and schedule, gradient clipping and all-reduce, 
 NaN/inf stops, and epoch checkpoints that a rerun resumes from with identical results.
 
 Output directory layout (``out_dir``):
-  state/last.ckpt         network + EMA + optimizer state after the last finished epoch (resume point)
+  state/last.ckpt         network + EMA + optimizer state after the last finished epoch, or every
+                          ``checkpoint_every_steps`` steps (resume point, msdet/engine/resume.py)
+  state/previous.ckpt     the resume point before it (kept until a newer one is complete)
   state/train_log.csv     one row per logged step (copied to the DVC plots file at the end)
   state/run_key.json      what the state was trained with; a resume only happens when it matches
   final.ckpt              network weights at the end (fine-tuning starts here)
@@ -34,6 +36,8 @@ from mindspore import Tensor, nn, ops
 
 from msdet.atomic import atomic_path, write_json, write_text
 from msdet.config import TrainConfig
+from msdet.engine import resume
+from msdet.engine.accumulate import AccumulatingStep
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights, weights_digest
 from msdet.engine.distributed import DistInfo, gradient_reducer
@@ -54,6 +58,9 @@ class TrainData:
     num_train_images: int
     #: optional: the sample indices this rank reads in an epoch (logged by each rank in distributed runs)
     shard_of_epoch: Callable[[int], Any] | None = None
+    #: optional: ``(epoch, n)`` -> that epoch's dataset without its first n batches, skipped where it is
+    #: cheap (the sampler); without it a mid-epoch resume reads and drops them
+    make_dataset_from: Callable[[int, int], Any] | None = None
 
 
 @dataclass
@@ -124,11 +131,13 @@ class Trainer:
                  dist: DistInfo | None = None, key_payload: dict | None = None, progress: bool = True) -> None:
         self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
         self.out_dir, self.dist, self.progress = Path(out_dir), dist or DistInfo(), progress
-        self.global_batch = cfg.batch_size * self.dist.group_size
+        self.accumulate = cfg.accumulate_steps
+        self.global_batch = cfg.batch_size * self.dist.group_size * self.accumulate
         per_rank = data.num_train_images // self.global_batch
         if per_rank < 1:
             raise ValueError(f"{data.num_train_images} training images cannot fill one global batch of "
-                             f"{self.global_batch} (batch_size {cfg.batch_size} x {self.dist.group_size} devices)")
+                             f"{self.global_batch} (batch_size {cfg.batch_size} x {self.dist.group_size} devices "
+                             f"x accumulate_steps {self.accumulate})")
         self.steps_per_epoch = min(per_rank, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else per_rank
         self.lr = warmup_cosine(cfg, self.steps_per_epoch, self.global_batch)
         self.key = run_key({"train": key_payload or {}, "steps_per_epoch": self.steps_per_epoch,
@@ -139,7 +148,8 @@ class Trainer:
         self.ema = EMA(network, cfg.ema_decay, cfg.ema_ramp_steps)
         reducer = gradient_reducer(self.optimizer.parameters, self.dist) if self.dist.enabled else None
         # a Cell, not a jitted closure: MindSpore compiles it ~5x faster to run, and it sees set_data()
-        self.step_fn = TrainStep(self.loss_cell, self.optimizer, self.ema, reducer, cfg.grad_clip_norm)
+        step_type = TrainStep if self.accumulate == 1 else AccumulatingStep
+        self.step_fn = step_type(self.loss_cell, self.optimizer, self.ema, reducer, cfg.grad_clip_norm)
         self.loss_names = list(detector.loss_names)
 
     # ------------------------------------------------------------------ checkpoints
@@ -151,7 +161,8 @@ class Trainer:
     def state_dir(self) -> Path:
         return self.out_dir / "state"
 
-    def _save_resume(self, epoch: int, step: int, rows: list[dict], seconds: float) -> None:
+    def _save_resume(self, epoch: int, step: int, rows: list[dict], seconds: float, epoch_step: int = 0) -> None:
+        """``epoch``: the last finished epoch; ``epoch_step``: optimizer steps taken in the next one."""
         import mindspore as ms
 
         items = [{"name": p.name, "data": p} for p in self.network.get_parameters()]
@@ -160,26 +171,25 @@ class Trainer:
         items += [{"name": p.name, "data": p} for p in self.optimizer.get_parameters() if p.name not in seen]
         # the training log is part of the resume state: a resumed run's curves equal an uninterrupted run's
         write_text(self.state_dir / "train_log.csv", _rows_to_csv(rows))
-        save_weights(self.resume_path, items, {"epoch": epoch, "step": step, "run_key": self.key,
-                                               "train_seconds": round(seconds, 3),
-                                               "rng": ms.get_rng_state().asnumpy().tolist()})
+        meta = {"epoch": epoch, "step": step, "epoch_step": epoch_step, "run_key": self.key,
+                "train_seconds": round(seconds, 3), "rng": ms.get_rng_state().asnumpy().tolist()}
+        resume.save_rotating(self.resume_path, lambda path: save_weights(path, items, meta))
 
-    def _try_resume(self) -> tuple[int, int, list[dict], float]:
-        """(next epoch, global step, log rows, seconds trained) from a matching resume checkpoint, else a
-        fresh start."""
+    def _try_resume(self) -> tuple[int, int, list[dict], float, int]:
+        """(next epoch, global step, log rows, seconds trained, steps of the next epoch already taken) from
+        the newest matching resume point, else a fresh start."""
         import mindspore as ms
         from mindspore import Tensor
 
         key_file = self.state_dir / "run_key.json"
         stored = json.loads(key_file.read_text()).get("run_key") if key_file.is_file() else None
-        if stored != self.key or not self.resume_path.is_file():
+        params = resume.newest_readable(self.resume_path, lambda p: checkpoint_meta(p, "run_key") == self.key) \
+            if stored == self.key else None
+        if params is None:
             if self.dist.is_main:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 write_json(key_file, {"run_key": self.key})
-            return 0, 0, [], 0.0
-        params = read_checkpoint(self.resume_path)
-        if checkpoint_meta(params, "run_key") != self.key:
-            return 0, 0, [], 0.0
+            return 0, 0, [], 0.0, 0
         ms.load_param_into_net(self.network, params, strict_load=False)
         ms.load_param_into_net(self.ema, params, strict_load=False)
         ms.load_param_into_net(self.optimizer, params, strict_load=False)
@@ -187,9 +197,12 @@ class Trainer:
         if rng is not None:
             ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
         log = self.state_dir / "train_log.csv"
-        rows = _csv_to_rows(log.read_text()) if log.is_file() else []
-        return (int(checkpoint_meta(params, "epoch")) + 1, int(checkpoint_meta(params, "step")), rows,
-                float(checkpoint_meta(params, "train_seconds", 0.0)))
+        step = int(checkpoint_meta(params, "step"))
+        # the log may run ahead of the point resumed from (killed between the two writes, or the newest
+        # point unreadable): keep the rows up to it
+        rows = [r for r in _csv_to_rows(log.read_text()) if r["step"] <= step] if log.is_file() else []
+        epoch, epoch_step = resume.position(params)
+        return epoch, step, rows, float(checkpoint_meta(params, "train_seconds", 0.0)), epoch_step
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_epochs: int | None = None,
@@ -200,7 +213,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        start_epoch, step, rows, seconds_before = self._try_resume()
+        start_epoch, step, rows, seconds_before, skip = self._try_resume()
         resumed = start_epoch
         t_start, compile_time, timed_images, timed_seconds = time.time(), 0.0, 0, 0.0
         last_parts = None
@@ -209,22 +222,21 @@ class Trainer:
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
                 break
             self.network.set_train(True)
-            dataset = self.data.make_dataset(epoch)
             if self.dist.enabled and self.data.shard_of_epoch is not None:
-                shard = [int(i) for i in self.data.shard_of_epoch(epoch)][: self.steps_per_epoch * self.cfg.batch_size]
+                shard = [int(i) for i in self.data.shard_of_epoch(epoch)][
+                    : self.steps_per_epoch * self.cfg.batch_size * self.accumulate]
                 print(f"[rank {self.dist.rank}] epoch {epoch + 1} samples {json.dumps(shard)}", flush=True)
             bar = tqdm(total=self.steps_per_epoch, desc=f"{self.detector.name} epoch {epoch + 1}/{self.cfg.epochs}",
-                       disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)
-            iterator = dataset.create_tuple_iterator(num_epochs=1)
-            for i, (image, gt_boxes, gt_labels) in enumerate(iterator):
+                       disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
+                       initial=skip)
+            for i, batches in enumerate(self._step_batches(epoch, skip), start=skip):
                 if i >= self.steps_per_epoch:
                     break
                 t0 = time.time()
-                loss, parts = self.step_fn(image, gt_boxes, gt_labels, Tensor(epoch, ms.int32),
-                                           Tensor(step + 1, ms.float32))
+                loss, parts = self._step(batches, Tensor(epoch, ms.int32), Tensor(step + 1, ms.float32))
                 parts_np = parts.asnumpy()
                 dt = time.time() - t0
-                if step == start_epoch * self.steps_per_epoch and i == 0:
+                if step == start_epoch * self.steps_per_epoch + skip and i == skip:
                     compile_time = dt
                 else:
                     timed_images += self.global_batch
@@ -245,7 +257,12 @@ class Trainer:
                     rows.append(row)
                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, parts_np)} | {"lr": f"{lr:.2e}"})
                 bar.update(1)
+                if self.dist.is_main and resume.save_due(step, i + 1, self.steps_per_epoch,
+                                                         self.cfg.checkpoint_every_steps):
+                    self._save_resume(epoch - 1, step, rows, seconds_before + time.time() - t_start, i + 1)
+                    print(f"[{self.detector.name}] resume point saved at step {step}", flush=True)
             bar.close()
+            skip = 0
             if self.dist.is_main:
                 self._save_resume(epoch, step, rows, seconds_before + time.time() - t_start)
                 loss_txt = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, last_parts)) \
@@ -266,6 +283,21 @@ class Trainer:
             final_losses={n: float(v) for n, v in zip(self.loss_names, last_parts)} if last_parts is not None else {},
             resumed_from_epoch=resumed, history_rows=len(rows), compile_time_s=round(compile_time, 2),
         )
+
+    def _step_batches(self, epoch: int, skip: int):
+        """The epoch's batches from optimizer step ``skip`` on, in tuples of ``accumulate_steps``."""
+        k = self.accumulate
+        if skip and self.data.make_dataset_from is not None:
+            dataset, drop = self.data.make_dataset_from(epoch, skip * k), 0
+        else:
+            dataset, drop = self.data.make_dataset(epoch), skip * k
+        batches = itertools.islice(dataset.create_tuple_iterator(num_epochs=1), drop, None)
+        return zip(*[batches] * k)
+
+    def _step(self, batches: tuple, epoch: Tensor, step: Tensor):
+        if self.accumulate == 1:
+            return self.step_fn(*batches[0], epoch, step)
+        return self.step_fn(list(batches), epoch, step)
 
     def finished(self) -> bool:
         if not self.resume_path.is_file():

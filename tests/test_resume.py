@@ -1,0 +1,119 @@
+"""Resume inside an epoch: a run stopped after any step continues from its last resume point and ends
+bit-identical to an uninterrupted run (toy detector; the kill -9 of a real stage is in test_multinode.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import mindspore as ms
+import mindspore.dataset as mds
+import numpy as np
+import pytest
+
+from msdet.engine import resume
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
+from msdet.engine.trainer import TrainData, Trainer
+from tests.test_engine import ToyDetector, ToyNet, cfg
+
+ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_device("CPU")
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the run stops between two steps, nothing else is written."""
+
+
+def toy_data(with_skip: bool, n=32, batch=4, seed=0) -> TrainData:
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
+    boxes = np.zeros((n, 2, 4), np.float32)
+    boxes[:, 0] = images[:, :, :4, :4].mean(axis=(1, 2))[:, :4] * 16 + 16
+    labels = np.full((n, 2), -1, np.int32)
+    labels[:, 0] = 1
+    read = []  # batches handed out, to check the sampler-level skip reads none it skips
+
+    def make(epoch, skip=0):
+        order = np.random.default_rng(seed * 1000 + epoch).permutation(n)[skip * batch:]
+        read.append((epoch, len(order) // batch))
+        ds = mds.NumpySlicesDataset((images[order], boxes[order], labels[order]),
+                                    column_names=["image", "gt_boxes", "gt_labels"], shuffle=False)
+        return ds.batch(batch, drop_remainder=True)
+
+    data = TrainData(make_dataset=make, num_train_images=n, make_dataset_from=make if with_skip else None)
+    data.read = read
+    return data
+
+
+def trainer_for(tmp_path, config, sub, with_skip=True):
+    ms.set_seed(0)
+    net = ToyNet()
+    trainer = Trainer(ToyDetector(), net, config, toy_data(with_skip), tmp_path / sub, progress=False,
+                      key_payload=dataclasses.asdict(config))
+    return trainer, net
+
+
+def kill_after(trainer, steps: int) -> None:
+    """Make ``trainer`` die when it is about to take step ``steps + 1``."""
+    real, calls = trainer._step, [0]
+
+    def step(*args):
+        if calls[0] == steps:
+            raise Killed
+        calls[0] += 1
+        return real(*args)
+
+    trainer._step = step
+
+
+@pytest.mark.parametrize("accumulate,kill_at,resumed_at,with_skip", [(1, 13, 12, True), (1, 13, 12, False),
+                                                                     (2, 7, 6, True)])
+def test_killed_mid_epoch_resumes_bit_identical(tmp_path, accumulate, kill_at, resumed_at, with_skip):
+    config = cfg(accumulate_steps=accumulate, checkpoint_every_steps=3)
+    full, net_full = trainer_for(tmp_path, config, "full")
+    full.fit()
+    part, _ = trainer_for(tmp_path, config, "part", with_skip)
+    kill_after(part, kill_at)
+    with pytest.raises(Killed):
+        part.fit()
+    state = tmp_path / "part" / "state"
+    assert sorted(p.name for p in state.glob("*.ckpt")) == ["last.ckpt", "previous.ckpt"]  # the newest two
+    last = read_checkpoint(state / "last.ckpt")
+    assert int(checkpoint_meta(last, "step")) == resumed_at
+    assert int(checkpoint_meta(last, "epoch_step")) not in (0, full.steps_per_epoch)  # inside an epoch
+
+    again, net_again = trainer_for(tmp_path, config, "part", with_skip)
+    summary = again.fit()
+    assert again.finished() and summary.steps == full.steps_per_epoch * 3
+    for a, b in zip(net_full.get_parameters(), net_again.get_parameters()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    for a, b in zip(full.ema.shadows, again.ema.shadows):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    assert (tmp_path / "full" / "state" / "train_log.csv").read_text() == (state / "train_log.csv").read_text()
+    first_read = again.data.read[0]
+    epoch, done = resume.position(last)
+    skipped_at_sampler = done * accumulate if with_skip else 0
+    assert first_read == (epoch, 32 // 4 - skipped_at_sampler)
+
+
+def test_unreadable_newest_point_falls_back_to_the_previous(tmp_path):
+    config = cfg(checkpoint_every_steps=3)
+    full, net_full = trainer_for(tmp_path, config, "full")
+    full.fit()
+    part, _ = trainer_for(tmp_path, config, "part")
+    kill_after(part, 13)
+    with pytest.raises(Killed):
+        part.fit()
+    (tmp_path / "part" / "state" / "last.ckpt").write_bytes(b"torn write")
+    again, net_again = trainer_for(tmp_path, config, "part")
+    epoch, step, rows, _, done = again._try_resume()
+    assert (epoch, step, done) == (1, 9, 1)  # the point before: step 9 = epoch 2, 1 step in
+    assert rows[-1]["step"] == 9  # the log written with the newer point is cut back to it
+    again.fit()
+    for a, b in zip(net_full.get_parameters(), net_again.get_parameters()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    assert (tmp_path / "full" / "state" / "train_log.csv").read_text() == \
+        (tmp_path / "part" / "state" / "train_log.csv").read_text()
+
+
+def test_save_due_skips_epoch_ends_and_zero():
+    assert [s for s in range(1, 17) if resume.save_due(s, (s - 1) % 8 + 1, 8, 3)] == [3, 6, 9, 12, 15]
+    assert not any(resume.save_due(s, 1, 8, 0) for s in range(1, 9))
