@@ -410,10 +410,6 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Nested mapping -> [("a.b.c", value)], the form ``dvc exp run -S a.b.c=value`` takes."""
     out: list[tuple[str, Any]] = []

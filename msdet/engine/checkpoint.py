@@ -95,10 +95,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def param_arrays(cell: nn.Cell) -> dict[str, np.ndarray]:
-    return {p.name: p.asnumpy() for p in cell.get_parameters()}
-
-
 def category_ids_for(ckpt_path: str | Path, meta: dict) -> list[int]:
     """Data-set category id of each class index of the checkpoint: its own ids when it carries them (a
     converted official checkpoint: 90 for zylo117's D0), else the data set's (``meta["categories"]``)."""

@@ -181,17 +181,6 @@ def init_conv_glorot_uniform(conv: nn.Conv2d, rng: np.random.Generator) -> None:
         _set(conv.bias, np.zeros(conv.bias.shape))
 
 
-def reset_batch_norms(cell: nn.Cell) -> None:
-    """gamma 1, beta 0, running mean 0, running variance 1 for every BatchNorm2d under ``cell``."""
-    for _, sub in cell.cells_and_names():
-        if isinstance(sub, nn.BatchNorm2d):
-            n = sub.gamma.shape[0]
-            _set(sub.gamma, np.ones(n))
-            _set(sub.beta, np.zeros(n))
-            _set(sub.moving_mean, np.zeros(n))
-            _set(sub.moving_variance, np.ones(n))
-
-
 def convs_of(cell: nn.Cell) -> list[nn.Conv2d]:
     return [sub for _, sub in cell.cells_and_names() if isinstance(sub, nn.Conv2d)]
 
@@ -199,5 +188,5 @@ def convs_of(cell: nn.Cell) -> list[nn.Conv2d]:
 __all__ = [
     "Swish", "batch_norm", "Conv2dSame", "MaxPool2dSame", "same_pad_amounts", "zero_pad2d", "upsample_nearest2x",
     "SeparableConvBlock", "drop_connect", "init_conv_normal_fan_out", "init_conv_variance_scaling",
-    "init_conv_glorot_uniform", "reset_batch_norms", "convs_of",
+    "init_conv_glorot_uniform", "convs_of",
 ]

@@ -15,11 +15,6 @@ DEFAULT_SCALES = (2 ** 0, 2 ** (1.0 / 3.0), 2 ** (2.0 / 3.0))
 DEFAULT_RATIOS = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))
 
 
-def num_anchors_per_location(scales: Sequence[float] = DEFAULT_SCALES,
-                             ratios: Sequence[tuple[float, float]] = DEFAULT_RATIOS) -> int:
-    return len(scales) * len(ratios)
-
-
 def efficientdet_anchors(image_size: int | tuple[int, int], anchor_scale: float = 4.0,
                          levels: Sequence[int] = (3, 4, 5, 6, 7),
                          scales: Sequence[float] = DEFAULT_SCALES,
