@@ -12,7 +12,6 @@ from mindspore import nn, ops
 from msdet.engine.trainer import TrainData, Trainer
 from tests.test_engine import ToyNet, cfg
 
-ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 

@@ -29,7 +29,6 @@ from msdet.detectors import get_detector
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
 from tests.conftest import FIXTURES, official_state_dict
 
-ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 TORCH_FIXTURES = FIXTURES / "torch"

@@ -201,17 +201,12 @@ def test_training_steps_lower_the_loss_in_graph_mode():
     assert last[2] < first[2] and last[1] < first[1]
 
 
-def test_gradient_matches_finite_differences():
+def test_gradient_matches_finite_differences(pynative):
     """The framework's gradient of the whole D0 loss against central differences along a random direction per
     module (a wrong kernel gradient, as MindSpore 2.8's PadV3Grad on CPU, trains slowly without failing).
     The first six backbone blocks are left out: their loss surface bends too sharply for float32 differences.
     PyNative: a handful of forward passes is cheaper than compiling them."""
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        _check_gradient_by_module()
-    finally:
-        ms.set_context(mode=mode)
+    _check_gradient_by_module()
 
 
 def _check_gradient_by_module():

@@ -28,7 +28,6 @@ from msdet.inference import (
 from stages import infer as infer_stage
 from tests.test_export import ToyDetector, toy_preprocess
 
-ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 META = {"num_classes": 3, "categories": [{"id": 7, "name": "circle"}, {"id": 11, "name": "square"},

@@ -29,13 +29,7 @@ from msdet.ops.distance_coder import (
 from msdet.ops.priors import center_priors, num_priors
 from tests.conftest import official_state_dict
 
-
-@pytest.fixture(autouse=True)
-def pynative():
-    old = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=old)
+pytestmark = pytest.mark.usefixtures("pynative")
 
 
 @pytest.fixture(scope="module")

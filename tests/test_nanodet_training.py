@@ -14,12 +14,8 @@ DETACH_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
-def graph_mode():
-    old = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
+def seeded():
     ms.set_seed(0)
-    yield
-    ms.set_context(mode=old)
 
 
 class WeightedLoss(nn.Cell):
@@ -46,7 +42,7 @@ class GradCell(nn.Cell):
 
 
 @pytest.fixture(scope="module")
-def setup(graph_mode):
+def setup(seeded):
     """One compiled graph: weighted loss components and their gradients, shared by every test."""
     det = NanoDetDetector(NanoDetConfig(input_size=SIZE, detach_epoch=DETACH_EPOCH), 3)
     net = det.build_network()

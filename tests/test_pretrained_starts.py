@@ -33,12 +33,7 @@ def mindcv_models():
     return pytest.importorskip("mindcv.models")  # pinned test dependency (Makefile: mindcv==0.3.0)
 
 
-@pytest.fixture(autouse=True)
-def pynative():
-    old = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=old)
+pytestmark = pytest.mark.usefixtures("pynative")
 
 
 def randomise_bn(cell: nn.Cell, seed: int) -> None:

@@ -14,7 +14,6 @@ from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.trainer import TrainData, Trainer
 from tests.test_engine import ToyDetector, ToyNet, cfg
 
-ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 
