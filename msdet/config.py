@@ -137,6 +137,11 @@ class TrainConfig:
     # Precise BN: before saving, BN statistics are recomputed over this many training batches with the
     # final (and the EMA) weights; 0 keeps the running averages (msdet/engine/batch_norm_stats.py).
     bn_recalibration_batches: int = _f(0, range=(0, 10**6))
+    # Validate the EMA weights (COCO AP on the val split, eval block's post-processing) every this many epochs
+    # and keep the best by AP as best.ckpt; 0 = off. automl evaluates every 5 epochs, nanodet every 10.
+    eval_every_epochs: int = _f(0, range=(0, 100_000))
+    # Validate on the first N val images only (a fixed subset, cheaper); 0 = the whole val split.
+    eval_max_images: int = _f(0, range=(0, 10**9))
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,8 @@ class EvalConfig:
     # Highest-scoring (anchor, class) candidates per image kept before NMS, bounding its cost.
     pre_nms_top_k: int = _f(1000, range=(1, 1_000_000))
     num_plot_images: int = _f(4, range=(0, 1000))
+    # Weights the eval stage scores: "ema" (the end of training) or "best" (best validated epoch, best.ckpt).
+    checkpoint: str = _f("ema", choices=("ema", "best"))
 
 
 @dataclass(frozen=True)

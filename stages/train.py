@@ -12,7 +12,7 @@ from pathlib import Path
 from msdet.config import load_params
 from msdet.engine.distributed import launched_distributed
 from msdet.engine.launch import DistributedJobFailed, run_distributed
-from msdet.training import check_starting_weights_tracked, train_model
+from msdet.training import check_starting_weights_tracked, read_meta, train_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"[{args.model}] trained on {workers} workers; logs in {log_dir}")
         return 0
+    validate = None
+    if getattr(params, args.model).train.eval_every_epochs:
+        from msdet.evaluation.runner import Validator
+
+        categories = read_meta(params.mindrecord.out_dir)["categories"]
+        validate = Validator(params, args.model, [c["id"] for c in categories])
     card = train_model(params, args.model, params.mindrecord.out_dir, Path("models") / args.model,
-                       plots_csv=Path("plots") / args.model / "train.csv", stop_after_epochs=args.stop_after_epochs)
+                       live_dir=Path("dvclive") / args.model, stop_after_epochs=args.stop_after_epochs,
+                       validate=validate)
     if card is not None:
         print(f"[{args.model}] done: {card['epochs']} epochs in {card['wall_time_s']:.0f} s, "
               f"final losses {card['final_losses']}")

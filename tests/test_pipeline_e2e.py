@@ -1,7 +1,9 @@
 """End to end: the real dvc.yaml in a throw-away git + DVC repo, on a tiny config.
 
 Checks that `dvc repro` runs every stage, that a no-op repro does nothing, that `dvc exp run -S` on an eval
-param reruns only the eval stages, and that `dvc metrics diff` / `dvc params diff` report the change.
+param reruns only the eval stages, and that `dvc metrics diff` / `dvc params diff` report the change; then
+that a running `dvc exp run` shows its dvclive metrics, survives a kill, and validates without changing the
+weights.
 """
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from msdet.config import merge
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
+from msdet.engine.live import SERIES_DIR, read_series
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -37,7 +43,7 @@ TINY = {
 def project_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout.split()
-    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvc.lock")
+    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvclive/", "dvc.lock")
     return [f for f in out if (ROOT / f).is_file() and not f.startswith(generated)]
 
 
@@ -75,6 +81,11 @@ def test_repro_then_experiment(repo):
         assert (dst / "models" / model / "export" / "model.mindir").is_file()
         card = json.loads((dst / "models" / model / "model_card.json").read_text())
         assert card["input_size"] == 128 and card["steps"] == 3
+        assert [s for s, _ in read_series(dst / "dvclive" / model, "train/loss")] == [1, 2, 3]
+        assert (dst / "models" / model / "best.ckpt").is_file() and card["validation"]["best"] is None
+    plots = json.loads(run(dvc + ["plots", "show", "--json"], dst, env))
+    for name in ("d0 loss components", "nanodet loss components", "learning rate"):
+        assert plots[name][0]["data"], name
     data = json.loads((dst / "metrics" / "data.json").read_text())
     assert data["train"]["images"] == 24
     status = run(dvc + ["status"], dst, env)
@@ -83,6 +94,8 @@ def test_repro_then_experiment(repo):
     assert "Running stage" not in noop
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "baseline"], dst, env)
+    run(dvc + ["artifacts", "get", str(dst), "efficientdet-d0", "-o", str(dst.parent / "d0.ckpt")], dst, env)
+    assert (dst.parent / "d0.ckpt").read_bytes() == (dst / "models" / "d0" / "ema.ckpt").read_bytes()
 
     out = run(dvc + ["exp", "run", "-S", "eval.score_threshold=0.0"], dst, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
@@ -93,3 +106,70 @@ def test_repro_then_experiment(repo):
     metrics_diff = json.loads(run(dvc + ["metrics", "diff", "--json", "--all"], dst, env))
     changed = [k for f, d in metrics_diff.items() for k, v in d.items() if k == "num_detections" and v.get("diff")]
     assert changed, metrics_diff
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in read_checkpoint(path).items() if hasattr(v, "asnumpy")}
+
+
+def test_live_metrics_kill_resume_and_validation(repo):
+    """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun (it resumes);
+    then the same training without validation, uninterrupted, must give the same series and weights."""
+    import psutil
+
+    dst, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    live = dst / "dvclive" / "d0"
+    steps = 4
+    sets = ["-S", "d0.train.epochs=3", "-S", f"d0.train.max_steps_per_epoch={steps}", "-S",
+            "d0.train.eval_max_images=4"]
+    validated = dvc + ["exp", "run", "train_d0", *sets, "-S", "d0.train.eval_every_epochs=1"]
+    proc = subprocess.Popen(validated, cwd=dst, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen, show = [], None
+    try:
+        while proc.poll() is None and (not seen or seen[-1] <= steps):  # until the 2nd epoch's first row
+            rows = len(read_series(live, "train/loss"))
+            if rows and (not seen or rows != seen[-1]):
+                seen.append(rows)
+            if rows and show is None:  # `dvc exp show` on the running experiment
+                show = subprocess.Popen(dvc + ["exp", "show", "--json"], cwd=dst, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        trainer = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "stages.train" in " ".join(p.cmdline())]
+        assert len(trainer) == 1
+        trainer[0].kill()
+    finally:
+        out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0, out[-3000:]
+    assert len(seen) >= 2 and seen[-1] == steps + 1, seen  # the file grew while the stage ran
+    assert not (dst / "models" / "d0" / "model_card.json").exists()  # the stage never ended
+    show_out, show_err = show.communicate(timeout=300)
+    assert show.returncode == 0, show_err[-2000:]
+    workspace = next(e for e in json.loads(show_out) if e["rev"] == "workspace")
+    shown = workspace["data"]["metrics"]["dvclive/d0/metrics.json"]["data"]
+    assert 1 <= shown["step"] <= steps + 1 and "loss" in shown["train"], shown
+
+    run(validated, dst, env)  # resumes after the 1st epoch
+    card = json.loads((dst / "models" / "d0" / "model_card.json").read_text())
+    assert card["resumed_from_epoch"] == 1 and card["steps"] == 3 * steps
+    assert [s for s, _ in read_series(live, "train/loss")] == list(range(1, 3 * steps + 1))
+    val_ap = read_series(live, "val/AP")
+    assert [s for s, _ in val_ap] == [steps, 2 * steps, 3 * steps]
+    best_step = max(val_ap, key=lambda r: r[1])[0]  # the first of equal APs
+    best = read_checkpoint(dst / "models" / "d0" / "best.ckpt")
+    assert checkpoint_meta(best, "step") == best_step == card["validation"]["best"]["step"]
+    series = {p.name: p.read_text() for p in (live / SERIES_DIR / "train").glob("*.tsv")
+              if p.name != "images_per_s.tsv"}
+    killed_then_resumed = {name: weights(dst / "models" / "d0" / name) for name in ("final.ckpt", "ema.ckpt")}
+
+    run(dvc + ["exp", "run", "train_d0", *sets, "-S", "d0.train.eval_every_epochs=0"], dst, env)
+    assert not read_series(live, "val/AP")
+    assert {p.name: p.read_text() for p in (live / SERIES_DIR / "train").glob("*.tsv")
+            if p.name != "images_per_s.tsv"} == series
+    for name, expected in killed_then_resumed.items():
+        got = weights(dst / "models" / "d0" / name)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
