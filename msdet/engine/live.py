@@ -50,6 +50,7 @@ class LiveLog:
 
     def __init__(self, directory: str | Path, resume_step: int = 0) -> None:
         from dvclive import Live
+        from dvclive.studio import get_dvc_studio_config
 
         self.dir = Path(directory)
         latest: dict[str, float] = {}
@@ -63,6 +64,7 @@ class LiveLog:
             self._set_summary(name, value)
         if resume_step > 0:
             self.live.step = resume_step
+        self.studio = bool(get_dvc_studio_config(self.live))
 
     def _set_summary(self, name: str, value: float) -> None:
         node = self.live.summary
@@ -72,11 +74,20 @@ class LiveLog:
         node[leaf] = value
 
     def log(self, step: int, values: dict[str, float], plot: bool = True) -> None:
-        """One row at global step ``step``: appended to each metric's series (``plot``) and to metrics.json."""
+        """One row at global step ``step``: appended to each metric's series (``plot``) and to metrics.json.
+
+        What ``Live.next_step()`` does, except that Studio gets the data only when it is configured:
+        dvclive re-reads every series for it at each step, a cost growing with the run (measured: 90 ms a
+        row after 600 rows of 9 metrics, on the loaded 2-core machine)."""
+        from dvclive.vscode import mark_dvclive_step_completed
+
         self.live.step = step
         for name, value in values.items():
             self.live.log_metric(name, float(value), plot=plot)
-        self.live.next_step()  # writes metrics.json and signals the step to VS Code / Studio
+        self.live.make_summary()
+        if self.studio:
+            self.live.post_data_to_studio()
+        mark_dvclive_step_completed(step)  # VS Code's DVC extension refreshes on it
 
     def latest(self, group: str) -> dict[str, float]:
         """The last logged value of each metric ``<group>/<name>``, by name."""
