@@ -83,9 +83,9 @@ def test_repro_then_experiment(repo):
         assert card["input_size"] == 128 and card["steps"] == 3
         assert [s for s, _ in read_series(dst / "dvclive" / model, "train/loss")] == [1, 2, 3]
         assert (dst / "models" / model / "best.ckpt").is_file() and card["validation"]["best"] is None
-    plots = json.loads(run(dvc + ["plots", "show", "--json"], dst, env))
-    for name in ("d0 loss components", "nanodet loss components", "learning rate"):
-        assert plots[name][0]["data"], name
+    plots = json.loads(run(dvc + ["plots", "show", "--json"], dst, env))["data"]
+    for name in ("d0 loss components", "nanodet loss components", "learning rate"):  # from the dvclive files
+        assert plots[name][0]["content"]["data"]["values"], name
     data = json.loads((dst / "metrics" / "data.json").read_text())
     assert data["train"]["images"] == 24
     status = run(dvc + ["status"], dst, env)
@@ -112,20 +112,26 @@ def weights(path: Path) -> dict[str, np.ndarray]:
     return {k: v.asnumpy() for k, v in read_checkpoint(path).items() if hasattr(v, "asnumpy")}
 
 
+def set_d0_train(dst: Path, **values) -> None:
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["d0"]["train"].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_live_metrics_kill_resume_and_validation(repo):
-    """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun (it resumes);
-    then the same training without validation, uninterrupted, must give the same series and weights."""
+    """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun with `dvc repro`
+    (it resumes; `dvc exp run` would first check the stage's outputs out as dvc.lock has them, resetting the
+    persisted state); then the same training without validation, uninterrupted, must give the same series
+    and weights."""
     import psutil
 
     dst, env = repo
     dvc = [sys.executable, "-m", "dvc"]
     live = dst / "dvclive" / "d0"
     steps = 4
-    sets = ["-S", "d0.train.epochs=3", "-S", f"d0.train.max_steps_per_epoch={steps}", "-S",
-            "d0.train.eval_max_images=4"]
-    validated = dvc + ["exp", "run", "train_d0", *sets, "-S", "d0.train.eval_every_epochs=1"]
-    proc = subprocess.Popen(validated, cwd=dst, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    set_d0_train(dst, epochs=3, max_steps_per_epoch=steps, eval_max_images=4, eval_every_epochs=1)
+    proc = subprocess.Popen(dvc + ["exp", "run", "train_d0"], cwd=dst, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     seen, show = [], None
     try:
         while proc.poll() is None and (not seen or seen[-1] <= steps):  # until the 2nd epoch's first row
@@ -152,7 +158,7 @@ def test_live_metrics_kill_resume_and_validation(repo):
     shown = workspace["data"]["metrics"]["dvclive/d0/metrics.json"]["data"]
     assert 1 <= shown["step"] <= steps + 1 and "loss" in shown["train"], shown
 
-    run(validated, dst, env)  # resumes after the 1st epoch
+    run(dvc + ["repro", "train_d0"], dst, env)  # resumes after the 1st epoch
     card = json.loads((dst / "models" / "d0" / "model_card.json").read_text())
     assert card["resumed_from_epoch"] == 1 and card["steps"] == 3 * steps
     assert [s for s, _ in read_series(live, "train/loss")] == list(range(1, 3 * steps + 1))
@@ -165,7 +171,8 @@ def test_live_metrics_kill_resume_and_validation(repo):
               if p.name != "images_per_s.tsv"}
     killed_then_resumed = {name: weights(dst / "models" / "d0" / name) for name in ("final.ckpt", "ema.ckpt")}
 
-    run(dvc + ["exp", "run", "train_d0", *sets, "-S", "d0.train.eval_every_epochs=0"], dst, env)
+    set_d0_train(dst, eval_every_epochs=0)
+    run(dvc + ["repro", "train_d0"], dst, env)
     assert not read_series(live, "val/AP")
     assert {p.name: p.read_text() for p in (live / SERIES_DIR / "train").glob("*.tsv")
             if p.name != "images_per_s.tsv"} == series
