@@ -120,7 +120,8 @@ def set_d0_train(dst: Path, **values) -> None:
 
 def test_live_metrics_kill_resume_and_validation(repo):
     """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun with `dvc repro`
-    (it must resume); then the same training without validation, uninterrupted, must give the same series
+    (it resumes; `dvc exp run` would first check the stage's outputs out as dvc.lock has them, resetting the
+    persisted state); then the same training without validation, uninterrupted, must give the same series
     and weights."""
     import psutil
 
