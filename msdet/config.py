@@ -186,6 +186,11 @@ class TrainConfig:
     # Also save the resume state every this many optimizer steps inside an epoch (0 = at epoch ends only);
     # a killed run continues from there with identical results (msdet/engine/resume.py).
     checkpoint_every_steps: int = _f(0, range=(0, 10**9))
+    # Validate the EMA weights (COCO AP on the val split, eval block's post-processing) every this many epochs
+    # and keep the best by AP as best.ckpt; 0 = off. automl evaluates every 5 epochs, nanodet every 10.
+    eval_every_epochs: int = _f(0, range=(0, 100_000))
+    # Validate on the first N val images only (a fixed subset, cheaper); 0 = the whole val split.
+    eval_max_images: int = _f(0, range=(0, 10**9))
 
 
 @dataclass(frozen=True)
@@ -264,6 +269,8 @@ class EvalConfig:
     # Highest-scoring (anchor, class) candidates per image kept before NMS, bounding its cost.
     pre_nms_top_k: int = _f(1000, range=(1, 1_000_000))
     num_plot_images: int = _f(4, range=(0, 1000))
+    # Weights the eval stage scores: "ema" (the end of training) or "best" (best validated epoch, best.ckpt).
+    checkpoint: str = _f("ema", choices=("ema", "best"))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,13 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
 
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
-                plots_csv: str | Path | None = None, stop_after_epochs: int | None = None,
-                progress: bool = True) -> dict | None:
+                live_dir: str | Path | None = None, stop_after_epochs: int | None = None,
+                progress: bool = True, validate: Callable[[Any, Any], dict[str, float]] | None = None
+                ) -> dict | None:
     """Train ``model`` ("d0" | "nanodet"); writes ``out_dir`` (see msdet.engine.trainer) and the model card.
 
+    ``live_dir``: the dvclive directory of the run's metrics. ``validate(detector, network)`` -> {"AP", "AP50"}
+    is called every ``<model>.train.eval_every_epochs`` epochs (msdet.evaluation.runner.Validator).
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
     Returns the model card (rank 0) or None.
     """
@@ -98,11 +102,12 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     del model_key["train"]["checkpoint_every_steps"]  # how often the state is saved does not change the run
     payload = {"model": model_key, "runtime_seed": params.runtime.seed, "meta": meta,
                "starting_weights_sha256": start_files}
-    trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress)
+    trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
+                      live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)
     if not trainer.finished():
         return None
-    trainer.write_final(plots_csv)
+    trainer.write_final()
     if not dist.is_main:
         return None
     card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load)
@@ -136,12 +141,14 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "compile_time_s": summary.compile_time_s,
         "resumed_from_epoch": summary.resumed_from_epoch,
         "final_losses": summary.final_losses,
+        "validation": {"every_epochs": mcfg.train.eval_every_epochs, "max_images": mcfg.train.eval_max_images,
+                       "best": summary.best},
         "init": mcfg.init,
         "pretrained_backbone": mcfg.pretrained_backbone,
         "pretrained_backbone_load": backbone_load,
         "class_head_reinitialised": reinit,
         "starting_weights_sha256": start_files,
-        "weights": {"ema": "ema.ckpt", "final": "final.ckpt"},
+        "weights": {"ema": "ema.ckpt", "final": "final.ckpt", "best": "best.ckpt"},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -1,4 +1,5 @@
-"""DVC stage eval_<model>: COCO metrics of the EMA weights on the val split.
+"""DVC stage eval_<model>: COCO metrics of the EMA weights (``eval.checkpoint: best``: the best validated
+epoch's) on the val split.
 
     python -m stages.eval --model d0|nanodet [--ckpt models/<model>/ema.ckpt]
 
@@ -20,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, choices=("d0", "nanodet"))
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--ckpt", default=None, help="weights to evaluate (default: the stage's EMA checkpoint)")
+    ap.add_argument("--ckpt", default=None,
+                    help="weights to evaluate (default: models/<model>/<eval.checkpoint>.ckpt, ema or best)")
     ap.add_argument("--metrics", default=None, help="default: metrics/<model>.json")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    ckpt = args.ckpt or Path("models") / args.model / "ema.ckpt"
+    ckpt = args.ckpt or Path("models") / args.model / f"{params.eval.checkpoint}.ckpt"
     metrics = run_eval(params, args.model, ckpt, args.metrics or Path("metrics") / f"{args.model}.json",
                        Path("plots") / args.model)
     print(f"[{args.model}] AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  on {metrics['num_images']} images, "

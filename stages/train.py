@@ -13,6 +13,7 @@ from pathlib import Path
 
 from msdet.cli import run
 from msdet.config import load_params
+from msdet.data.meta import read_meta
 from msdet.engine.distributed import launched_distributed
 from msdet.engine.launch import Cluster, DistributedJobFailed, run_distributed
 from msdet.training import check_starting_weights_tracked, train_model
@@ -56,8 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f" x {cluster.nodes} nodes (this is node {cluster.node_rank})" if cluster.nodes > 1 else ""
         print(f"[{args.model}] trained on {workers} workers{where}; logs in {log_dir}")
         return 0
+    validate = None
+    if getattr(params, args.model).train.eval_every_epochs:
+        from msdet.evaluation.runner import Validator
+
+        categories = read_meta(params.mindrecord.out_dir)["categories"]
+        validate = Validator(params, args.model, [c["id"] for c in categories])
     card = train_model(params, args.model, params.mindrecord.out_dir, Path("models") / args.model,
-                       plots_csv=Path("plots") / args.model / "train.csv", stop_after_epochs=args.stop_after_epochs)
+                       live_dir=Path("dvclive") / args.model, stop_after_epochs=args.stop_after_epochs,
+                       validate=validate)
     if card is not None:
         print(f"[{args.model}] done: {card['epochs']} epochs in {card['wall_time_s']:.0f} s, "
               f"final losses {card['final_losses']}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import mindspore as ms
 import mindspore.dataset as mds
@@ -11,25 +12,30 @@ from mindspore import Tensor, nn, ops
 
 from msdet.config import TrainConfig
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
-from msdet.engine.checkpoint import read_checkpoint
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.ema import EMA
+from msdet.engine.live import SERIES_DIR, read_series
 from msdet.engine.schedules import warmup_cosine
 from msdet.engine.trainer import TrainData, Trainer, TrainingDiverged
+from msdet.models.layers import drop_connect
 
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 
 class ToyNet(nn.Cell):
-    def __init__(self):
+    def __init__(self, drop_connect_rate=0.0):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
         self.bn = nn.BatchNorm2d(4, momentum=0.9)
         self.fc = nn.Dense(4, 4)
         self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
+        self.drop_connect_rate = drop_connect_rate
 
     def construct(self, x):
         x = ops.relu(self.bn(self.conv(x)))
+        if self.training and self.drop_connect_rate > 0:  # draws from the global RNG, as D0's drop-connect
+            x = drop_connect(x, self.drop_connect_rate)
         return self.fc(x.mean(axis=(2, 3))) * self.scale
 
 
@@ -60,7 +66,8 @@ class ToyDetector:
         return ToyLoss(network, self.scale)
 
 
-def toy_data(n=32, batch=4, seed=0):
+def toy_data(n=32, batch=4, seed=0, kill_at=None):
+    """``kill_at`` (epoch, batch): the data loader raises KeyboardInterrupt there, as a killed process stops."""
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
     boxes = np.zeros((n, 2, 4), np.float32)
@@ -72,9 +79,23 @@ def toy_data(n=32, batch=4, seed=0):
         order = np.random.default_rng(seed * 1000 + epoch).permutation(n)
         ds = mds.NumpySlicesDataset((images[order], boxes[order], labels[order]),
                                     column_names=["image", "gt_boxes", "gt_labels"], shuffle=False)
-        return ds.batch(batch, drop_remainder=True)
+        ds = ds.batch(batch, drop_remainder=True)
+        return Killed(ds, kill_at[1]) if kill_at is not None and kill_at[0] == epoch else ds
 
     return TrainData(make_dataset=make, num_train_images=n)
+
+
+class Killed:
+    """A dataset whose iterator stops the process (KeyboardInterrupt) before batch ``at``."""
+
+    def __init__(self, ds, at):
+        self.ds, self.at = ds, at
+
+    def create_tuple_iterator(self, num_epochs=1):
+        for i, batch in enumerate(self.ds.create_tuple_iterator(num_epochs=num_epochs)):
+            if i == self.at:
+                raise KeyboardInterrupt
+            yield batch
 
 
 def cfg(**kw):
@@ -84,11 +105,12 @@ def cfg(**kw):
     return TrainConfig(**base)
 
 
-def fresh_trainer(tmp_path, config, scale=1.0, sub="run"):
+def fresh_trainer(tmp_path, config, scale=1.0, sub="run", live=True, validate=None, kill_at=None, drop=0.0):
     ms.set_seed(0)
-    net = ToyNet()
-    return Trainer(ToyDetector(scale), net, config, toy_data(), tmp_path / sub, progress=False,
-                   key_payload=dataclasses.asdict(config)), net
+    net = ToyNet(drop)
+    return Trainer(ToyDetector(scale), net, config, toy_data(kill_at=kill_at), tmp_path / sub, progress=False,
+                   key_payload=dataclasses.asdict(config), live_dir=tmp_path / sub / "live" if live else None,
+                   validate=validate), net
 
 
 def test_warmup_cosine_shape_and_values():
@@ -118,15 +140,23 @@ def test_ema_matches_numpy():
 def test_loss_goes_down_and_outputs(tmp_path):
     trainer, net = fresh_trainer(tmp_path, cfg(epochs=4))
     summary = trainer.fit()
-    trainer.write_final(tmp_path / "plots.csv")
-    lines = (tmp_path / "plots.csv").read_text().splitlines()
-    assert lines[0] == "step,epoch,lr,loss,valid"
-    losses = [float(line.split(",")[3]) for line in lines[1:]]
-    assert len(losses) == 4 * 8 == summary.steps
+    trainer.write_final()
+    live = tmp_path / "run" / "live"
+    loss = read_series(live, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, 4 * 8 + 1)) and summary.steps == 32
+    losses = [v for _, v in loss]
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
-    assert float(lines[1].split(",")[4]) == 4.0  # 4 images x 1 valid GT each
+    assert read_series(live, "train/valid")[0] == (1, 4.0)  # 4 images x 1 valid GT each
+    np.testing.assert_allclose([v for _, v in read_series(live, "train/lr")], trainer.lr, rtol=1e-6)
+    assert len(read_series(live, "train/images_per_s")) == 32
+    assert (live / SERIES_DIR / "train" / "loss.tsv").read_text().startswith("step\tloss\n")
+    latest = json.loads((live / "metrics.json").read_text())
+    assert latest["step"] == 32 and latest["train"]["loss"] == losses[-1]
+    assert summary.final_losses["loss"] == pytest.approx(losses[-1], rel=1e-6)
     ema_params = read_checkpoint(tmp_path / "run" / "ema.ckpt")
     assert set(ema_params) >= {p.name for p in net.get_parameters()}
+    # no validation: best.ckpt is the EMA checkpoint
+    assert (tmp_path / "run" / "best.ckpt").read_bytes() == (tmp_path / "run" / "ema.ckpt").read_bytes()
 
 
 def test_resume_gives_identical_weights(tmp_path):
@@ -142,8 +172,8 @@ def test_resume_gives_identical_weights(tmp_path):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
     for a, b in zip(full.ema.shadows, resumed.ema.shadows):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
-    assert (tmp_path / "full" / "state" / "train_log.csv").read_text() == \
-        (tmp_path / "part" / "state" / "train_log.csv").read_text()
+    for name in ("train/loss", "train/valid", "train/lr"):
+        assert read_series(tmp_path / "full" / "live", name) == read_series(tmp_path / "part" / "live", name)
 
 
 def test_changed_params_start_fresh(tmp_path):
@@ -253,3 +283,110 @@ def test_write_final_recalibrates_bn_and_resume_saves_the_same(tmp_path):
     final = read_checkpoint(tmp_path / "full" / "final.ckpt")
     np.testing.assert_array_equal(final["net.conv.weight"].asnumpy(), running["net.conv.weight"])
     assert not np.allclose(final["net.bn.moving_mean"].asnumpy(), running["net.bn.moving_mean"])
+
+
+def series_files(live):
+    """{relative path: text} of the live series that a rerun must reproduce (timings excluded)."""
+    root = live / SERIES_DIR
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.tsv"))
+            if p.name != "images_per_s.tsv"}
+
+
+def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_series(tmp_path):
+    full, _ = fresh_trainer(tmp_path, cfg(), sub="full")
+    full.fit()
+    killed, _ = fresh_trainer(tmp_path, cfg(), sub="part", kill_at=(1, 5))
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    part = tmp_path / "part" / "live"
+    assert read_series(part, "train/loss")[-1][0] == 8 + 5  # logged past the resume point (end of epoch 1)
+    resumed, _ = fresh_trainer(tmp_path, cfg(), sub="part")
+    assert resumed.fit().resumed_from_epoch == 1
+    expected = series_files(tmp_path / "full" / "live")
+    assert set(expected) == {"train/loss.tsv", "train/valid.tsv", "train/lr.tsv"}
+    assert series_files(part) == expected
+    assert [s for s, _ in read_series(part, "train/images_per_s")] == list(range(1, 25))
+    a, b = (json.loads((d / "live" / "metrics.json").read_text()) for d in (tmp_path / "full", tmp_path / "part"))
+    assert a["step"] == b["step"] == 24 and a["train"]["loss"] == b["train"]["loss"]
+
+
+class ScriptedValidator:
+    """AP from a script, one value per call; records what it saw, runs the network in inference mode and
+    (``rand``) draws random numbers, as a validation may."""
+
+    def __init__(self, aps, rand=True):
+        self.aps, self.seen, self.rand = list(aps), [], rand
+
+    def __call__(self, network):
+        self.seen.append({p.name: p.asnumpy().copy() for p in network.get_parameters()})
+        if self.rand:
+            ops.rand((3,))
+        network.set_train(False)
+        network(Tensor(np.ones((4, 3, 16, 16), np.float32)))
+        ap = self.aps[len(self.seen) - 1]
+        return {"AP": ap, "AP50": ap + 0.1}
+
+
+def test_validation_keeps_training_bit_identical_and_best_is_the_highest_ap(tmp_path):
+    config = cfg(epochs=4, bn_recalibration_batches=2)
+    plain, net_plain = fresh_trainer(tmp_path, config, sub="plain", drop=0.3)
+    plain.fit()
+    plain.write_final()
+    validator = ScriptedValidator([0.2, 0.6, 0.4, 0.5])
+    checked, net_checked = fresh_trainer(tmp_path, dataclasses.replace(config, eval_every_epochs=1), sub="val",
+                                         validate=validator, drop=0.3)
+    summary = checked.fit()
+    checked.write_final()
+    for a, b in zip(net_plain.get_parameters(), net_checked.get_parameters()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
+    for name in ("final.ckpt", "ema.ckpt"):
+        a, b = read_checkpoint(tmp_path / "plain" / name), read_checkpoint(tmp_path / "val" / name)
+        for key in (p.name for p in net_plain.get_parameters()):
+            np.testing.assert_array_equal(a[key].asnumpy(), b[key].asnumpy(), err_msg=f"{name} {key}")
+    # the validated weights are the EMA with precise BN, as ema.ckpt holds them after the last epoch
+    ema = read_checkpoint(tmp_path / "val" / "ema.ckpt")
+    for key, value in validator.seen[-1].items():
+        np.testing.assert_array_equal(value, ema[key].asnumpy(), err_msg=key)
+    # best.ckpt: the weights validated at the epoch with the highest AP in the log
+    val_ap = read_series(tmp_path / "val" / "live", "val/AP")
+    assert [s for s, _ in val_ap] == [8, 16, 24, 32]
+    best_step = max(val_ap, key=lambda r: r[1])[0]
+    best = read_checkpoint(tmp_path / "val" / "best.ckpt")
+    assert checkpoint_meta(best, "step") == best_step == 16 and checkpoint_meta(best, "epoch") == 2
+    assert checkpoint_meta(best, "AP") == 0.6 and summary.best["AP"] == 0.6
+    for key, value in validator.seen[1].items():
+        np.testing.assert_array_equal(best[key].asnumpy(), value, err_msg=key)
+    val_series = {name: read_series(tmp_path / "val" / "live", name) for name in ("val/AP", "val/AP50")}
+    latest = json.loads((tmp_path / "val" / "live" / "metrics.json").read_text())
+    assert latest["val"] == {"AP": 0.5, "AP50": 0.6, "best_AP": 0.6, "best_epoch": 2}
+
+    # interrupted after epoch 3 and resumed: the same best (kept in the resume state) and validation series.
+    # (Only up to the resume point for the weights: a resume does not restore graph-mode drop-connect draws.)
+    part, _ = fresh_trainer(tmp_path, dataclasses.replace(config, eval_every_epochs=1), sub="part",
+                            validate=ScriptedValidator([0.2, 0.6, 0.4]), drop=0.3)
+    part.fit(stop_after_epochs=3)
+    resumed, _ = fresh_trainer(tmp_path, dataclasses.replace(config, eval_every_epochs=1), sub="part",
+                               validate=ScriptedValidator([0.5]), drop=0.3)
+    resumed.fit()
+    resumed.write_final()
+    assert (tmp_path / "part" / "best.ckpt").read_bytes() == (tmp_path / "val" / "best.ckpt").read_bytes()
+    for name in ("val/AP", "val/AP50"):
+        assert read_series(tmp_path / "part" / "live", name) == val_series[name]
+    assert json.loads((tmp_path / "part" / "live" / "metrics.json").read_text())["val"] == latest["val"]
+
+
+def test_validation_keeps_training_bit_identical_in_pynative_mode(tmp_path):
+    """PyNative runs each op as called: the train/eval flag validation leaves behind reaches the next steps.
+    (Without drop-connect: in PyNative mode random draws during validation do shift training's.)"""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        config = cfg(epochs=2, bn_recalibration_batches=1)
+        plain, net_plain = fresh_trainer(tmp_path, config, sub="plain", live=False)
+        plain.fit()
+        checked, net_checked = fresh_trainer(tmp_path, dataclasses.replace(config, eval_every_epochs=1), sub="val",
+                                             live=False, validate=ScriptedValidator([0.1, 0.2], rand=False))
+        checked.fit()
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    for a, b in zip(net_plain.get_parameters(), net_checked.get_parameters()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)

@@ -3,7 +3,8 @@
 Checks that `dvc repro` runs every stage, that a no-op repro does nothing, that `dvc exp run -S` on an eval
 param reruns only the eval stages, that `dvc metrics diff` / `dvc params diff` report the change, that a code
 edit reruns exactly the stages that import the file (tests/test_stage_deps.py checks the lists themselves),
-and that `make clean` deletes no tracked file.
+that a running `dvc exp run` shows its dvclive metrics, survives a kill and validates without changing the
+weights, and that `make clean` deletes no tracked file.
 """
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from msdet.config import merge
+from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
+from msdet.engine.live import SERIES_DIR, read_series
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,7 +45,7 @@ TINY = {
 def project_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout.split()
-    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvc.lock")
+    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvclive/", "dvc.lock")
     return [f for f in out if (ROOT / f).is_file() and not f.startswith(generated)]
 
 
@@ -78,6 +83,11 @@ def test_repro_then_experiment(repo):
         assert (dst / "models" / model / "export" / "model.mindir").is_file()
         card = json.loads((dst / "models" / model / "model_card.json").read_text())
         assert card["input_size"] == 128 and card["steps"] == 3
+        assert [s for s, _ in read_series(dst / "dvclive" / model, "train/loss")] == [1, 2, 3]
+        assert (dst / "models" / model / "best.ckpt").is_file() and card["validation"]["best"] is None
+    plots = json.loads(run(dvc + ["plots", "show", "--json"], dst, env))["data"]
+    for name in ("d0 loss components", "nanodet loss components", "learning rate"):  # from the dvclive files
+        assert plots[name][0]["content"]["data"]["values"], name
     data = json.loads((dst / "metrics" / "data.json").read_text())
     assert data["train"]["images"] == 24
     status = run(dvc + ["status"], dst, env)
@@ -86,6 +96,8 @@ def test_repro_then_experiment(repo):
     assert "Running stage" not in noop
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "baseline"], dst, env)
+    run(dvc + ["artifacts", "get", str(dst), "efficientdet-d0", "-o", str(dst.parent / "d0.ckpt")], dst, env)
+    assert (dst.parent / "d0.ckpt").read_bytes() == (dst / "models" / "d0" / "ema.ckpt").read_bytes()
 
     out = run(dvc + ["exp", "run", "-S", "eval.score_threshold=0.0"], dst, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
@@ -137,6 +149,80 @@ def test_code_edit_reruns_exactly_the_stages_that_import_it(repo):
     changed = set(json.loads(run(dvc + ["status", "--json"], dst, env)))
     assert changed == {"train_nanodet", "eval_nanodet", "export_nanodet"}, changed
     run(["git", "checkout", "--", "msdet/models/ghostpan.py"], dst, env)
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in read_checkpoint(path).items() if hasattr(v, "asnumpy")}
+
+
+def set_d0_train(dst: Path, **values) -> None:
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["d0"]["train"].update(values)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_live_metrics_kill_resume_and_validation(repo):
+    """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun with `dvc repro`
+    (it resumes; `dvc exp run` would first check the stage's outputs out as dvc.lock has them, resetting the
+    persisted state); then the same training without validation, uninterrupted, must give the same series
+    and weights."""
+    import psutil
+
+    dst, env = repo
+    dvc = [sys.executable, "-m", "dvc"]
+    live = dst / "dvclive" / "d0"
+    steps = 4
+    set_d0_train(dst, epochs=3, max_steps_per_epoch=steps, eval_max_images=4, eval_every_epochs=1)
+    proc = subprocess.Popen(dvc + ["exp", "run", "train_d0"], cwd=dst, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen, show = [], None
+    try:
+        while proc.poll() is None and (not seen or seen[-1] <= steps):  # until the 2nd epoch's first row
+            rows = len(read_series(live, "train/loss"))
+            if rows and (not seen or rows != seen[-1]):
+                seen.append(rows)
+            if rows and show is None:  # `dvc exp show` on the running experiment
+                show = subprocess.Popen(dvc + ["exp", "show", "--json"], cwd=dst, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        trainer = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "stages.train" in " ".join(p.cmdline())]
+        assert len(trainer) == 1
+        trainer[0].kill()
+    finally:
+        out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0, out[-3000:]
+    assert len(seen) >= 2 and seen[-1] == steps + 1, seen  # the file grew while the stage ran
+    assert not (dst / "models" / "d0" / "model_card.json").exists()  # the stage never ended
+    show_out, show_err = show.communicate(timeout=300)
+    assert show.returncode == 0, show_err[-2000:]
+    workspace = next(e for e in json.loads(show_out) if e["rev"] == "workspace")
+    shown = workspace["data"]["metrics"]["dvclive/d0/metrics.json"]["data"]
+    assert 1 <= shown["step"] <= steps + 1 and "loss" in shown["train"], shown
+
+    run(dvc + ["repro", "train_d0"], dst, env)  # resumes after the 1st epoch
+    card = json.loads((dst / "models" / "d0" / "model_card.json").read_text())
+    assert card["resumed_from_epoch"] == 1 and card["steps"] == 3 * steps
+    assert [s for s, _ in read_series(live, "train/loss")] == list(range(1, 3 * steps + 1))
+    val_ap = read_series(live, "val/AP")
+    assert [s for s, _ in val_ap] == [steps, 2 * steps, 3 * steps]
+    best_step = max(val_ap, key=lambda r: r[1])[0]  # the first of equal APs
+    best = read_checkpoint(dst / "models" / "d0" / "best.ckpt")
+    assert checkpoint_meta(best, "step") == best_step == card["validation"]["best"]["step"]
+    series = {p.name: p.read_text() for p in (live / SERIES_DIR / "train").glob("*.tsv")
+              if p.name != "images_per_s.tsv"}
+    killed_then_resumed = {name: weights(dst / "models" / "d0" / name) for name in ("final.ckpt", "ema.ckpt")}
+
+    set_d0_train(dst, eval_every_epochs=0)
+    run(dvc + ["repro", "train_d0"], dst, env)
+    assert not read_series(live, "val/AP")
+    assert {p.name: p.read_text() for p in (live / SERIES_DIR / "train").glob("*.tsv")
+            if p.name != "images_per_s.tsv"} == series
+    for name, expected in killed_then_resumed.items():
+        got = weights(dst / "models" / "d0" / name)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
 
 
 def test_make_clean_deletes_no_tracked_file(repo):

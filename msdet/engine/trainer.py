@@ -1,26 +1,26 @@
 """The one training loop both detectors share.
 
 Each detector contributes its network, loss cell (target assignment included) and data layout; this module
-owns everything else: optimizer and schedule, gradient clipping and all-reduce, EMA, per-step logging,
-NaN/inf stops, and epoch checkpoints that a rerun resumes from with identical results.
+owns everything else: optimizer and schedule, gradient clipping and all-reduce, EMA, live metrics (dvclive,
+msdet/engine/live.py), periodic validation through a callable the caller injects, NaN/inf stops, and epoch
+checkpoints that a rerun resumes from with identical results.
 
 Output directory layout (``out_dir``):
   state/last.ckpt         network + EMA + optimizer state after the last finished epoch, or every
-                          ``checkpoint_every_steps`` steps (resume point, msdet/engine/resume.py)
+                          ``checkpoint_every_steps`` steps (resume point, msdet/engine/resume.py), and the
+                          best validated EMA weights so far (``best.`` names)
   state/previous.ckpt     the resume point before it (kept until a newer one is complete)
-  state/train_log.csv     one row per logged step (copied to the DVC plots file at the end)
   state/run_key.json      what the state was trained with; a resume only happens when it matches
   final.ckpt              network weights at the end (fine-tuning starts here)
   ema.ckpt                EMA weights under the network's names (eval and export use these)
-Both saved checkpoints get precise BN statistics for their own weights when ``bn_recalibration_batches`` > 0
-(see msdet/engine/batch_norm_stats.py).
-``state/`` is the persisted DVC output that survives an interrupted stage.
+  best.ckpt               the validated EMA weights with the highest AP (ema.ckpt's copy without validation)
+The saved EMA weights (validated ones included) get precise BN statistics for their own weights when
+``bn_recalibration_batches`` > 0 (see msdet/engine/batch_norm_stats.py); so does final.ckpt.
+``state/`` is the persisted DVC output that survives an interrupted stage; so is the dvclive directory.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
 import json
 import shutil
@@ -34,7 +34,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msdet.atomic import atomic_path, write_json, write_text
+from msdet.atomic import atomic_path, write_json
 from msdet.config import TrainConfig
 from msdet.engine import resume
 from msdet.engine.accumulate import AccumulatingStep
@@ -42,6 +42,7 @@ from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights, weights_digest
 from msdet.engine.distributed import DistInfo, gradient_reducer
 from msdet.engine.ema import EMA
+from msdet.engine.live import LiveLog
 from msdet.engine.optim import AdamW, clip_grad_norm
 from msdet.engine.schedules import warmup_cosine
 
@@ -72,8 +73,9 @@ class TrainSummary:
     images_per_s: float
     final_losses: dict[str, float]
     resumed_from_epoch: int
-    history_rows: int
     compile_time_s: float = 0.0
+    #: {"epoch", "step", "AP", "AP50"} of best.ckpt, None when no validation ran
+    best: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,10 +130,19 @@ class Trainer:
     """Builds the compiled step for ``detector`` and runs epochs; see the module docstring for outputs."""
 
     def __init__(self, detector, network, cfg: TrainConfig, data: TrainData, out_dir: str | Path,
-                 dist: DistInfo | None = None, key_payload: dict | None = None, progress: bool = True) -> None:
+                 dist: DistInfo | None = None, key_payload: dict | None = None, progress: bool = True,
+                 live_dir: str | Path | None = None,
+                 validate: Callable[[nn.Cell], dict[str, float]] | None = None) -> None:
+        """``live_dir``: where rank 0 logs dvclive metrics (None: no live log). ``validate(network)`` returns
+        {"AP", "AP50", ...} of the network as it is; it is called every ``cfg.eval_every_epochs`` epochs on
+        rank 0 with the EMA weights in the network."""
         self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
         self.out_dir, self.dist, self.progress = Path(out_dir), dist or DistInfo(), progress
         self.accumulate = cfg.accumulate_steps
+        self.live_dir = Path(live_dir) if live_dir is not None else None
+        self.validate = validate if cfg.eval_every_epochs > 0 else None
+        #: best validated EMA weights: {"meta": {"epoch", "step", "AP", "AP50"}, "weights": {name: array}}
+        self.best: dict[str, Any] | None = None
         self.global_batch = cfg.batch_size * self.dist.group_size * self.accumulate
         per_rank = data.num_train_images // self.global_batch
         if per_rank < 1:
@@ -161,7 +172,7 @@ class Trainer:
     def state_dir(self) -> Path:
         return self.out_dir / "state"
 
-    def _save_resume(self, epoch: int, step: int, rows: list[dict], seconds: float, epoch_step: int = 0) -> None:
+    def _save_resume(self, epoch: int, step: int, seconds: float, epoch_step: int = 0) -> None:
         """``epoch``: the last finished epoch; ``epoch_step``: optimizer steps taken in the next one."""
         import mindspore as ms
 
@@ -169,15 +180,16 @@ class Trainer:
         items += [{"name": p.name, "data": p} for p in self.ema.shadows]
         seen = {i["name"] for i in items}
         items += [{"name": p.name, "data": p} for p in self.optimizer.get_parameters() if p.name not in seen]
-        # the training log is part of the resume state: a resumed run's curves equal an uninterrupted run's
-        write_text(self.state_dir / "train_log.csv", _rows_to_csv(rows))
+        # the best weights commit with the epoch that validated them: a kill in between cannot split them
+        items += _best_items(self.best)
         meta = {"epoch": epoch, "step": step, "epoch_step": epoch_step, "run_key": self.key,
-                "train_seconds": round(seconds, 3), "rng": ms.get_rng_state().asnumpy().tolist()}
+                "train_seconds": round(seconds, 3), "rng": ms.get_rng_state().asnumpy().tolist(),
+                "best": self.best["meta"] if self.best else None}
         resume.save_rotating(self.resume_path, lambda path: save_weights(path, items, meta))
 
-    def _try_resume(self) -> tuple[int, int, list[dict], float, int]:
-        """(next epoch, global step, log rows, seconds trained, steps of the next epoch already taken) from
-        the newest matching resume point, else a fresh start."""
+    def _try_resume(self) -> tuple[int, int, float, int]:
+        """(next epoch, global step, seconds trained, steps of the next epoch already taken) from the newest
+        matching resume point, else a fresh start."""
         import mindspore as ms
         from mindspore import Tensor
 
@@ -189,20 +201,17 @@ class Trainer:
             if self.dist.is_main:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 write_json(key_file, {"run_key": self.key})
-            return 0, 0, [], 0.0, 0
+            return 0, 0, 0.0, 0
         ms.load_param_into_net(self.network, params, strict_load=False)
         ms.load_param_into_net(self.ema, params, strict_load=False)
         ms.load_param_into_net(self.optimizer, params, strict_load=False)
         rng = checkpoint_meta(params, "rng")
         if rng is not None:
             ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
-        log = self.state_dir / "train_log.csv"
-        step = int(checkpoint_meta(params, "step"))
-        # the log may run ahead of the point resumed from (killed between the two writes, or the newest
-        # point unreadable): keep the rows up to it
-        rows = [r for r in _csv_to_rows(log.read_text()) if r["step"] <= step] if log.is_file() else []
+        self.best = _best_from(params)
         epoch, epoch_step = resume.position(params)
-        return epoch, step, rows, float(checkpoint_meta(params, "train_seconds", 0.0)), epoch_step
+        return epoch, int(checkpoint_meta(params, "step")), float(checkpoint_meta(params, "train_seconds", 0.0)), \
+            epoch_step
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_epochs: int | None = None,
@@ -213,9 +222,13 @@ class Trainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        start_epoch, step, rows, seconds_before, skip = self._try_resume()
+        start_epoch, step, seconds_before, skip = self._try_resume()
         resumed = start_epoch
+        live = LiveLog(self.live_dir, resume_step=step) if self.live_dir is not None and self.dist.is_main else None
+        if live is not None and self.best is not None:
+            live.log(step, _best_summary(self.best), plot=False)
         t_start, compile_time, timed_images, timed_seconds = time.time(), 0.0, 0, 0.0
+        t_row, images_since_row = time.time(), 0
         last_parts = None
         epochs_run = 0
         for epoch in range(start_epoch, self.cfg.epochs):
@@ -251,23 +264,32 @@ class Trainer:
                 lr = float(self.lr[min(step, len(self.lr) - 1)])
                 step += 1
                 last_parts = parts_np
-                if step % self.cfg.log_every_steps == 0:
-                    row = {"step": step, "epoch": epoch + 1, "lr": lr}
-                    row.update({n: float(v) for n, v in zip(self.loss_names, parts_np)})
-                    rows.append(row)
+                images_since_row += self.global_batch
+                if live is not None and step % self.cfg.log_every_steps == 0:
+                    now = time.time()
+                    row = {f"train/{n}": float(v) for n, v in zip(self.loss_names, parts_np)}
+                    row.update({"train/lr": lr, "train/images_per_s": images_since_row / max(now - t_row, 1e-9)})
+                    live.log(step, row)
+                    t_row, images_since_row = now, 0
                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, parts_np)} | {"lr": f"{lr:.2e}"})
                 bar.update(1)
                 if self.dist.is_main and resume.save_due(step, i + 1, self.steps_per_epoch,
                                                          self.cfg.checkpoint_every_steps):
-                    self._save_resume(epoch - 1, step, rows, seconds_before + time.time() - t_start, i + 1)
+                    self._save_resume(epoch - 1, step, seconds_before + time.time() - t_start, i + 1)
                     print(f"[{self.detector.name}] resume point saved at step {step}", flush=True)
             bar.close()
             skip = 0
             if self.dist.is_main:
-                self._save_resume(epoch, step, rows, seconds_before + time.time() - t_start)
+                val_txt = ""
+                if self.validate is not None and (epoch + 1) % self.cfg.eval_every_epochs == 0:
+                    t_val = time.time()
+                    metrics = self._validate(epoch, step, live)
+                    val_txt = f" val AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} ({time.time() - t_val:.0f} s)"
+                    t_row = time.time()  # images/s measures training only
+                self._save_resume(epoch, step, seconds_before + time.time() - t_start)
                 loss_txt = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, last_parts)) \
                     if last_parts is not None else ""
-                print(f"[{self.detector.name}] epoch {epoch + 1}/{self.cfg.epochs} step {step} {loss_txt}",
+                print(f"[{self.detector.name}] epoch {epoch + 1}/{self.cfg.epochs} step {step} {loss_txt}{val_txt}",
                       flush=True)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
@@ -275,13 +297,17 @@ class Trainer:
         wall = seconds_before + time.time() - t_start
         if self.dist.enabled:
             print(f"[rank {self.dist.rank}] trainable weights sha256 {weights_digest(self.network)}", flush=True)
-        if last_parts is None and rows:
-            last_parts = [rows[-1].get(n, float("nan")) for n in self.loss_names]
+        final_losses = {n: float(v) for n, v in zip(self.loss_names, last_parts)} if last_parts is not None else {}
+        if live is not None:
+            if not final_losses:  # resumed after the last epoch: the losses are in the live summary
+                logged = live.latest("train")
+                final_losses = {n: float(logged[n]) for n in self.loss_names if n in logged}
+            live.end()
         return TrainSummary(
             epochs=self.cfg.epochs, steps=step, global_batch=self.global_batch, wall_time_s=round(wall, 2),
             images_per_s=round(timed_images / timed_seconds, 3) if timed_seconds > 0 else 0.0,
-            final_losses={n: float(v) for n, v in zip(self.loss_names, last_parts)} if last_parts is not None else {},
-            resumed_from_epoch=resumed, history_rows=len(rows), compile_time_s=round(compile_time, 2),
+            final_losses=final_losses, resumed_from_epoch=resumed, compile_time_s=round(compile_time, 2),
+            best=self.best["meta"] if self.best else None,
         )
 
     def _step_batches(self, epoch: int, skip: int):
@@ -299,6 +325,29 @@ class Trainer:
             return self.step_fn(*batches[0], epoch, step)
         return self.step_fn(list(batches), epoch, step)
 
+    def _validate(self, epoch: int, step: int, live: LiveLog | None) -> dict[str, float]:
+        """``validate`` on the EMA weights with precise BN (what ema.ckpt would hold if training ended now);
+        the best by AP is kept. Validation must not change the result: the weights and BN statistics are put
+        back bit for bit, and the next epoch sets train mode again. Its random draws (drop-connect during the
+        BN recalibration) do not reach training in graph mode, where the compiled step keeps its own random
+        state; in PyNative mode they shift later draws (MindSpore cannot save the state of ``ops.rand``)."""
+        live_weights = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
+        try:
+            self.ema.copy_to_network()
+            recalibrate_batch_norm(self.network, self._recalibration_batches())
+            metrics = {k: float(v) for k, v in self.validate(self.network).items()}
+            if self.best is None or metrics["AP"] > self.best["meta"]["AP"]:
+                self.best = {"meta": {"epoch": epoch + 1, "step": step, "AP": metrics["AP"],
+                                      "AP50": metrics["AP50"]},
+                             "weights": {p.name: p.asnumpy().copy() for p in self.network.get_parameters()}}
+        finally:
+            for p, value in live_weights:
+                p.set_data(Tensor(value))
+        if live is not None:
+            live.log(step, {"val/AP": metrics["AP"], "val/AP50": metrics["AP50"]})
+            live.log(step, _best_summary(self.best), plot=False)
+        return metrics
+
     def finished(self) -> bool:
         if not self.resume_path.is_file():
             return False
@@ -314,8 +363,8 @@ class Trainer:
         iterator = self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)
         return [image for image, _, _ in itertools.islice(iterator, n)]
 
-    def write_final(self, plots_csv: str | Path | None = None) -> None:
-        """final.ckpt, ema.ckpt and the plots CSV, from the current (finished) state. Rank 0 only."""
+    def write_final(self) -> None:
+        """final.ckpt, ema.ckpt and best.ckpt from the current (finished) state. Rank 0 only."""
         if not self.dist.is_main:
             return
         live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
@@ -327,30 +376,30 @@ class Trainer:
         save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
         for p, value in live:
             p.set_data(Tensor(value))
-        if plots_csv is not None:
-            src = self.state_dir / "train_log.csv"
-            with atomic_path(plots_csv) as tmp:
-                shutil.copyfile(src, tmp)
+        if self.best is None:
+            with atomic_path(self.out_dir / "best.ckpt") as tmp:
+                shutil.copyfile(self.out_dir / "ema.ckpt", tmp)
+        else:
+            save_weights(self.out_dir / "best.ckpt",
+                         [{"name": k, "data": Tensor(v)} for k, v in self.best["weights"].items()],
+                         {"model": self.detector.name, **self.best["meta"]})
 
 
-def _rows_to_csv(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+#: name prefix of the best weights inside the resume checkpoint
+_BEST = "best."
 
 
-def _csv_to_rows(text: str) -> list[dict]:
-    if not text.strip():
-        return []
-    out = []
-    for r in csv.DictReader(io.StringIO(text)):
-        row: dict[str, Any] = {}
-        for k, v in r.items():
-            row[k] = int(v) if k in ("step", "epoch") else float(v)
-        out.append(row)
-    return out
+def _best_items(best: dict | None) -> list[dict]:
+    return [{"name": _BEST + k, "data": Tensor(v)} for k, v in best["weights"].items()] if best else []
+
+
+def _best_from(params: dict[str, Any]) -> dict[str, Any] | None:
+    meta = checkpoint_meta(params, "best")
+    if meta is None:
+        return None
+    return {"meta": meta, "weights": {k[len(_BEST):]: v.asnumpy() for k, v in params.items() if k.startswith(_BEST)}}
+
+
+def _best_summary(best: dict) -> dict[str, float]:
+    return {"val/best_AP": best["meta"]["AP"], "val/best_epoch": best["meta"]["epoch"]}
 

@@ -28,16 +28,17 @@ def nms_iou_for(model: str, cfg: EvalConfig) -> float:
     return {"d0": cfg.nms_iou_d0, "nanodet": cfg.nms_iou_nanodet}[model]
 
 
-def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig, iou_threshold: float
-                    ) -> tuple[list[ImageDetections], float, int]:
-    """Run ``dataset`` (eval columns image, image_id, scale, orig_size) through the inference network.
+def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig, iou_threshold: float,
+                    infer: Any = None) -> tuple[list[ImageDetections], float, int]:
+    """Run ``dataset`` (eval columns image, image_id, scale, orig_size) through the inference network
+    (``infer``, else a new ``detector.inference_cell(network)``: a new cell compiles anew).
 
     The last partial batch is padded to ``batch_size`` so the compiled graph sees one shape only; the
     padding rows are dropped before decoding. Returns detections, seconds spent and images seen.
     """
     from mindspore import Tensor
 
-    infer = detector.inference_cell(network)
+    infer = infer if infer is not None else detector.inference_cell(network)
     infer.set_train(False)
     detections: list[ImageDetections] = []
     seconds, seen = 0.0, 0
@@ -59,13 +60,14 @@ def predict_dataset(detector, network, dataset, batch_size: int, cfg: EvalConfig
 
 
 def evaluate_network(detector, network, dataset, gt_json: str | Path, category_ids: list[int],
-                     cfg: EvalConfig, model: str, known_ids: set[int] | None = None) -> EvalOutcome:
-    """Detections on the whole val split scored with pycocotools; metrics flat enough for `dvc metrics`.
+                     cfg: EvalConfig, model: str, known_ids: set[int] | None = None, infer: Any = None
+                     ) -> EvalOutcome:
+    """Detections on the images of ``dataset`` scored with pycocotools; metrics flat enough for `dvc metrics`.
 
     ``known_ids``: the data set's category ids; detections of other classes (a 90-class official D0 head
-    has ids COCO never uses) are dropped before scoring."""
+    has ids COCO never uses) are dropped before scoring. ``infer``: see :func:`predict_dataset`."""
     detections, seconds, seen = predict_dataset(detector, network, dataset, cfg.batch_size, cfg,
-                                                nms_iou_for(model, cfg))
+                                                nms_iou_for(model, cfg), infer=infer)
     results = to_coco_results(detections, category_ids)
     if known_ids is not None:
         results = [r for r in results if r["category_id"] in known_ids]
@@ -81,6 +83,30 @@ def evaluate_network(detector, network, dataset, gt_json: str | Path, category_i
         "per_class_AP": {k: round(float(v), 5) for k, v in per_class.items()},
     })
     return EvalOutcome(metrics=metrics, pr_curve=pr_curve, detections=detections, results=results)
+
+
+class Validator:
+    """COCO AP / AP50 of a network during training, on the val split or its first ``<model>.train.
+    eval_max_images`` (a fixed subset), with the eval block's post-processing: the callable the train stage
+    hands to the engine. The inference cell is kept between calls, so its graph compiles once."""
+
+    def __init__(self, params, model: str, category_ids: list[int]) -> None:
+        self.params, self.model, self.category_ids = params, model, [int(i) for i in category_ids]
+        self._infer: tuple[Any, Any] | None = None  # (network, its inference cell)
+
+    def __call__(self, detector, network) -> dict[str, float]:
+        from msdet.data.coco import resolve_tree
+        from msdet.data.pipeline import create_eval_dataset
+
+        mcfg = getattr(self.params, self.model)
+        if self._infer is None or self._infer[0] is not network:
+            self._infer = (network, detector.inference_cell(network))
+        dataset = create_eval_dataset(self.params.mindrecord.out_dir, self.model, mcfg.input_size,
+                                      self.params.eval.batch_size, max_images=mcfg.train.eval_max_images)
+        gt_json = resolve_tree(self.params.data.root).annotations["val"]
+        outcome = evaluate_network(detector, network, dataset, gt_json, self.category_ids, self.params.eval,
+                                   self.model, known_ids=set(self.category_ids), infer=self._infer[1])
+        return {"AP": outcome.metrics["AP"], "AP50": outcome.metrics["AP50"]}
 
 
 def pick_plot_samples(detections: list[ImageDetections], n: int) -> list[ImageDetections]:
