@@ -73,7 +73,7 @@ sweep: $(STAMP)  ## queue a small grid with dvc exp (SWEEP=...), run it in temp 
 	$(DVC) exp run --run-all --jobs 1
 	$(DVC) exp show --only-changed --drop 'per_class_AP.*|.*seconds|.*per_s|AR.*|APs|APm|APl' 
 
-coco: $(STAMP)  ## the seed documents' setting: COCO 2017, Ascend, 8 devices (see params_coco.yaml)
+coco: $(STAMP)  ## the MindSpore model zoo READMEs' setting: COCO 2017, Ascend, 8 devices (see params_coco.yaml)
 	$(DVC) exp run $$($(PY) -m stages.coco_overrides params_coco.yaml)
 
 bench: $(STAMP)  ## speed and memory benchmarks -> metrics/bench.json

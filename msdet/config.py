@@ -44,7 +44,8 @@ class RuntimeConfig:
     cpu_threads: int = _f(0, range=(0, 1024))
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(1, range=(1, 4096))
-    # Ascend HCCL rank-table JSON, the seed scripts' multi-device setup; "" = let msrun build the cluster.
+    # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build
+    # the cluster.
     rank_table: str = _f("")
     # Hosts in the job (msrun on each, ``workers`` per host); this host's index 0..nodes-1; the scheduler's
     # address (node 0, reachable from every host) and port (0 = a free port, single host only).

@@ -39,7 +39,7 @@ REFERENCE_LISTINGS = {
 
 
 def official_state_dict(model: str) -> dict[str, tuple]:
-    """Official PyTorch state-dict listing (copied from shared/reference): key -> (shape, dtype)."""
+    """Official PyTorch state-dict listing (tests/fixtures/reference, from the official code): key -> (shape, dtype)."""
     out = {}
     for line in REFERENCE_LISTINGS[model].read_text().splitlines():
         if not line.strip() or line.startswith("#"):

@@ -33,7 +33,7 @@ ms.set_device("CPU")
 
 TORCH_FIXTURES = FIXTURES / "torch"
 NBT = "num_batches_tracked"
-#: trainable parameter counts of the official models (shared/reference/MODELS.md)
+#: trainable parameter counts of the official models (the official models' published counts)
 OFFICIAL_PARAMS = {("d0", 90): 3_880_067, ("nanodet", 80): 4_330_904}
 
 

@@ -1,4 +1,4 @@
-"""End to end on your own data: a YOLO-format folder -> `dvc repro eval@nanodet` in a throw-away repo (tiny config).
+"""End to end on your own data: a YOLO-format folder -> `dvc repro eval_nanodet` in a throw-away repo (tiny config).
 
 Class names and count come from the data (the class head follows), the download stage converts, the
 MindRecord stage reports the conversion and the ground-truth padding in metrics/data.json.
@@ -78,8 +78,8 @@ def test_yolo_folder_trains_and_evaluates_through_dvc(tmp_path):
     run(["git", "init", "-q"], dst, env)
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "init"], dst, env)
-    out = run([sys.executable, "-m", "dvc", "repro", "eval@nanodet"], dst, env)
-    assert {"download", "mindrecord", "train_nanodet", "eval@nanodet"} <= {
+    out = run([sys.executable, "-m", "dvc", "repro", "eval_nanodet"], dst, env)
+    assert {"download", "mindrecord", "train_nanodet", "eval_nanodet"} <= {
         line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
     data = json.loads((dst / "metrics" / "data.json").read_text())

@@ -2,7 +2,7 @@
 
 One code path for every backend: ``mindspore.communication.init()`` picks HCCL on Ascend, NCCL on GPU
 and MindSpore's own collectives on CPU. Gradients are averaged across ranks; BatchNorm statistics stay
-per device (each rank normalises with its own batch), as the seed scripts do.
+per device (each rank normalises with its own batch), as the MindSpore model zoo scripts do.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ ranks ``node_rank * workers + local index``. With ``--cluster_time_out`` a host 
 gives up after that many seconds; a host that dies mid-run stops the others when their scheduler heartbeat
 or collective fails (see the README's multi-node section). We add: a free scheduler port on one host, an
 overall timeout, and a message naming the host and log of the rank that failed first. On Ascend a
-rank-table file (the seed scripts' HCCL setup) is passed through.
+rank-table file (the MindSpore model zoo scripts' HCCL setup) is passed through.
 """
 from __future__ import annotations
 
