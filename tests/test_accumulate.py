@@ -10,7 +10,7 @@ import pytest
 from mindspore import nn, ops
 
 from msdet.engine.trainer import TrainData, Trainer
-from tests.test_engine import ToyNet, cfg
+from tests.helpers import ToyNet, cfg
 
 ms.set_device("CPU")
 

@@ -27,7 +27,7 @@ from msdet.conversion.converters import (
 from msdet.conversion.torch_reader import load_torch_state
 from msdet.detectors import get_detector
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
-from tests.conftest import FIXTURES, official_state_dict
+from tests.helpers import FIXTURES, official_state_dict
 
 ms.set_device("CPU")
 

@@ -14,7 +14,7 @@ from msdet.models.efficientdet import EfficientDet, HeadNet, init_heads
 from msdet.models.flops import count_flops, count_macs
 from msdet.models.layers import Conv2dSame, MaxPool2dSame, batch_norm, upsample_nearest2x
 from msdet.ops.anchors import efficientdet_anchors
-from tests.conftest import official_state_dict
+from tests.helpers import official_state_dict
 
 
 def _reference_state_dict() -> dict:

@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import mindspore as ms
-import mindspore.dataset as mds
 import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
@@ -16,93 +15,8 @@ from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.ema import EMA
 from msdet.engine.live import SERIES_DIR, read_series
 from msdet.engine.schedules import warmup_cosine
-from msdet.engine.trainer import TrainData, Trainer, TrainingDiverged
-from msdet.models.layers import drop_connect
-
-ms.set_context(mode=ms.GRAPH_MODE)
-ms.set_device("CPU")
-
-
-class ToyNet(nn.Cell):
-    def __init__(self, drop_connect_rate=0.0):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
-        self.bn = nn.BatchNorm2d(4, momentum=0.9)
-        self.fc = nn.Dense(4, 4)
-        self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
-        self.drop_connect_rate = drop_connect_rate
-
-    def construct(self, x):
-        x = ops.relu(self.bn(self.conv(x)))
-        if self.training and self.drop_connect_rate > 0:  # draws from the global RNG, as D0's drop-connect
-            x = drop_connect(x, self.drop_connect_rate)
-        return self.fc(x.mean(axis=(2, 3))) * self.scale
-
-
-class ToyLoss(nn.Cell):
-    """Regress the first GT box (scaled) from the image; a second component counts valid GT."""
-
-    def __init__(self, net, scale=1.0):
-        super().__init__()
-        self.net = net
-        self.scale = scale
-
-    def construct(self, image, gt_boxes, gt_labels, epoch):
-        pred = self.net(image)
-        target = gt_boxes[:, 0, :] / 32.0
-        mse = ((pred - target) ** 2).mean() * self.scale
-        valid = (gt_labels >= 0).astype(ms.float32).sum()
-        return mse, ops.stack([mse, mse * 0.0 + valid])
-
-
-class ToyDetector:
-    name = "toy"
-    loss_names = ("loss", "valid")
-
-    def __init__(self, scale=1.0):
-        self.scale = scale
-
-    def loss_cell(self, network, group_size=1):
-        return ToyLoss(network, self.scale)
-
-
-def toy_data(n=32, batch=4, seed=0, kill_at=None):
-    """``kill_at`` (epoch, batch): the data loader raises KeyboardInterrupt there, as a killed process stops."""
-    rng = np.random.default_rng(seed)
-    images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
-    boxes = np.zeros((n, 2, 4), np.float32)
-    boxes[:, 0] = images[:, :, :4, :4].mean(axis=(1, 2))[:, :4] * 16 + 16  # learnable from pixels
-    labels = np.full((n, 2), -1, np.int32)
-    labels[:, 0] = 1
-
-    def make(epoch):
-        order = np.random.default_rng(seed * 1000 + epoch).permutation(n)
-        ds = mds.NumpySlicesDataset((images[order], boxes[order], labels[order]),
-                                    column_names=["image", "gt_boxes", "gt_labels"], shuffle=False)
-        ds = ds.batch(batch, drop_remainder=True)
-        return Killed(ds, kill_at[1]) if kill_at is not None and kill_at[0] == epoch else ds
-
-    return TrainData(make_dataset=make, num_train_images=n)
-
-
-class Killed:
-    """A dataset whose iterator stops the process (KeyboardInterrupt) before batch ``at``."""
-
-    def __init__(self, ds, at):
-        self.ds, self.at = ds, at
-
-    def create_tuple_iterator(self, num_epochs=1):
-        for i, batch in enumerate(self.ds.create_tuple_iterator(num_epochs=num_epochs)):
-            if i == self.at:
-                raise KeyboardInterrupt
-            yield batch
-
-
-def cfg(**kw):
-    base = dict(epochs=3, batch_size=4, optimizer="adamw", lr=0.01, lr_reference_batch=4, warmup_steps=2,
-                weight_decay=0.0, grad_clip_norm=10.0, ema_decay=0.9, ema_ramp_steps=1.0)
-    base.update(kw)
-    return TrainConfig(**base)
+from msdet.engine.trainer import Trainer, TrainingDiverged
+from tests.helpers import ToyDetector, ToyNet, cfg, series_files, toy_data
 
 
 def fresh_trainer(tmp_path, config, scale=1.0, sub="run", live=True, validate=None, kill_at=None, drop=0.0):
@@ -283,13 +197,6 @@ def test_write_final_recalibrates_bn_and_resume_saves_the_same(tmp_path):
     final = read_checkpoint(tmp_path / "full" / "final.ckpt")
     np.testing.assert_array_equal(final["net.conv.weight"].asnumpy(), running["net.conv.weight"])
     assert not np.allclose(final["net.bn.moving_mean"].asnumpy(), running["net.bn.moving_mean"])
-
-
-def series_files(live):
-    """{relative path: text} of the live series that a rerun must reproduce (timings excluded)."""
-    root = live / SERIES_DIR
-    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.tsv"))
-            if p.name != "images_per_s.tsv"}
 
 
 def test_killed_mid_epoch_then_resumed_gives_the_uninterrupted_series(tmp_path):

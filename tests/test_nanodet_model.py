@@ -27,7 +27,7 @@ from msdet.ops.distance_coder import (
     integral_np,
 )
 from msdet.ops.priors import center_priors, num_priors
-from tests.conftest import official_state_dict
+from tests.helpers import official_state_dict
 
 pytestmark = pytest.mark.usefixtures("pynative")
 

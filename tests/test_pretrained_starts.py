@@ -23,7 +23,7 @@ from msdet.models.efficientdet import EfficientDet
 from msdet.models.nanodet_plus import NanoDetPlus
 from msdet.models.shufflenetv2 import ShuffleNetV2, channel_shuffle
 from msdet.training import check_starting_weights_tracked
-from tests.conftest import official_state_dict, write_torch_state
+from tests.helpers import official_state_dict, write_torch_state
 
 TOL = 1e-5
 

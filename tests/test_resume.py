@@ -12,7 +12,7 @@ import pytest
 from msdet.engine import resume
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.trainer import TrainData, Trainer
-from tests.test_engine import ToyDetector, ToyNet, cfg, series_files
+from tests.helpers import ToyDetector, ToyNet, cfg, series_files
 
 ms.set_device("CPU")
 

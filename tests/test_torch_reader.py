@@ -21,7 +21,7 @@ from msdet.conversion.torch_reader import (
     load_torch_pickle,
     load_torch_state,
 )
-from tests.conftest import pkl_dict, pkl_int, pkl_ints, pkl_str, pkl_tensor, zip_checkpoint
+from tests.helpers import pkl_dict, pkl_int, pkl_ints, pkl_str, pkl_tensor, zip_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 MARKER = Path("/tmp/PWNED_msdet_3f9c2a71d4")  # what fixture (e) would create if it were executed
