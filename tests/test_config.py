@@ -36,6 +36,11 @@ def test_repo_params_load_and_cover_every_field():
     ({"runtime": {"graph_mode": "yes"}}, r"'runtime.graph_mode' must be true or false"),
     ({"bogus": {}}, r"unknown key\(s\) bogus"),
     ({"eval": {"batch_size": 2.5}}, r"'eval.batch_size' must be an integer"),
+    ({"export": {"rtol": 2.0}}, r"'export.rtol' = 2.0 is out of range \[0.0, 1.0\]"),
+    ({"export": {"atol": -1e-5}}, r"'export.atol' = -1e-05 is out of range"),
+    ({"export": {"box_atol_px": "half"}}, r"'export.box_atol_px' must be a number"),
+    ({"export": {"strict": "yes"}}, r"'export.strict' must be true or false"),
+    ({"export": {"tolerance": 1e-4}}, r"unknown key\(s\) export.tolerance"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):

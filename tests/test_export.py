@@ -20,7 +20,7 @@ ms.set_device("CPU")
 
 TOY_STRIDE = 8
 #: params.yaml's export tolerances and eval post-processing (D0's NMS IoU)
-TOL = Tolerances(atol=1e-5, rtol=1e-4, box_atol_px=0.25, score_atol=1e-4)
+TOL = Tolerances(atol=1e-4, rtol=1e-3, box_atol_px=0.25, score_atol=1e-4)
 POST = Postprocess(score_threshold=0.05, iou_threshold=0.5, max_detections=100, pre_nms_top_k=1000)
 
 
@@ -152,7 +152,7 @@ def test_round_trip_files_compute_what_the_network_does(toy, tmp_path):
     assert report["outputs"] == [{"name": "output_0", "shape": [1, 16, 4], "dtype": "float32"},
                                  {"name": "output_1", "shape": [1, 16, 3], "dtype": "float32"}]
     assert report["num_check_images"] == 3 and report["check_inputs"] == "random"
-    assert report["tolerances"] == {"atol": 1e-5, "rtol": 1e-4, "box_atol_px": 0.25, "score_atol": 1e-4}
+    assert report["tolerances"] == {"atol": 1e-4, "rtol": 1e-3, "box_atol_px": 0.25, "score_atol": 1e-4}
     assert report["strict"] is False and report["network_latency_ms"] > 0
     for fmt, name in (("MINDIR", "model.mindir"), ("ONNX", "model.onnx")):
         r = report["formats"][fmt]
@@ -174,10 +174,14 @@ def test_round_trip_files_compute_what_the_network_does(toy, tmp_path):
     assert load_exported(out / "model.mindir").input_size == 32
 
 
-def _runtime_noise(outputs, rel=2e-5, seed=3):
-    """Another runtime's float32 accumulation: every element off by up to ``rel`` of its tensor's scale."""
+def _runtime_noise(outputs, seed=3):
+    """Another runtime's float32 sums, as measured on issue #19's D0 ONNX: box outputs off by up to 3e-5 of
+    their scale, probabilities by their logits' error (up to 2.5e-4) through the sigmoid."""
     rng = np.random.default_rng(seed)
-    return [o + (rel * np.abs(o).max() * rng.uniform(-1, 1, o.shape)).astype(np.float32) for o in outputs]
+    dist, prob = outputs
+    dist = dist + (3e-5 * np.abs(dist).max() * rng.uniform(-1, 1, dist.shape)).astype(np.float32)
+    prob = prob + (prob * (1 - prob) * 2.5e-4 * rng.uniform(-1, 1, prob.shape)).astype(np.float32)
+    return [dist, prob]
 
 
 def _large(outputs):
@@ -193,16 +197,16 @@ def test_runtime_noise_on_large_outputs_passes_as_in_issue_19(toy, tmp_path, mon
     got = [_runtime_noise(r, seed=i) for i, r in enumerate(ref)]
     # the rule before issue #19, |a - b| / max(1, |a|) <= 1e-4 per element, calls this a failure
     old = max(float((np.abs(a - b) / np.maximum(1.0, np.abs(a))).max()) for r, g in zip(ref, got) for a, b in zip(r, g))
-    assert old > 3e-4
+    assert old > 5e-4
     raw, problems = compare_raw(ref, got, ["dist", "scores"], TOL)
-    assert problems == [] and 1e-5 < raw["max_diff_over_scale"] <= 2e-5
+    assert problems == [] and 2e-5 < raw["outputs"]["dist"]["max_diff_over_scale"] <= 3e-5
     assert raw["outputs"]["dist"]["scale"] == pytest.approx(31.6, rel=1e-5)
     # through the export: the MINDIR "runtime" adds such noise, the file is kept
     monkeypatch.setattr(det, "decode", lambda outputs: ToyDetector.decode(det, _large(outputs)))
     monkeypatch.setattr(exporter, "load_exported", Perturbed(exporter.load_exported, _runtime_noise))
     report = _export(det, net, tmp_path / "export")
     check = report["formats"]["MINDIR"]["check"]
-    assert report["formats"]["MINDIR"]["exported"] and 0.1 < check["raw"]["worst_fraction_of_tolerance"] <= 1.0
+    assert report["formats"]["MINDIR"]["exported"] and 0.01 < check["raw"]["worst_fraction_of_tolerance"] <= 1.0
     assert check["decoded"]["detections"] == check["decoded"]["paired"] > 3
     assert check["decoded"]["max_box_diff_px"] < 0.01
 
@@ -254,7 +258,7 @@ class SwappedSides(nn.Cell):
 
 
 class ScaledBoxes(nn.Cell):
-    """A wrong constant (a stride, an anchor scale): the first output 0.1 % too large."""
+    """A wrong constant (a stride, an anchor scale): the first output 1 % too large."""
 
     def __init__(self, cell):
         super().__init__(auto_prefix=False)
@@ -263,8 +267,8 @@ class ScaledBoxes(nn.Cell):
     def construct(self, image):
         out = self.cell(image)
         if isinstance(out, tuple):
-            return (out[0] * 1.001,) + out[1:]
-        return out * 1.001
+            return (out[0] * 1.01,) + out[1:]
+        return out * 1.01
 
 
 def export_variant(monkeypatch, variant):
@@ -345,10 +349,10 @@ def test_raw_tolerance_is_relative_to_each_tensors_scale():
     assert problems == []
     assert raw["outputs"]["box"]["max_abs_diff"] == pytest.approx(8e-4, rel=1e-3)
     assert raw["max_diff_over_scale"] == pytest.approx(8e-4 / 31.6, rel=1e-3)
-    assert raw["worst_fraction_of_tolerance"] == pytest.approx(8e-4 / (1e-5 + 1e-4 * 31.6), rel=1e-3)
-    # the other tensor has its own scale (0.5): 1e-4 there is beyond 1e-5 + 1e-4 * 0.5
-    _, problems = compare_raw(ref, [(ref[0][0], np.array([0.5, 0.0101], np.float32))], ["box", "score"], TOL)
-    assert len(problems) == 1 and problems[0].startswith("output 'score' differs by up to 0.0001 at scale 0.5")
+    assert raw["worst_fraction_of_tolerance"] == pytest.approx(8e-4 / (1e-4 + 1e-3 * 31.6), rel=1e-3)
+    # the other tensor has its own scale (0.5): 1e-3 there is beyond 1e-4 + 1e-3 * 0.5
+    _, problems = compare_raw(ref, [(ref[0][0], np.array([0.5, 0.011], np.float32))], ["box", "score"], TOL)
+    assert len(problems) == 1 and problems[0].startswith("output 'score' differs by up to 0.001 at scale 0.5")
     _, problems = compare_raw(ref, [(ref[0][0][:1], ref[0][1])], ["box", "score"], TOL)
     assert problems == ["output 'box' has shape (1,), the network's (2,) (check image 0)"]
     _, problems = compare_raw(ref, [(ref[0][0], np.array([np.nan, 0.01], np.float32))], ["box", "score"], TOL)

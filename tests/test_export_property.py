@@ -24,8 +24,6 @@ from tests.test_export import ScaledBoxes, ShiftedInput
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 CASES = [(model, size, state) for model, sizes in (("d0", (128, 256)), ("nanodet", (64, 128)))
          for size in sizes for state in ("random", "perturbed", "converted")]
-#: measured differences per case, printed at the end (pytest -s) for the issue's closing note
-MEASURED: dict[str, dict] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +45,7 @@ def _network(model: str, size: int, state: str):
         detector = get_detector(model, dataclasses.replace(getattr(PARAMS, model), input_size=size), 4)
         network = detector.build_network()
         cell = detector.inference_cell(network)
+        detector.fresh_inference_cell = detector.inference_cell  # for PyNative runs (graph mode kept apart)
         detector.inference_cell = lambda net, cell=cell: cell
         _BUILT[model, size] = (detector, network, {p.name: p.asnumpy() for p in network.get_parameters()})
     detector, network, initial = _BUILT[model, size]
@@ -99,16 +98,23 @@ def test_healthy_exports_pass_and_injected_bugs_are_caught(model, size, state, t
     if state != "random":  # the decoded comparison has something to compare
         assert report["formats"]["ONNX"]["check"]["decoded"]["paired"] > 0
 
-    cell = detector.inference_cell(network)
+    cell = detector.fresh_inference_cell(network)
     cell.set_train(False)
     names = [o["name"] for o in report["outputs"]]
     reference = _pynative(cell, images)
+    # a random-init NanoDet computes the same outputs whatever the input (heads ~ N(0, 0.01) after GroupNorm):
+    # no input-side bug can show there
+    varies = any(np.abs(a - b).max() > tolerances.atol for a, b in zip(reference[0], reference[1]))
     for variant in (ShiftedInput, ScaledBoxes):
         verdict = verify(detector, reference, _pynative(variant(cell), images), names, tolerances, postprocess)
-        assert not verdict.ok, f"{variant.__name__} not caught"
         measured[variant.__name__] = {"raw_max_diff_over_scale": verdict.raw["max_diff_over_scale"],
                                       "worst_fraction_of_tolerance": verdict.raw["worst_fraction_of_tolerance"],
-                                      **verdict.decoded}
+                                      **verdict.decoded, "caught": not verdict.ok}
+        if variant is ShiftedInput and not varies:
+            assert verdict.ok
+            continue
+        assert not verdict.ok, f"{variant.__name__} not caught"
         assert verdict.raw["worst_fraction_of_tolerance"] > 3.0  # caught with a margin, not by a hair
-    MEASURED[f"{model}@{size} {state}"] = measured
+    if model == "d0" or state != "random":
+        assert varies
     print(json.dumps({f"{model}@{size} {state}": measured}))
