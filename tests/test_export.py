@@ -415,6 +415,11 @@ def test_detections_on_a_decision_boundary_may_flip():
     ref = _dets(np.vstack([REF.boxes, iou_half]), np.append(REF.scores, 0.8), np.append(REF.labels, 0))
     stats, problems = compare_detections(ref, REF, POST, TOL)
     assert problems == [] and stats["borderline"] == 1
+    # two overlapping boxes with tied scores: NMS keeps either, depending on the last bits
+    twin = np.float32([[14, 10, 54, 50]])  # IoU 0.82 with REF's first box, score 0.9 + 5e-5
+    ref = _dets(np.vstack([twin, REF.boxes[1:]]), np.append(np.float32([0.90005]), REF.scores[1:]), REF.labels)
+    stats, problems = compare_detections(ref, REF, POST, TOL)
+    assert problems == [] and stats["borderline"] == 2 and stats["paired"] == 2
     # the same detection clearly below the NMS threshold is a real difference
     apart = np.float32([[10, 10, 50, 50]]) + np.float32([[0, 25, 0, 25]])
     ref = _dets(np.vstack([REF.boxes, apart]), np.append(REF.scores, 0.8), np.append(REF.labels, 0))

@@ -14,8 +14,8 @@ Detections are paired by class and corners within ``box_atol_px`` pixels; a pair
 ``score_atol`` in score. A detection present on one side only is a mismatch unless it sits on a decision
 boundary a last-bit difference can flip: its score within ``score_atol`` of the score threshold or of a top-k /
 max-detections cut, a box clipped to within ``box_atol_px`` of no area (dropped when empty), or a same-class
-box on the other side overlapping it by about the NMS threshold (or one that is itself unpaired, the next
-link of such a flip).
+box on the other side overlapping it by about the NMS threshold, or by more with a tied score (NMS visit
+order), or one that is itself such a flip (the next link of a chain).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from msdet.ops.iou import box_iou_np
 #: IoUs within this of the NMS threshold may flip between runtimes (moving one side of a 20 px box by
 #: 0.1 px changes its IoU by ~0.005)
 IOU_BAND = 0.01
+#: a box within this of another (corners, px) is the same detection moved, not a tied rival NMS kept instead
+SAME_BOX_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,8 @@ def _pair(a: Detections, b: Detections, tol: Tolerances) -> list[tuple[int, int]
 def _boundary(k: int, own: Detections, other: Detections, post: Postprocess, tol: Tolerances) -> bool:
     """Whether unpaired detection ``k`` of ``own`` lies on a decision boundary: its score at a cut, its box
     clipped to about no area, or a same-class detection of ``other`` scoring at least as high that overlaps
-    it by about the NMS threshold."""
+    it by about the NMS threshold, or by more with a score tied within ``score_atol`` (which of two tied
+    boxes NMS keeps is decided by the last bits)."""
     score = float(own.scores[k])
     if any(abs(score - c) <= tol.score_atol for c in own.cuts + other.cuts):
         return True
@@ -169,7 +172,10 @@ def _boundary(k: int, own: Detections, other: Detections, post: Postprocess, tol
     if not same.any():
         return False
     iou = box_iou_np(own.boxes[k:k + 1], other.boxes)[0]
-    return bool((same & (np.abs(iou - post.iou_threshold) <= IOU_BAND)).any())
+    # an overlap at the threshold, or a suppressor scoring the same within score_atol (NMS visit order tie)
+    rival = np.abs(other.boxes - own.boxes[k]).max(axis=1) > SAME_BOX_PX
+    tie = rival & (np.abs(other.scores - score) <= tol.score_atol)
+    return bool((same & ((np.abs(iou - post.iou_threshold) <= IOU_BAND) | (tie & (iou > post.iou_threshold)))).any())
 
 
 def _excused(own: Detections, other: Detections, own_unpaired: np.ndarray, other_unpaired: np.ndarray,
