@@ -277,7 +277,14 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ExportConfig:
     formats: list = _f(["MINDIR", "ONNX"])
-    tolerance: float = _f(1e-4, range=(0.0, 1.0))
+    # MINDIR failing its check always fails the stage; strict: a failing ONNX too (else recorded, warned).
+    strict: bool = _f(False)
+    # Raw outputs, per output tensor: max|exported - network| <= atol + rtol * max|network|.
+    atol: float = _f(1e-4, range=(0.0, 1.0))
+    rtol: float = _f(1e-3, range=(0.0, 1.0))
+    # Decoded detections (eval post-processing, network-input pixels): paired boxes and scores within these.
+    box_atol_px: float = _f(0.25, range=(0.0, 100.0))
+    score_atol: float = _f(1e-4, range=(0.0, 1.0))
     num_check_images: int = _f(4, range=(1, 1000))
     latency_repeats: int = _f(10, range=(1, 10_000))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import struct
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import mindspore as ms
@@ -15,6 +16,7 @@ from mindspore import Tensor, nn, ops
 from msdet.config import TrainConfig
 from msdet.engine.live import SERIES_DIR
 from msdet.engine.trainer import TrainData
+from msdet.export.verify import Postprocess, Tolerances
 from msdet.models.layers import drop_connect
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -176,3 +178,171 @@ def series_files(live):
     root = live / SERIES_DIR
     return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*.tsv"))
             if p.name != "images_per_s.tsv"}
+
+
+def random_official_state(model: str, num_classes: int, seed: int = 0) -> OrderedDict[str, np.ndarray]:
+    """Every tensor of the official listing with random values of its shape and dtype, scaled so that a
+    forward pass stays finite (conv weights ~ 1/sqrt(fan_in), positive running variances)."""
+    rng = np.random.default_rng(seed)
+    listing = official_state_dict(model)
+    heads = {"classifier.header.pointwise_conv.conv.": 9 * num_classes, "head.gfl_cls.": num_classes + 32,
+             "aux_head.gfl_cls.": num_classes}
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for key, (shape, dtype) in listing.items():
+        rows = next((n for prefix, n in heads.items() if key.startswith(prefix)), None)
+        if rows is not None:
+            shape = (rows,) + shape[1:]
+        if dtype == "int64":
+            out[key] = np.asarray(rng.integers(0, 10**6), dtype=np.int64).reshape(shape)
+        elif key.endswith("running_var"):
+            out[key] = rng.uniform(0.5, 1.5, shape).astype(dtype)
+        elif len(shape) == 4:
+            out[key] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(dtype)
+        elif key.endswith(".weight") or "_w" in key.rsplit(".", 1)[-1]:
+            out[key] = rng.uniform(0.5, 1.5, shape).astype(dtype)
+        else:
+            out[key] = (0.1 * rng.standard_normal(shape)).astype(dtype)
+    return out
+
+
+# ---------------------------------------------------------------- export/infer toys
+
+TOY_STRIDE = 8
+#: params.yaml's export tolerances and eval post-processing (D0's NMS IoU)
+TOL = Tolerances(atol=1e-4, rtol=1e-3, box_atol_px=0.25, score_atol=1e-4)
+POST = Postprocess(score_threshold=0.05, iou_threshold=0.5, max_detections=100, pre_nms_top_k=1000)
+
+
+class ExportToyNet(nn.Cell):
+    """Three stride-2 convs and a 1x1 head giving 4 distances + C logits per cell; ``aux`` is training-only."""
+
+    def __init__(self, num_classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.SequentialCell(
+            nn.Conv2d(3, width, 3, stride=2, has_bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, has_bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, has_bias=True), nn.ReLU())
+        self.head = nn.Conv2d(width, 4 + num_classes, 1, has_bias=True)
+        self.aux = nn.Conv2d(width, 4, 1, has_bias=True)
+
+    def construct(self, image):
+        feat = self.stem(image)
+        return self.head(feat), self.aux(feat)
+
+
+class ExportToyInference(nn.Cell):
+    """image -> (distances [B, A, 4] in input pixels, class probabilities [B, A, C])."""
+
+    def __init__(self, net: ExportToyNet) -> None:
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, image):
+        out = self.net.head(self.net.stem(image))
+        b, c = out.shape[0], out.shape[1]
+        out = ops.reshape(ops.transpose(out, (0, 2, 3, 1)), (b, -1, c))
+        return ops.relu(out[:, :, :4]) * TOY_STRIDE, ops.sigmoid(out[:, :, 4:])
+
+
+class ExportToyDetector:
+    """A tiny anchor-free detector implementing the parts of the Detector interface export/infer use."""
+
+    loss_names = ("loss",)
+    architecture = "toy"
+    training_only_prefixes = ("aux.",)
+
+    def __init__(self, input_size: int = 32, num_classes: int = 3, width: int = 8, name: str = "toy") -> None:
+        self.name = name
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.width = width
+        g = input_size // TOY_STRIDE
+        ys, xs = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+        self.points = ((np.stack([xs, ys], -1).reshape(-1, 2) + 0.5) * TOY_STRIDE).astype(np.float32)
+
+    def build_network(self) -> ExportToyNet:
+        net = ExportToyNet(self.num_classes, self.width)
+        rng = np.random.default_rng(1)
+        for p in net.get_parameters():  # deterministic weights with some spread in the outputs
+            value = rng.normal(0.0, 0.3, p.shape)
+            if "moving_variance" in p.name:
+                value = np.abs(value) + 0.5
+            p.set_data(ms.Tensor(value.astype(np.float32)))
+        return net
+
+    def inference_cell(self, network: ExportToyNet) -> ExportToyInference:
+        return ExportToyInference(network)
+
+    def decode(self, outputs):
+        dist, scores = (np.asarray(o) for o in outputs[:2])
+        if dist.shape[1] != len(self.points):
+            raise ValueError(f"toy decode: {dist.shape[1]} points, expected {len(self.points)}")
+        p = self.points[None]
+        boxes = np.concatenate([p - dist[..., :2], p + dist[..., 2:]], -1)
+        return np.clip(boxes, 0, self.input_size).astype(np.float32), scores.astype(np.float32)
+
+
+def toy_preprocess(size: int):
+    """Stretch to size x size, BGR scaled to [0, 1]: scale (sx, sy) = (S / w, S / h)."""
+    import cv2
+
+    def preprocess(image):
+        h, w = image.shape[:2]
+        x = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        return x.transpose(2, 0, 1), np.array([size / w, size / h], np.float32)
+
+    return preprocess
+
+
+class ShiftedInput(nn.Cell):
+    """A padding bug: the exported graph sees the image moved one pixel right and down (zero padded)."""
+
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, image):
+        s = image.shape[-1]
+        return self.cell(ops.pad(image, (1, 0, 1, 0))[:, :, :s, :s])
+
+
+class SwappedSides(nn.Cell):
+    """A swapped output: the first two box channels exchanged."""
+
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, image):
+        out = self.cell(image)
+        box = out[0]
+        return (ops.concat((box[:, :, 1:2], box[:, :, 0:1], box[:, :, 2:]), axis=2),) + tuple(out[1:])
+
+
+class ScaledBoxes(nn.Cell):
+    """A wrong constant (a stride, an anchor scale): the first output 1 % too large."""
+
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, image):
+        out = self.cell(image)
+        if isinstance(out, tuple):
+            return (out[0] * 1.01,) + out[1:]
+        return out * 1.01
+
+
+class SwappedOutputs(nn.Cell):
+    """Outputs in the wrong order: two outputs exchanged, or a single output's first 4 channels moved last
+    (NanoDet: distance logits where the class scores belong)."""
+
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, image):
+        out = self.cell(image)
+        if isinstance(out, tuple):
+            return (out[1], out[0]) + out[2:]
+        return ops.concat((out[..., 4:], out[..., :4]), axis=-1)

@@ -41,6 +41,11 @@ def test_repo_params_load_and_cover_every_field():
     ({"runtime": {"nodes": 2, "node_rank": 2, "master_port": 8118}}, r"'runtime.node_rank' \(2\) must be below"),
     ({"runtime": {"nodes": 2, "node_rank": 1}}, r"'runtime.nodes' is 2: .* fixed 'runtime.master_port'"),
     ({"d0": {"train": {"accumulate_steps": 0}}}, r"'d0.train.accumulate_steps' = 0 is out of range"),
+    ({"export": {"rtol": 2.0}}, r"'export.rtol' = 2.0 is out of range \[0.0, 1.0\]"),
+    ({"export": {"atol": -1e-5}}, r"'export.atol' = -1e-05 is out of range"),
+    ({"export": {"box_atol_px": "half"}}, r"'export.box_atol_px' must be a number"),
+    ({"export": {"strict": "yes"}}, r"'export.strict' must be true or false"),
+    ({"export": {"tolerance": 1e-4}}, r"unknown key\(s\) export.tolerance"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,7 +7,6 @@ import json
 import pickle
 import struct
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import mindspore as ms
@@ -27,7 +26,7 @@ from msdet.conversion.converters import (
 from msdet.conversion.torch_reader import load_torch_state
 from msdet.detectors import get_detector
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
-from tests.helpers import FIXTURES, official_state_dict
+from tests.helpers import FIXTURES, random_official_state
 
 ms.set_device("CPU")
 
@@ -35,31 +34,6 @@ TORCH_FIXTURES = FIXTURES / "torch"
 NBT = "num_batches_tracked"
 #: trainable parameter counts of the official models (the official models' published counts)
 OFFICIAL_PARAMS = {("d0", 90): 3_880_067, ("nanodet", 80): 4_330_904}
-
-
-def random_official_state(model: str, num_classes: int, seed: int = 0) -> OrderedDict[str, np.ndarray]:
-    """Every tensor of the official listing with random values of its shape and dtype, scaled so that a
-    forward pass stays finite (conv weights ~ 1/sqrt(fan_in), positive running variances)."""
-    rng = np.random.default_rng(seed)
-    listing = official_state_dict(model)
-    heads = {"classifier.header.pointwise_conv.conv.": 9 * num_classes, "head.gfl_cls.": num_classes + 32,
-             "aux_head.gfl_cls.": num_classes}
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for key, (shape, dtype) in listing.items():
-        rows = next((n for prefix, n in heads.items() if key.startswith(prefix)), None)
-        if rows is not None:
-            shape = (rows,) + shape[1:]
-        if dtype == "int64":
-            out[key] = np.asarray(rng.integers(0, 10**6), dtype=np.int64).reshape(shape)
-        elif key.endswith("running_var"):
-            out[key] = rng.uniform(0.5, 1.5, shape).astype(dtype)
-        elif len(shape) == 4:
-            out[key] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(dtype)
-        elif key.endswith(".weight") or "_w" in key.rsplit(".", 1)[-1]:
-            out[key] = rng.uniform(0.5, 1.5, shape).astype(dtype)
-        else:
-            out[key] = (0.1 * rng.standard_normal(shape)).astype(dtype)
-    return out
 
 
 @pytest.fixture(scope="module")

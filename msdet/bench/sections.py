@@ -408,16 +408,18 @@ def bench_export(params: Params, model: str, num_classes: int, repeats: int = 10
 
     from msdet.detectors import build_detector
     from msdet.export.exporter import FILE_NAMES, export_model, load_exported
+    from msdet.export.runner import check_settings
 
     detector = build_detector(params, model, num_classes)
     network = detector.build_network()
     size = detector.input_size
     image = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     out: dict[str, Any] = {"input_size": size, "batch": 1}
+    tolerances, postprocess = check_settings(params, model)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         export_s, report = _timed(lambda: export_model(
             detector, network, Path(tmp) / "export", params.export.formats, check_inputs=image,
-            tolerance=params.export.tolerance, latency_repeats=1))
+            tolerances=tolerances, postprocess=postprocess, strict=params.export.strict, latency_repeats=1))
         out["export_and_verify_s"] = round(export_s, 3)
         cell = detector.inference_cell(network)
         cell.set_train(False)
@@ -432,7 +434,7 @@ def bench_export(params: Params, model: str, num_classes: int, repeats: int = 10
             exported.run(image)
             out[fmt.lower()] = {
                 "exported": True, "size_mb": round(info["size_bytes"] / 2**20, 3),
-                "max_scaled_diff": info["max_scaled_diff"],
+                "raw_max_diff_over_scale": info["check"]["raw"]["max_diff_over_scale"],
                 "latency_ms": summarize([_timed(lambda: exported.run(image))[0] * 1000.0 for _ in range(repeats)]),
             }
     return out
