@@ -49,7 +49,7 @@ class LayerCase:
 def _tensor(array: np.ndarray) -> Any:
     from mindspore import Tensor
 
-    return Tensor(np.ascontiguousarray(array))
+    return Tensor(np.array(array, copy=True))  # contiguous; np.ascontiguousarray would make 0-d arrays 1-d
 
 
 def _chain(*cells: Any) -> Any:
