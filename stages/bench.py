@@ -1,7 +1,8 @@
 """Speed and memory benchmarks (``make bench``):
 
     python -m stages.bench [--params params.yaml] [--device-target CPU] [--quick] [--full] [--profile]
-                           [--only SECTION ...] [--models d0 nanodet] [--context KEY=VALUE ...]
+                           [--only SECTION ...] [--by-layer] [--models d0 nanodet]
+                           [--context KEY=VALUE ...]
 
 Measures, at the params' input and batch sizes: single convolutions (framework-regression guard), the
 compiled training step and its peak memory, the training input pipeline, the MindRecord conversion,
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"sections to run: {' '.join(ALL_SECTIONS)} (default: all but profile)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile the training step (MindSpore profiler) and the input pipeline (cProfile)")
+    ap.add_argument("--by-layer", action="store_true",
+                    help="profile section: forward and forward+backward time per block type (see "
+                         "msdet/bench/layers.py) and the CPU-core utilisation of the step, instead of the profilers")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--repeats", type=int, default=None, help="runs per figure for every section")
     ap.add_argument("--context", action="append", default=[], metavar="KEY=VALUE",
@@ -50,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
     try:
-        sections = list(dict.fromkeys(list(args.only) + (["profile"] if args.profile else [])))
+        profile = ["profile"] if args.profile or args.by_layer else []
+        sections = list(dict.fromkeys(list(args.only) + profile))
         opts = BenchOptions(params=args.params, device_target=args.device_target, quick=args.quick,
                             full=args.full, sections=sections, models=args.models,
-                            context=parse_context(args.context), repeats=args.repeats)
+                            context=parse_context(args.context), repeats=args.repeats,
+                            by_layer=args.by_layer)
         report = run_benchmarks(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

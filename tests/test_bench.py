@@ -186,3 +186,46 @@ def test_op_time_breakdown_groups_by_type_and_block(tmp_path):
     assert blocks == {"backbone-B": 20.0, "head-H": 10.0, "assigner-A": 15.0, "optimizer-AdamW": 5.0}
     text = format_table({"profile": {"d0": {"train_step": out}}})
     assert "profile/d0: training step 50 ms of CPU ops per step (50% backward); blocks: backbone-B 40%" in text
+
+
+def test_by_layer_lines_render_rows_and_core_use():
+    from msdet.bench.stats import by_layer_lines
+
+    layers = {"input_size": 64, "batch_size": 2, "rows": [
+        {"name": "bn", "what": "BatchNorm", "forward_ms": summarize([1.0, 3.0]),
+         "forward_backward_ms": summarize([4.0, 6.0])},
+        {"name": "assign", "what": "assigner", "forward_ms": summarize([7.0])}]}
+    step = {"step_ms": summarize([100.0]), "cpu_cores_used": summarize([1.5, 1.7])}
+    lines = by_layer_lines("nanodet", layers, step)
+    assert lines[0] == "profile/nanodet by layer at 64 px, batch 2 (ms, median; rows overlap):"
+    assert lines[2].split() == ["bn", "2.00", "5.00", "BatchNorm"]
+    assert lines[3].split() == ["assign", "7.00", "-", "assigner"]
+    assert "using 1.60 CPU cores" in lines[4]
+    assert by_layer_lines("d0", {}, step) == []
+
+
+@pytest.mark.slow
+def test_by_layer_table_has_every_block_with_positive_times():
+    """Every row of the NanoDet table at 64 px, batch 2: the documented names in order, the input shapes the
+    blocks see in the network, positive forward times and a backward for all but assignment and optimizer."""
+    from msdet.bench.layers import ROWS, bench_layers
+    from msdet.bench.sections import setup
+    from msdet.config import load_params
+
+    tiny = {"nanodet": {"input_size": 64, "train": {"batch_size": 2, "max_gt_boxes": 4}}}
+    params = load_params(ROOT / "params.yaml", tiny)
+    setup(params, {})
+    out = bench_layers(params, "nanodet", num_classes=3, repeats=2)
+    assert (out["input_size"], out["batch_size"]) == (64, 2)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert [r["name"] for r in out["rows"]] == list(ROWS["nanodet"])
+    assert rows["stem"]["shapes"] == [[2, 3, 64, 64]]
+    assert rows["ghostpan"]["shapes"] == [[2, 116, 8, 8], [2, 232, 4, 4], [2, 464, 2, 2]]
+    assert rows["assign"]["shapes"][0] == [2, 85, 3]  # 8x8 + 4x4 + 2x2 + 1x1 priors, 3 classes
+    for name, row in rows.items():
+        s = row["forward_ms"]
+        assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"], name
+        if name in ("assign", "optimizer_ema"):
+            assert "forward_backward_ms" not in row, name
+        else:
+            assert row["forward_backward_ms"]["median"] > 0, name

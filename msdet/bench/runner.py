@@ -56,6 +56,8 @@ class BenchOptions:
     repeats: int | None = None
     data_batches: int = 40
     micro_small: bool = False
+    #: the profile section times each block type (msdet.bench.layers) instead of running the profilers
+    by_layer: bool = False
     project_root: Path = field(default_factory=Path.cwd)
     timeout_s: float = 3600.0
 
@@ -157,6 +159,8 @@ def run_child(section: str, opts: BenchOptions, scratch: Path, data: BenchData |
         cmd += ["--batches", str(opts.data_batches)]
     if section == "micro" and opts.micro_small:
         cmd += ["--micro-small"]
+    if section == "profile" and opts.by_layer:
+        cmd += ["--by-layer"]
     for k, v in opts.context.items():
         cmd += ["--context", f"{k}={json.dumps(v)}"]
     cmd += list(extra)
@@ -288,7 +292,8 @@ def run_benchmarks(opts: BenchOptions, log: Callable[[str], None] = print) -> di
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"params": opts.params, "device_target": params.runtime.device_target, "quick": opts.quick,
                      "full": opts.full, "sections": list(opts.sections), "models": list(opts.models),
-                     "context": dict(opts.context), "cpu_threads": params.runtime.cpu_threads,
+                     "context": dict(opts.context), "by_layer": opts.by_layer,
+                     "cpu_threads": params.runtime.cpu_threads,
                      "graph_mode": params.runtime.graph_mode},
         "versions": versions(),
         "host": host_info(),

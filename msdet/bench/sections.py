@@ -230,6 +230,8 @@ def bench_train(params: Params, model: str, num_classes: int, steps: int = 5, wa
         "compile_s": round(max(first - step_summary["median"] / 1000.0, 0.0), 3),
         "step_ms": step_summary,
         "step_cpu_ms": summarize(wall_cpu[:, 1] * 1000.0),
+        # process CPU time over wall time: how many of the cores the step keeps busy
+        "cpu_cores_used": summarize(wall_cpu[:, 1] / wall_cpu[:, 0], digits=3),
         "images_per_s": summarize(rates(batch, times)),
     }
 
@@ -577,6 +579,11 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
     if args.section == "export":
         return bench_export(params, args.model, num_classes, args.repeats)
     if args.section == "profile":
+        if args.by_layer:
+            from msdet.bench.layers import bench_layers
+
+            return {"by_layer": bench_layers(params, args.model, num_classes, args.repeats),
+                    "train_step": bench_train(params, args.model, num_classes, steps=args.repeats)}
         return {"train_step": profile_train(params, args.model, num_classes, steps=args.repeats),
                 "data_sample": profile_data(params, args.model, args.mindrecord_dir)}
     raise ValueError(f"unknown section {args.section!r}; expected one of {', '.join(SECTIONS)}")
@@ -602,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--coco-root", default=None)
     ap.add_argument("--gt-json", default=None)
     ap.add_argument("--micro-small", action="store_true")
+    ap.add_argument("--by-layer", action="store_true", help="profile: time each block type instead")
     ap.add_argument("--context", action="append", default=[], help="KEY=VALUE for mindspore.set_context")
     args = ap.parse_args(argv)
     os.environ.setdefault("GLOG_v", "3")

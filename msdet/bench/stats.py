@@ -99,6 +99,8 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
 def _unit(name: str) -> str:
     if name.endswith("per_s"):
         return "img/s"
+    if name == "cpu_cores_used":
+        return "cores"
     for part, unit in (("_ms", "ms"), ("_mb", "MB")):
         if part in name:
             return unit
@@ -121,6 +123,22 @@ def format_table(report: dict, extra: Callable[[dict], list[str]] | None = None)
     return "\n".join(out)
 
 
+def by_layer_lines(model: str, layers: dict, step: dict) -> list[str]:
+    """The per-block table of ``--by-layer`` (medians), then the whole step and its CPU-core utilisation."""
+    if "rows" not in layers:
+        return []
+    lines = [f"profile/{model} by layer at {layers['input_size']} px, batch {layers['batch_size']} "
+             f"(ms, median; rows overlap):", f"  {'block':<16}{'forward':>10}{'fwd+bwd':>10}  what"]
+    for row in layers["rows"]:
+        fb = row.get("forward_backward_ms", {}).get("median")
+        lines.append(f"  {row['name']:<16}{row['forward_ms']['median']:>10.2f}"
+                     f"{'-' if fb is None else f'{fb:.2f}':>10}  {row['what']}")
+    if "step_ms" in step and "cpu_cores_used" in step:
+        lines.append(f"  {'train step':<16}{step['step_ms']['median']:>20.1f}  using "
+                     f"{step['cpu_cores_used']['median']:.2f} CPU cores (process CPU ms / wall ms)")
+    return lines
+
+
 def verdicts(report: dict) -> list[str]:
     """One line per target: data >= 3x training, no-op repro < 5 s, whole default repro < 15 min (--full)."""
     lines = []
@@ -140,6 +158,7 @@ def verdicts(report: dict) -> list[str]:
         lines.append(f"pipeline: whole default repro {pipeline['full_repro_s']:.0f} s "
                      f"({ok} target <= {pipeline['full_repro_target_s']:.0f} s)")
     for model, prof in (report.get("profile") or {}).items():
+        lines += by_layer_lines(model, (prof or {}).get("by_layer") or {}, (prof or {}).get("train_step") or {})
         step = (prof or {}).get("train_step") or {}
         if "by_block" in step:
             blocks = ", ".join(f"{b['name']} {100 * b['share']:.0f}%" for b in step["by_block"][:4])

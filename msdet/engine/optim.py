@@ -1,7 +1,14 @@
 """AdamW as PyTorch defines it (decoupled weight decay, bias-corrected moments), in graph mode.
 
 MindSpore's ``nn.AdamWeightDecay`` has no bias correction and its kernels reject 0-d parameters (NanoDet's
-per-level scales); nanodet's recipe is torch's AdamW, so we implement exactly that.
+per-level scales); nanodet's recipe is torch's AdamW, so we implement exactly that - on MindSpore's fused
+``AdamWeightDecay`` kernel (one op per weight instead of a dozen), with the bias correction folded into its
+step size, epsilon and decay (Loshchilov & Hutter 2019, Algorithm 2; torch.optim.AdamW):
+
+    w * (1 - lr wd) - lr (m / b1) / (sqrt(v / b2) + eps)
+      = w - lr' (m / (sqrt(v) + eps') + wd' w),   lr' = lr sqrt(b2) / b1,  eps' = eps sqrt(b2),  wd' = wd lr / lr'
+
+with b1 = 1 - beta1^t, b2 = 1 - beta2^t. 0-d weights keep the element-wise formula.
 """
 from __future__ import annotations
 
@@ -12,9 +19,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 _adamw = ops.MultitypeFuncGraph("adamw")
 
 
-@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                 "Tensor", "Tensor")
-def _adamw_one(lr, beta1, beta2, eps, bias1, bias2, weight_decay, param, m, v, grad):
+def _adamw_elementwise(lr, beta1, beta2, eps, bias1, bias2, weight_decay, param, m, v, grad):
     grad = grad.astype(param.dtype)
     m_new = beta1 * m + (1.0 - beta1) * grad
     v_new = beta2 * v + (1.0 - beta2) * grad * grad
@@ -23,7 +28,21 @@ def _adamw_one(lr, beta1, beta2, eps, bias1, bias2, weight_decay, param, m, v, g
     new_param = param * (1.0 - lr * weight_decay) - lr * update
     ops.assign(m, m_new)
     ops.assign(v, v_new)
-    return ops.assign(param, new_param)
+    ops.assign(param, new_param)
+    return True
+
+
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool")
+def _adamw_fused(lr, beta1, beta2, eps, bias1, bias2, lr_f, eps_f, decay_f, weight_decay, param, m, v, grad,
+                 fused):
+    if fused:
+        _FUSED(param, m, v, lr_f, beta1, beta2, eps_f, weight_decay * decay_f, grad.astype(param.dtype))
+        return True
+    return _adamw_elementwise(lr, beta1, beta2, eps, bias1, bias2, weight_decay, param, m, v, grad)
+
+
+_FUSED = ops.AdamWeightDecay()
 
 
 class AdamW(nn.Cell):
@@ -46,6 +65,8 @@ class AdamW(nn.Cell):
         self.beta1 = Tensor(beta1, ms.float32)
         self.beta2 = Tensor(beta2, ms.float32)
         self.eps = Tensor(eps, ms.float32)
+        #: MindSpore's fused kernel takes weights of at least one dimension
+        self.fused = tuple(p.ndim > 0 for p in params)
         self.hyper_map = ops.HyperMap()
 
     def construct(self, gradients: tuple) -> Tensor:
@@ -54,9 +75,14 @@ class AdamW(nn.Cell):
         step = (self.global_step + 1).astype(ms.float32)
         bias1 = 1.0 - ops.pow(self.beta1, step)
         bias2 = 1.0 - ops.pow(self.beta2, step)
-        self.hyper_map(ops.partial(_adamw, lr, self.beta1, self.beta2, self.eps, bias1, bias2),
-                       self.weight_decays, self.parameters, self.moments1, self.moments2, gradients)
-        return ops.assign_add(self.global_step, Tensor(1, ms.int32))
+        root2 = ops.sqrt(bias2)
+        lr_f = lr * root2 / bias1
+        eps_f = self.eps * root2
+        decay_f = bias1 / root2
+        updated = self.hyper_map(
+            ops.partial(_adamw, lr, self.beta1, self.beta2, self.eps, bias1, bias2, lr_f, eps_f, decay_f),
+            self.weight_decays, self.parameters, self.moments1, self.moments2, gradients, self.fused)
+        return ops.depend(ops.assign_add(self.global_step, Tensor(1, ms.int32)), updated)
 
 
 _square_sum = ops.MultitypeFuncGraph("square_sum")

@@ -10,8 +10,16 @@ from __future__ import annotations
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from msdet.models.layers import (Conv2dSame, MaxPool2dSame, SeparableConvBlock, Swish, batch_norm, convs_of,
-                                 init_conv_glorot_uniform, upsample_nearest2x)
+from msdet.models.layers import (
+    Conv2dSame,
+    MaxPool2dSame,
+    SeparableConvBlock,
+    Swish,
+    batch_norm,
+    convs_of,
+    init_conv_glorot_uniform,
+    upsample_nearest2x,
+)
 
 
 def _projection(in_channels: int, out_channels: int, pool: bool = False) -> nn.SequentialCell:

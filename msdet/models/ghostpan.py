@@ -9,7 +9,7 @@ official state-dict keys up to BatchNorm/GroupNorm naming.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
@@ -42,8 +42,8 @@ class ConvModule(nn.Cell):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, groups: int = 1, norm: Optional[str] = "BN",
-                 activation: Optional[str] = "LeakyReLU", num_groups: int = 32) -> None:
+                 padding: int = 0, groups: int = 1, norm: str | None = "BN",
+                 activation: str | None = "LeakyReLU", num_groups: int = 32) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                               padding=padding, has_bias=norm is None, group=groups)
@@ -95,7 +95,7 @@ class DepthwiseConvModule(nn.Cell):
 class GhostModule(nn.Cell):
     """Primary 1x1 conv to ceil(oup / 2) channels plus a cheap depthwise 3x3 of it, concatenated."""
 
-    def __init__(self, inp: int, oup: int, dw_size: int = 3, activation: Optional[str] = "LeakyReLU") -> None:
+    def __init__(self, inp: int, oup: int, dw_size: int = 3, activation: str | None = "LeakyReLU") -> None:
         super().__init__()
         init_channels = math.ceil(oup / 2)
         self.oup = oup

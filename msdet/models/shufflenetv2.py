@@ -8,7 +8,7 @@ parameter names equal the official state-dict keys up to BatchNorm's naming. Nan
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
