@@ -22,7 +22,7 @@ CLUSTER_ARGS := $(if $(NODES),--nodes $(NODES) --node-rank $(NODE_RANK) --master
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lint deps repro test test-fast clean model-summary train-8p sweep coco bench bench-full dag
+.PHONY: help venv lint deps repro test test-fast test-long clean model-summary train-8p sweep coco bench bench-full dag
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -50,11 +50,14 @@ deps: $(STAMP)  ## rewrite each stage's code deps in dvc.yaml to the files its c
 repro: $(STAMP)  ## run the whole DVC pipeline on params.yaml (embedded data set by default)
 	$(DVC) repro
 
-test: $(TEST_STAMP)  ## run the test suite
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+test: $(TEST_STAMP)  ## run the test suite (CI: everything but the tests marked long)
+	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS) tests
 
 test-fast: $(TEST_STAMP)  ## the test suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-long: $(TEST_STAMP)  ## only the long tests (msrun hosts, kill/resume, export grid, live e2e, profile)
+	$(PY) -m pytest -q -m long $(PYTEST_ARGS) tests
 
 dag: $(STAMP)  ## print the stage graph
 	$(DVC) dag

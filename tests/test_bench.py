@@ -205,6 +205,7 @@ def test_by_layer_lines_render_rows_and_core_use():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_by_layer_table_has_every_block_with_positive_times():
     """Every row of the NanoDet table at 64 px, batch 2: the documented names in order, the input shapes the
     blocks see in the network, positive forward times and a backward for all but assignment and optimizer."""

@@ -71,6 +71,7 @@ def _pynative(cell, images: np.ndarray) -> list[tuple]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("model, size, state", CASES)
 def test_healthy_exports_pass_and_injected_bugs_are_caught(model, size, state, tmp_path):
     tolerances, postprocess = check_settings(PARAMS, model)

@@ -90,6 +90,7 @@ ops.AllReduce()(Tensor([1.0])).asnumpy()
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_failing_node_stops_both_naming_host_and_rank(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(DYING_NODE_WORKER)
@@ -115,6 +116,7 @@ def test_a_failing_node_stops_both_naming_host_and_rank(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_nodes_train_the_same_weights_as_one_node_with_two_workers(tmp_path):
     """Node 1 runs with an ``ip`` that lists no address (see other_host_ip)."""
     one = tiny_d0_project(tmp_path / "one", 8, {"epochs": 1})
@@ -167,6 +169,7 @@ def run_until(cmd: list[str], cwd: Path, pattern: str, timeout: float) -> tuple[
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_stage_killed_inside_an_epoch_resumes_to_the_same_weights(tmp_path):
     """12 images / (batch 2 x accumulate 2) = 3 steps per epoch, 2 epochs, a resume point every 2 steps:
     killed right after the point at step 4 (epoch 2, 1 step in), the rerun starts there and must end with
