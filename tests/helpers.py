@@ -2,8 +2,12 @@
 official state-dict listings, and the toy detector the engine tests train."""
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -346,3 +350,44 @@ class SwappedOutputs(nn.Cell):
         if isinstance(out, tuple):
             return (out[1], out[0]) + out[2:]
         return ops.concat((out[..., 4:], out[..., :4]), axis=-1)
+
+
+# ---------------------------------------------------------------- throw-away DVC repos (end-to-end tests)
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ("metrics/", "plots/", "models/", "data/", "logs/", "dvclive/", "dvc.lock")
+
+
+def project_files() -> list[str]:
+    """The checkout's source files (tracked or new, not ignored), without what the pipeline generates."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout.split()
+    return [f for f in out if (ROOT / f).is_file() and not f.startswith(GENERATED)]
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    """``cmd``'s stdout; a failure shows the ends of both streams."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def throwaway_repo(dst: Path, overrides: dict) -> tuple[Path, dict]:
+    """A git + DVC copy of the project at ``dst`` with params.yaml merged with ``overrides``, committed;
+    returns it and the environment to run dvc in (this interpreter's venv first on PATH)."""
+    import yaml
+
+    from msdet.config import merge
+
+    for rel in project_files():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "init"], dst, env)
+    return dst, env

@@ -6,20 +6,15 @@ MindRecord stage reports the conversion and the ground-truth padding in metrics/
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import yaml
 
-from msdet.config import merge
+from tests.helpers import run, throwaway_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 NAMES = ["apple", "pear"]
 
@@ -42,25 +37,9 @@ def write_yolo_set(root: Path, n: int = 16) -> None:
         (root / "labels" / f"im{i:02d}.txt").write_text("".join(lines))
 
 
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout.split()
-    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvc.lock")
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(generated)]
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
 def test_yolo_folder_trains_and_evaluates_through_dvc(tmp_path):
     write_yolo_set(tmp_path / "fruit")
     dst = tmp_path / "repo"
-    for rel in project_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
     tiny = {
         "data": {"source": "own", "own": {"format": "yolo", "path": str(tmp_path / "fruit"), "names": NAMES,
                                           "val_fraction": 0.25, "workers": 1}},
@@ -70,14 +49,7 @@ def test_yolo_folder_trains_and_evaluates_through_dvc(tmp_path):
                                                  "bn_recalibration_batches": 1}},
         "eval": {"batch_size": 4, "num_plot_images": 1},
     }
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), tiny)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1")
-    run(["git", "init", "-q"], dst, env)
-    run(["git", "add", "-A"], dst, env)
-    run(["git", "commit", "-qm", "init"], dst, env)
+    dst, env = throwaway_repo(dst, tiny)
     out = run([sys.executable, "-m", "dvc", "repro", "eval_nanodet"], dst, env)
     assert {"download", "mindrecord", "train_nanodet", "eval_nanodet"} <= {
         line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,11 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from msdet.config import merge
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.live import SERIES_DIR, read_series
+from tests.helpers import run, throwaway_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -42,34 +39,9 @@ TINY = {
 }
 
 
-def project_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout.split()
-    generated = ("metrics/", "plots/", "models/", "data/", "logs/", "dvclive/", "dvc.lock")
-    return [f for f in out if (ROOT / f).is_file() and not f.startswith(generated)]
-
-
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
-    for rel in project_files():
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               DVC_NO_ANALYTICS="1")
-    run(["git", "init", "-q"], dst, env)
-    run(["git", "add", "-A"], dst, env)
-    run(["git", "commit", "-qm", "init"], dst, env)
-    return dst, env
+    return throwaway_repo(tmp_path_factory.mktemp("e2e") / "repo", TINY)
 
 
 def test_repro_then_experiment(repo):
