@@ -298,24 +298,24 @@ def toy_preprocess(size: int):
     return preprocess
 
 
-class ShiftedInput(nn.Cell):
-    """A padding bug: the exported graph sees the image moved one pixel right and down (zero padded)."""
+class _WrappedExport(nn.Cell):
+    """An injected export bug: computes something from the wrapped inference ``cell``."""
 
     def __init__(self, cell):
         super().__init__(auto_prefix=False)
         self.cell = cell
+
+
+class ShiftedInput(_WrappedExport):
+    """A padding bug: the exported graph sees the image moved one pixel right and down (zero padded)."""
 
     def construct(self, image):
         s = image.shape[-1]
         return self.cell(ops.pad(image, (1, 0, 1, 0))[:, :, :s, :s])
 
 
-class SwappedSides(nn.Cell):
+class SwappedSides(_WrappedExport):
     """A swapped output: the first two box channels exchanged."""
-
-    def __init__(self, cell):
-        super().__init__(auto_prefix=False)
-        self.cell = cell
 
     def construct(self, image):
         out = self.cell(image)
@@ -323,12 +323,8 @@ class SwappedSides(nn.Cell):
         return (ops.concat((box[:, :, 1:2], box[:, :, 0:1], box[:, :, 2:]), axis=2),) + tuple(out[1:])
 
 
-class ScaledBoxes(nn.Cell):
+class ScaledBoxes(_WrappedExport):
     """A wrong constant (a stride, an anchor scale): the first output 1 % too large."""
-
-    def __init__(self, cell):
-        super().__init__(auto_prefix=False)
-        self.cell = cell
 
     def construct(self, image):
         out = self.cell(image)
@@ -337,13 +333,9 @@ class ScaledBoxes(nn.Cell):
         return out * 1.01
 
 
-class SwappedOutputs(nn.Cell):
+class SwappedOutputs(_WrappedExport):
     """Outputs in the wrong order: two outputs exchanged, or a single output's first 4 channels moved last
     (NanoDet: distance logits where the class scores belong)."""
-
-    def __init__(self, cell):
-        super().__init__(auto_prefix=False)
-        self.cell = cell
 
     def construct(self, image):
         out = self.cell(image)
