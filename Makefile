@@ -42,7 +42,7 @@ $(TEST_STAMP): $(STAMP)
 venv: $(STAMP)  ## create .venv with the pinned stack and msdet installed (editable)
 
 lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, isort, bugbear, pyupgrade (config in pyproject.toml)
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check --no-cache .
 
 deps: $(STAMP)  ## rewrite each stage's code deps in dvc.yaml to the files its command imports
 	$(PY) -m msdet.devtools.stage_deps --write
