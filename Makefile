@@ -53,8 +53,8 @@ repro: $(STAMP)  ## run the whole DVC pipeline on params.yaml (embedded data set
 test: $(TEST_STAMP)  ## run the test suite (CI: everything but the tests marked long)
 	$(PY) -m pytest -q -m "not long" $(PYTEST_ARGS) tests
 
-test-fast: $(TEST_STAMP)  ## the test suite without the slow end-to-end tests
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+test-fast: $(TEST_STAMP)  ## the quick part: no whole-detector, end-to-end or long tests
+	$(PY) -m pytest -q -m "not detector and not slow and not long" $(PYTEST_ARGS) tests
 
 test-long: $(TEST_STAMP)  ## only the long tests (msrun hosts, kill/resume, export grid, live e2e, profile)
 	$(PY) -m pytest -q -m long $(PYTEST_ARGS) tests

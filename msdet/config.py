@@ -4,8 +4,10 @@
 start; the YAML is checked against the dataclasses below (unknown keys, wrong types and out-of-range
 values stop the stage with a message naming the key) and the stage then reads plain typed attributes.
 
-A field's constraints are declared in its ``metadata``: ``range=(lo, hi)`` (inclusive, ``None`` for
-open), ``choices=(...)``, ``multiple_of=N``.
+The dataclasses hold types and constraints, never values: every field is required, so a value can only come
+from params.yaml (with ``params_coco.yaml`` or ``dvc exp run -S`` on top), not from a default here that
+could drift from it; tests build their configs from params.yaml too. A field's constraints are declared in
+its ``metadata``: ``range=(lo, hi)`` (inclusive, ``None`` for open), ``choices=(...)``, ``multiple_of=N``.
 """
 from __future__ import annotations
 
@@ -23,12 +25,9 @@ class ConfigError(ValueError):
     """A params.yaml value is unknown, of the wrong type or out of range."""
 
 
-def _f(default: Any, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    if dataclasses.is_dataclass(default) and isinstance(default, type):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
+def _f(**meta: Any) -> Any:
+    """A required field and its constraints: the value comes from params.yaml, never from a default here."""
+    return field(metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -37,111 +36,111 @@ def _f(default: Any, **meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    device_target: str = _f("CPU", choices=("CPU", "GPU", "Ascend"))
-    seed: int = _f(0, range=(0, 2**31 - 1))
-    graph_mode: bool = _f(True)
+    device_target: str = _f(choices=("CPU", "GPU", "Ascend"))
+    seed: int = _f(range=(0, 2**31 - 1))
+    graph_mode: bool = _f()
     # Host threads for MindSpore's CPU kernels; 0 leaves MindSpore's default.
-    cpu_threads: int = _f(0, range=(0, 1024))
+    cpu_threads: int = _f(range=(0, 1024))
     # Data-parallel training processes on this host (msrun); 1 = a single process.
-    workers: int = _f(1, range=(1, 4096))
+    workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build
     # the cluster.
-    rank_table: str = _f("")
+    rank_table: str = _f()
     # Hosts in the job (msrun on each, ``workers`` per host); this host's index 0..nodes-1; the scheduler's
     # address (node 0, reachable from every host) and port (0 = a free port, single host only).
-    nodes: int = _f(1, range=(1, 4096))
-    node_rank: int = _f(0, range=(0, 4095))
-    master_addr: str = _f("127.0.0.1")
-    master_port: int = _f(0, range=(0, 65535))
+    nodes: int = _f(range=(1, 4096))
+    node_rank: int = _f(range=(0, 4095))
+    master_addr: str = _f()
+    master_port: int = _f(range=(0, 65535))
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """The embedded data set: shapes on textured backgrounds, made deterministically from ``seed``."""
 
-    num_train: int = _f(400, range=(1, 1_000_000))
-    num_val: int = _f(100, range=(1, 1_000_000))
-    image_size: int = _f(256, range=(32, 4096))
-    min_objects: int = _f(1, range=(1, 100))
-    max_objects: int = _f(8, range=(1, 100))
-    min_object_frac: float = _f(0.06, range=(0.01, 1.0))
-    max_object_frac: float = _f(0.6, range=(0.01, 1.0))
+    num_train: int = _f(range=(1, 1_000_000))
+    num_val: int = _f(range=(1, 1_000_000))
+    image_size: int = _f(range=(32, 4096))
+    min_objects: int = _f(range=(1, 100))
+    max_objects: int = _f(range=(1, 100))
+    min_object_frac: float = _f(range=(0.01, 1.0))
+    max_object_frac: float = _f(range=(0.01, 1.0))
     # How object sides are drawn between the two fractions: "uniform" in the side, or "log_uniform" (more
     # small objects, COCO-like).
-    size_sampling: str = _f("log_uniform", choices=("uniform", "log_uniform"))
+    size_sampling: str = _f(choices=("uniform", "log_uniform"))
     # The first N of the six shape classes (circle, square, triangle, cross, ring, star).
-    num_classes: int = _f(6, range=(4, 6))
+    num_classes: int = _f(range=(4, 6))
     # Objects are rotated by a random angle in [-max_rotation_deg, max_rotation_deg].
-    max_rotation_deg: float = _f(180.0, range=(0.0, 180.0))
-    seed: int = _f(2017, range=(0, 2**31 - 1))
+    max_rotation_deg: float = _f(range=(0.0, 180.0))
+    seed: int = _f(range=(0, 2**31 - 1))
 
 
 @dataclass(frozen=True)
 class SplitSpec:
     # format coco: the folder the JSON's file_name entries are relative to, and the JSON file.
-    images: str = _f("")
-    annotations: str = _f("")
+    images: str = _f()
+    annotations: str = _f()
 
 
 @dataclass(frozen=True)
 class OwnDataConfig:
     """A data set of one's own (``data.source: own``), converted by msdet/data/own.py into a COCO tree."""
 
-    format: str = _f("coco", choices=("coco", "voc", "yolo"))
+    format: str = _f(choices=("coco", "voc", "yolo"))
     # voc: the folder with Annotations/, JPEGImages/ (and ImageSets/Main/); yolo: a data.yaml, or a folder
     # with images/ and labels/ (flat, or train/ and val/ inside each). Unused for coco.
-    path: str = _f("")
-    train: SplitSpec = _f(SplitSpec)
+    path: str = _f()
+    train: SplitSpec = _f()
     # Empty: the validation images are split off the training set (val_fraction, split_seed).
-    val: SplitSpec = _f(SplitSpec)
+    val: SplitSpec = _f()
     # Class names in index order: required for yolo without a data.yaml; voc: fixes the order (else sorted).
-    names: list = _f([])
-    val_fraction: float = _f(0.2, range=(0.0, 0.9))
-    split_seed: int = _f(0, range=(0, 2**31 - 1))
+    names: list = _f()
+    val_fraction: float = _f(range=(0.0, 0.9))
+    split_seed: int = _f(range=(0, 2**31 - 1))
     # apply: boxes refer to the photo as displayed (EXIF orientation applied, as browsers, CVAT, Label Studio,
     # ultralytics and detectron2 show it); ignore: to the stored pixel grid.
-    exif_orientation: str = _f("apply", choices=("apply", "ignore"))
+    exif_orientation: str = _f(choices=("apply", "ignore"))
     # Longer image side kept; larger images are downscaled at conversion (boxes follow). 0 = keep all.
-    max_image_side: int = _f(2048, range=(0, 65536))
+    max_image_side: int = _f(range=(0, 65536))
     # Refuse boxes outside their image or of non-positive size, and image sizes that disagree with the
     # annotation, instead of dropping / correcting them (counted in metrics/data.json either way).
-    strict: bool = _f(False)
-    workers: int = _f(2, range=(1, 256))
+    strict: bool = _f()
+    workers: int = _f(range=(1, 256))
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # "synthetic" (embedded set, made on the spot), "coco2017" (downloaded), "own" (data.own, converted), or a
     # path to a local tree laid out like COCO 2017 (used in place).
-    source: str = _f("synthetic")
+    source: str = _f()
     # Where the download stage materialises the COCO-format tree.
-    root: str = _f("data/coco")
-    synthetic: SyntheticConfig = _f(SyntheticConfig)
-    own: OwnDataConfig = _f(OwnDataConfig)
+    root: str = _f()
+    synthetic: SyntheticConfig = _f()
+    own: OwnDataConfig = _f()
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    base_url: str = _f("http://images.cocodataset.org")
-    retries: int = _f(5, range=(0, 100))
-    backoff_seconds: float = _f(2.0, range=(0.0, 600.0))
-    timeout_seconds: float = _f(60.0, range=(1.0, 3600.0))
-    chunk_bytes: int = _f(1 << 20, range=(1024, 1 << 30))
+    base_url: str = _f()
+    retries: int = _f(range=(0, 100))
+    backoff_seconds: float = _f(range=(0.0, 600.0))
+    timeout_seconds: float = _f(range=(1.0, 3600.0))
+    chunk_bytes: int = _f(range=(1024, 1 << 30))
     # Keep the zips in <root>/downloads after extraction (else DVC would also cache ~20 GB of archives).
-    keep_archives: bool = _f(False)
+    keep_archives: bool = _f()
 
 
 @dataclass(frozen=True)
 class MindrecordConfig:
-    out_dir: str = _f("data/mindrecord")
-    train_shards: int = _f(4, range=(1, 1000))
-    val_shards: int = _f(1, range=(1, 1000))
-    workers: int = _f(2, range=(1, 256))
+    out_dir: str = _f()
+    train_shards: int = _f(range=(1, 1000))
+    val_shards: int = _f(range=(1, 1000))
+    workers: int = _f(range=(1, 256))
     # Keep training images that have no (non-crowd) annotation as pure-background samples.
-    keep_empty_images: bool = _f(False)
-    skip_bad_images: bool = _f(False)
+    keep_empty_images: bool = _f()
+    skip_bad_images: bool = _f()
     # Boxes narrower or lower than this (pixels, after clipping to the image) are dropped.
-    min_box_side: float = _f(1.0, range=(0.0, 1e4))
+    min_box_side: float = _f(range=(0.0, 1e4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,155 +149,155 @@ class MindrecordConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _f(10, range=(1, 100_000))
-    batch_size: int = _f(8, range=(1, 4096))
-    optimizer: str = _f("adamw", choices=("sgd", "adamw"))
+    epochs: int = _f(range=(1, 100_000))
+    batch_size: int = _f(range=(1, 4096))
+    optimizer: str = _f(choices=("sgd", "adamw"))
     # Peak learning rate at ``lr_reference_batch`` images per step; scaled linearly with the global batch
     # when ``scale_lr_with_batch`` is set.
-    lr: float = _f(1e-3, range=(0.0, 10.0))
-    lr_reference_batch: int = _f(64, range=(1, 1 << 20))
-    scale_lr_with_batch: bool = _f(True)
-    warmup_steps: int = _f(100, range=(0, 10**9))
-    warmup_ratio: float = _f(1e-3, range=(0.0, 1.0))
+    lr: float = _f(range=(0.0, 10.0))
+    lr_reference_batch: int = _f(range=(1, 1 << 20))
+    scale_lr_with_batch: bool = _f()
+    warmup_steps: int = _f(range=(0, 10**9))
+    warmup_ratio: float = _f(range=(0.0, 1.0))
     # Cosine decay ends at lr * min_lr_ratio.
-    min_lr_ratio: float = _f(0.05, range=(0.0, 1.0))
-    weight_decay: float = _f(0.05, range=(0.0, 1.0))
+    min_lr_ratio: float = _f(range=(0.0, 1.0))
+    weight_decay: float = _f(range=(0.0, 1.0))
     # automl exempts BN scales and biases from weight decay; nanodet's AdamW decays every tensor.
-    decay_norm_and_bias: bool = _f(False)
-    momentum: float = _f(0.9, range=(0.0, 1.0))
-    grad_clip_norm: float = _f(35.0, range=(0.0, 1e6))
-    ema_decay: float = _f(0.9998, range=(0.0, 1.0))
+    decay_norm_and_bias: bool = _f()
+    momentum: float = _f(range=(0.0, 1.0))
+    grad_clip_norm: float = _f(range=(0.0, 1e6))
+    ema_decay: float = _f(range=(0.0, 1.0))
     # EMA decay ramps up as decay * (1 - exp(-step / ema_ramp_steps)) (nanodet: 2000).
-    ema_ramp_steps: float = _f(2000.0, range=(1.0, 1e9))
+    ema_ramp_steps: float = _f(range=(1.0, 1e9))
     # Padded ground-truth boxes per image (static shapes: the step compiles once); 0 = from the data, the
     # most boxes on one training image rounded up to a multiple of 8 (metrics/data.json: gt_padding).
-    max_gt_boxes: int = _f(0, range=(0, 1000))
-    num_workers: int = _f(2, range=(1, 64))
-    log_every_steps: int = _f(1, range=(1, 10**6))
+    max_gt_boxes: int = _f(range=(0, 1000))
+    num_workers: int = _f(range=(1, 64))
+    log_every_steps: int = _f(range=(1, 10**6))
     # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
-    max_steps_per_epoch: int = _f(0, range=(0, 10**9))
+    max_steps_per_epoch: int = _f(range=(0, 10**9))
     # Precise BN: before saving, BN statistics are recomputed over this many training batches with the
     # final (and the EMA) weights; 0 keeps the running averages (msdet/engine/batch_norm_stats.py).
-    bn_recalibration_batches: int = _f(0, range=(0, 10**6))
+    bn_recalibration_batches: int = _f(range=(0, 10**6))
     # Micro-batches of ``batch_size`` whose gradients are summed before one optimizer step: the effective
     # global batch is batch_size x devices x accumulate_steps (lr scaling, warmup, EMA and the loss
     # normalisers follow it; BatchNorm still sees micro-batches). See msdet/engine/accumulate.py.
-    accumulate_steps: int = _f(1, range=(1, 4096))
+    accumulate_steps: int = _f(range=(1, 4096))
     # Also save the resume state every this many optimizer steps inside an epoch (0 = at epoch ends only);
     # a killed run continues from there with identical results (msdet/engine/resume.py).
-    checkpoint_every_steps: int = _f(0, range=(0, 10**9))
+    checkpoint_every_steps: int = _f(range=(0, 10**9))
     # Validate the EMA weights (COCO AP on the val split, eval block's post-processing) every this many epochs
     # and keep the best by AP as best.ckpt; 0 = off. automl evaluates every 5 epochs, nanodet every 10.
-    eval_every_epochs: int = _f(0, range=(0, 100_000))
+    eval_every_epochs: int = _f(range=(0, 100_000))
     # Validate on the first N val images only (a fixed subset, cheaper); 0 = the whole val split.
-    eval_max_images: int = _f(0, range=(0, 10**9))
+    eval_max_images: int = _f(range=(0, 10**9))
 
 
 @dataclass(frozen=True)
 class D0AugmentConfig:
-    scale_min: float = _f(0.5, range=(0.01, 10.0))
-    scale_max: float = _f(1.5, range=(0.01, 10.0))
-    flip_prob: float = _f(0.5, range=(0.0, 1.0))
+    scale_min: float = _f(range=(0.01, 10.0))
+    scale_max: float = _f(range=(0.01, 10.0))
+    flip_prob: float = _f(range=(0.0, 1.0))
 
 
 @dataclass(frozen=True)
 class D0Config:
-    input_size: int = _f(256, range=(128, 4096), multiple_of=128)
+    input_size: int = _f(range=(128, 4096), multiple_of=128)
     # "none", a path (under weights/) to a checkpoint of EfficientNet-B0, or "mindcv" (ImageNet weights, online);
     # see msdet/conversion/pretrained.py
-    pretrained_backbone: str = _f("none")
+    pretrained_backbone: str = _f()
     # "none" or a checkpoint of the whole detector (ours or converted from the official weights).
-    init: str = _f("none")
-    drop_connect_rate: float = _f(0.2, range=(0.0, 0.9))
-    anchor_scale: float = _f(4.0, range=(0.1, 100.0))
+    init: str = _f()
+    drop_connect_rate: float = _f(range=(0.0, 0.9))
+    anchor_scale: float = _f(range=(0.1, 100.0))
     # Anchor matching: IoU >= pos_iou positive, < neg_iou background, in between ignored. automl: 0.5 / 0.5 (no
     # ignored anchors, anchors.py AnchorLabeler); zylo117: 0.5 / 0.4.
-    pos_iou: float = _f(0.5, range=(0.0, 1.0))
-    neg_iou: float = _f(0.5, range=(0.0, 1.0))
-    focal_alpha: float = _f(0.25, range=(0.0, 1.0))
+    pos_iou: float = _f(range=(0.0, 1.0))
+    neg_iou: float = _f(range=(0.0, 1.0))
+    focal_alpha: float = _f(range=(0.0, 1.0))
     # automl hparams_config.py: 1.5; zylo117 loss.py: 2.0.
-    focal_gamma: float = _f(1.5, range=(0.0, 10.0))
-    box_loss_weight: float = _f(50.0, range=(0.0, 1e4))
-    huber_delta: float = _f(0.1, range=(1e-6, 10.0))
+    focal_gamma: float = _f(range=(0.0, 10.0))
+    box_loss_weight: float = _f(range=(0.0, 1e4))
+    huber_delta: float = _f(range=(1e-6, 10.0))
     # Box/class net depthwise fan_in: "automl" (Keras, kh*kw*in_channels) or "zylo117" (kh*kw, 8x larger std).
     # From-scratch only: converted official weights or d0.init replace it.
-    head_init: str = _f("automl", choices=("automl", "zylo117"))
-    train: TrainConfig = _f(TrainConfig)
-    augment: D0AugmentConfig = _f(D0AugmentConfig)
+    head_init: str = _f(choices=("automl", "zylo117"))
+    train: TrainConfig = _f()
+    augment: D0AugmentConfig = _f()
 
 
 @dataclass(frozen=True)
 class NanoDetAugmentConfig:
-    scale_min: float = _f(0.6, range=(0.01, 10.0))
-    scale_max: float = _f(1.4, range=(0.01, 10.0))
-    stretch_min: float = _f(0.8, range=(0.01, 10.0))
-    stretch_max: float = _f(1.2, range=(0.01, 10.0))
-    translate: float = _f(0.2, range=(0.0, 1.0))
-    flip_prob: float = _f(0.5, range=(0.0, 1.0))
-    brightness: float = _f(0.2, range=(0.0, 1.0))
-    contrast_min: float = _f(0.6, range=(0.0, 10.0))
-    contrast_max: float = _f(1.4, range=(0.0, 10.0))
-    saturation_min: float = _f(0.5, range=(0.0, 10.0))
-    saturation_max: float = _f(1.2, range=(0.0, 10.0))
+    scale_min: float = _f(range=(0.01, 10.0))
+    scale_max: float = _f(range=(0.01, 10.0))
+    stretch_min: float = _f(range=(0.01, 10.0))
+    stretch_max: float = _f(range=(0.01, 10.0))
+    translate: float = _f(range=(0.0, 1.0))
+    flip_prob: float = _f(range=(0.0, 1.0))
+    brightness: float = _f(range=(0.0, 1.0))
+    contrast_min: float = _f(range=(0.0, 10.0))
+    contrast_max: float = _f(range=(0.0, 10.0))
+    saturation_min: float = _f(range=(0.0, 10.0))
+    saturation_max: float = _f(range=(0.0, 10.0))
 
 
 @dataclass(frozen=True)
 class NanoDetConfig:
-    input_size: int = _f(320, range=(64, 4096), multiple_of=64)
-    pretrained_backbone: str = _f("none")
-    init: str = _f("none")
-    reg_max: int = _f(7, range=(1, 64))
-    detach_epoch: int = _f(10, range=(0, 100_000))
-    assigner_topk: int = _f(13, range=(1, 1000))
-    assigner_iou_factor: float = _f(3.0, range=(0.0, 100.0))
-    qfl_beta: float = _f(2.0, range=(0.0, 10.0))
-    qfl_weight: float = _f(1.0, range=(0.0, 100.0))
-    dfl_weight: float = _f(0.25, range=(0.0, 100.0))
-    giou_weight: float = _f(2.0, range=(0.0, 100.0))
-    train: TrainConfig = _f(TrainConfig)
-    augment: NanoDetAugmentConfig = _f(NanoDetAugmentConfig)
+    input_size: int = _f(range=(64, 4096), multiple_of=64)
+    pretrained_backbone: str = _f()
+    init: str = _f()
+    reg_max: int = _f(range=(1, 64))
+    detach_epoch: int = _f(range=(0, 100_000))
+    assigner_topk: int = _f(range=(1, 1000))
+    assigner_iou_factor: float = _f(range=(0.0, 100.0))
+    qfl_beta: float = _f(range=(0.0, 10.0))
+    qfl_weight: float = _f(range=(0.0, 100.0))
+    dfl_weight: float = _f(range=(0.0, 100.0))
+    giou_weight: float = _f(range=(0.0, 100.0))
+    train: TrainConfig = _f()
+    augment: NanoDetAugmentConfig = _f()
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = _f(8, range=(1, 4096))
-    score_threshold: float = _f(0.05, range=(0.0, 1.0))
+    batch_size: int = _f(range=(1, 4096))
+    score_threshold: float = _f(range=(0.0, 1.0))
     # Per model: D0 0.5, NanoDet 0.6, as the official implementations.
-    nms_iou_d0: float = _f(0.5, range=(0.0, 1.0))
-    nms_iou_nanodet: float = _f(0.6, range=(0.0, 1.0))
-    max_detections: int = _f(100, range=(1, 10_000))
+    nms_iou_d0: float = _f(range=(0.0, 1.0))
+    nms_iou_nanodet: float = _f(range=(0.0, 1.0))
+    max_detections: int = _f(range=(1, 10_000))
     # Highest-scoring (anchor, class) candidates per image kept before NMS, bounding its cost.
-    pre_nms_top_k: int = _f(1000, range=(1, 1_000_000))
-    num_plot_images: int = _f(4, range=(0, 1000))
+    pre_nms_top_k: int = _f(range=(1, 1_000_000))
+    num_plot_images: int = _f(range=(0, 1000))
     # Weights the eval stage scores: "ema" (the end of training) or "best" (best validated epoch, best.ckpt).
-    checkpoint: str = _f("ema", choices=("ema", "best"))
+    checkpoint: str = _f(choices=("ema", "best"))
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: list = _f(["MINDIR", "ONNX"])
+    formats: list = _f()
     # MINDIR failing its check always fails the stage; strict: a failing ONNX too (else recorded, warned).
-    strict: bool = _f(False)
+    strict: bool = _f()
     # Raw outputs, per output tensor: max|exported - network| <= atol + rtol * max|network|.
-    atol: float = _f(1e-4, range=(0.0, 1.0))
-    rtol: float = _f(1e-3, range=(0.0, 1.0))
+    atol: float = _f(range=(0.0, 1.0))
+    rtol: float = _f(range=(0.0, 1.0))
     # Decoded detections (eval post-processing, network-input pixels): paired boxes and scores within these.
-    box_atol_px: float = _f(0.25, range=(0.0, 100.0))
-    score_atol: float = _f(1e-4, range=(0.0, 1.0))
-    num_check_images: int = _f(4, range=(1, 1000))
-    latency_repeats: int = _f(10, range=(1, 10_000))
+    box_atol_px: float = _f(range=(0.0, 100.0))
+    score_atol: float = _f(range=(0.0, 1.0))
+    num_check_images: int = _f(range=(1, 1000))
+    latency_repeats: int = _f(range=(1, 10_000))
 
 
 @dataclass(frozen=True)
 class Params:
-    runtime: RuntimeConfig = _f(RuntimeConfig)
-    data: DataConfig = _f(DataConfig)
-    download: DownloadConfig = _f(DownloadConfig)
-    mindrecord: MindrecordConfig = _f(MindrecordConfig)
-    d0: D0Config = _f(D0Config)
-    nanodet: NanoDetConfig = _f(NanoDetConfig)
-    eval: EvalConfig = _f(EvalConfig)
-    export: ExportConfig = _f(ExportConfig)
+    runtime: RuntimeConfig = _f()
+    data: DataConfig = _f()
+    download: DownloadConfig = _f()
+    mindrecord: MindrecordConfig = _f()
+    d0: D0Config = _f()
+    nanodet: NanoDetConfig = _f()
+    eval: EvalConfig = _f()
+    export: ExportConfig = _f()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,8 +347,6 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict, source: str) -> Any:
 
 def from_dict(cls: type, data: dict, source: str = "params.yaml", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and bad values by name."""
-    if data is None:
-        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -360,6 +357,11 @@ def from_dict(cls: type, data: dict, source: str = "params.yaml", prefix: str = 
             f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
             f"allowed under '{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(fields))}"
         )
+    missing = [name for name in fields if name not in data]
+    if missing:
+        raise ConfigError(
+            f"{source}: missing key(s) {', '.join(prefix + k for k in missing)}; every key of the project's "
+            f"params.yaml must be set")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _check_value(prefix + name, value, hints[name], dict(fields[name].metadata), source)
@@ -403,8 +405,8 @@ def _check_cross(obj: Any, source: str, prefix: str) -> None:
                               f"(got {obj.master_addr!r}:{obj.master_port})")
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and validate ``path``; ``overrides`` (nested dict) is merged on top, for tests and tools."""
+def read_yaml(path: str | Path) -> dict:
+    """A params or overlay file as a mapping; a missing file or bad YAML is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -412,9 +414,21 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of params")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
+                overlay: str | Path | None = None) -> Params:
+    """Read and validate ``path``; an ``overlay`` file (e.g. params_coco.yaml) and then ``overrides`` (nested
+    dict, for tests and tools) are merged on top."""
+    raw = read_yaml(path)
+    if overlay is not None:
+        raw = merge(raw, read_yaml(overlay))
     if overrides:
         raw = merge(raw, overrides)
-    return from_dict(Params, raw, str(path))
+    return from_dict(Params, raw, str(path) if overlay is None else f"{path} + {overlay}")
 
 
 def merge(base: dict, over: dict) -> dict:

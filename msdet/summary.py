@@ -1,21 +1,21 @@
-"""Parameter counts and compute of both detectors at the COCO setting (80 classes, each model's own size)."""
+"""Parameter counts and compute of both detectors at the COCO setting (params_coco.yaml: 80 classes, each model's
+own input size)."""
 from __future__ import annotations
 
 from typing import Any
 
-from msdet.config import D0Config, NanoDetConfig
+from msdet.config import Params
 from msdet.detectors import get_detector
 from msdet.models.flops import count_flops, count_trainable
 
-#: each model's official input size on COCO
-COCO_SETTING = {"d0": D0Config(input_size=512), "nanodet": NanoDetConfig(input_size=320)}
 
-
-def model_summary(num_classes: int = 80) -> dict[str, dict[str, Any]]:
-    """{model: {params_inference, params_train, gflops, gmacs, input_size}}; trainable parameters only,
-    as PyTorch's ``parameters()`` counts them (BN running statistics are buffers)."""
+def model_summary(params: Params, num_classes: int = 80) -> dict[str, dict[str, Any]]:
+    """{model: {params_inference, params_train, gflops, gmacs, input_size}} at each model's ``params`` block
+    (the COCO profile gives the official sizes); trainable parameters only, as PyTorch's ``parameters()``
+    counts them (BN running statistics are buffers)."""
     out = {}
-    for name, cfg in COCO_SETTING.items():
+    for name in ("d0", "nanodet"):
+        cfg = getattr(params, name)
         detector = get_detector(name, cfg, num_classes)
         network = detector.build_network()
         flops = count_flops(detector.inference_cell(network), (1, 3, cfg.input_size, cfg.input_size))

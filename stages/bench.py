@@ -1,7 +1,7 @@
 """Speed and memory benchmarks (``make bench``):
 
-    python -m stages.bench [--params params.yaml] [--device-target CPU] [--quick] [--full] [--profile]
-                           [--only SECTION ...] [--by-layer] [--models d0 nanodet]
+    python -m stages.bench [--params params.yaml] [--overlay params_coco.yaml] [--device-target CPU]
+                           [--quick] [--full] [--profile] [--only SECTION ...] [--by-layer] [--models d0 nanodet]
                            [--context KEY=VALUE ...]
 
 Measures, at the params' input and batch sizes: single convolutions (framework-regression guard), the
@@ -33,6 +33,7 @@ from msdet.config import ConfigError
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--overlay", default=None, help="a profile merged on top of --params, e.g. params_coco.yaml")
     ap.add_argument("--device-target", default=None, choices=("CPU", "GPU", "Ascend"),
                     help="default: runtime.device_target of the params")
     ap.add_argument("--quick", action="store_true", help="fewer runs per figure")
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = ["profile"] if args.profile or args.by_layer else []
         sections = list(dict.fromkeys(list(args.only) + profile))
-        opts = BenchOptions(params=args.params, device_target=args.device_target, quick=args.quick,
-                            full=args.full, sections=sections, models=args.models,
+        opts = BenchOptions(params=args.params, overlay=args.overlay, device_target=args.device_target,
+                            quick=args.quick, full=args.full, sections=sections, models=args.models,
                             context=parse_context(args.context), repeats=args.repeats,
                             by_layer=args.by_layer)
         report = run_benchmarks(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True))

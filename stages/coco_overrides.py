@@ -9,15 +9,14 @@ import sys
 import yaml
 
 from msdet.cli import run
-from msdet.config import flatten, load_params
+from msdet.config import flatten, load_params, read_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overlay_path = argv[0] if argv else "params_coco.yaml"
-    with open(overlay_path) as fh:
-        overlay = yaml.safe_load(fh) or {}
-    load_params("params.yaml", overrides=overlay)
+    load_params("params.yaml", overlay=overlay_path)
+    overlay = read_yaml(overlay_path)
     print(" ".join(f"-S {key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                    for key, value in flatten(overlay)))
     return 0

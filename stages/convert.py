@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from msdet.cli import run
-from msdet.config import ConfigError, Params, load_params
+from msdet.config import ConfigError, load_params
 from msdet.conversion.converters import MODELS, ConversionError, convert_file
 from msdet.conversion.torch_reader import CheckpointError
 from msdet.engine.runtime import setup_runtime
@@ -32,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-classes", type=int, default=None, help="expected class count (default: the file's)")
     ap.add_argument("--meta", default=None, help="a MindRecord meta.json: keep only its categories' class rows")
     ap.add_argument("--report", default=None, help="also write the conversion report (JSON) here")
-    ap.add_argument("--params", default="params.yaml", help="params file (defaults if it is absent)")
+    ap.add_argument("--params", default="params.yaml", help="params file (the model block is read from it)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params) if Path(args.params).is_file() else Params()
+        params = load_params(args.params)
         categories = None
         if args.meta:
             classes = ClassNames.from_meta(read_meta_file(args.meta), args.meta)

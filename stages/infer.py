@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 0.0 <= args.score <= 1.0:
             raise InferenceError(f"--score must be in [0, 1], got {args.score}")
-        params = load_params(args.params) if Path(args.params).is_file() else Params()
+        params = load_params(args.params)
         files = [f for item in args.inputs for f in list_images(item)]
         classes = resolve_classes(args.meta, args.num_classes, params)
         setup_runtime(params.runtime)

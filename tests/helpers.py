@@ -2,6 +2,7 @@
 official state-dict listings, and the toy detector the engine tests train."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -17,18 +18,49 @@ import mindspore.dataset as mds
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msdet.config import TrainConfig
+from msdet.config import Params, load_params
 from msdet.engine.live import SERIES_DIR
 from msdet.engine.trainer import TrainData
 from msdet.export.verify import Postprocess, Tolerances
 from msdet.models.layers import drop_connect
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REFERENCE_LISTINGS = {
     "d0": FIXTURES / "reference" / "efficientdet_d0.state_dict.txt",
     "nanodet": FIXTURES / "reference" / "nanodet_plus_m_320.state_dict.txt",
     "torchvision_shufflenet_v2_x1_0": FIXTURES / "reference" / "torchvision_shufflenet_v2_x1_0.state_dict.txt",
 }
+
+
+_PARAMS: dict[str, Params] = {}
+
+
+def project_params(profile: str = "default") -> Params:
+    """The project's params.yaml ("coco": with params_coco.yaml on top): the one source of test configs too."""
+    if profile not in _PARAMS:
+        overlay = {"default": None, "coco": ROOT / "params_coco.yaml"}[profile]
+        _PARAMS[profile] = load_params(ROOT / "params.yaml", overlay=overlay)
+    return _PARAMS[profile]
+
+
+def config(section: str, profile: str = "default", **changes):
+    """The params block at dotted ``section`` ("d0", "nanodet.augment", "data.synthetic", ...) with ``changes``."""
+    block = project_params(profile)
+    for name in section.split("."):
+        block = getattr(block, name)
+    return dataclasses.replace(block, **changes)
+
+
+def write_params(path: str | Path, overrides: dict | None = None) -> Path:
+    """A full params file: the project's params.yaml with ``overrides`` (nested dict) merged on top."""
+    import yaml
+
+    from msdet.config import merge
+
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides or {})
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Path(path)
 
 
 def official_state_dict(model: str) -> dict[str, tuple]:
@@ -171,10 +203,13 @@ class Killed:
 
 
 def cfg(**kw):
+    """The toy engine's TrainConfig: params.yaml's d0.train with a short, fast schedule (no precise BN, no
+    mid-epoch resume points unless a test asks)."""
     base = dict(epochs=3, batch_size=4, optimizer="adamw", lr=0.01, lr_reference_batch=4, warmup_steps=2,
-                weight_decay=0.0, grad_clip_norm=10.0, ema_decay=0.9, ema_ramp_steps=1.0)
+                warmup_ratio=1e-3, min_lr_ratio=0.05, weight_decay=0.0, decay_norm_and_bias=False, grad_clip_norm=10.0,
+                ema_decay=0.9, ema_ramp_steps=1.0, bn_recalibration_batches=0, checkpoint_every_steps=0)
     base.update(kw)
-    return TrainConfig(**base)
+    return config("d0.train", **base)
 
 
 def series_files(live):
@@ -346,7 +381,6 @@ class SwappedOutputs(_WrappedExport):
 
 # ---------------------------------------------------------------- throw-away DVC repos (end-to-end tests)
 
-ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ("metrics/", "plots/", "models/", "data/", "logs/", "dvclive/", "dvc.lock")
 
 

@@ -1,20 +1,20 @@
 """params.yaml validation: unknown keys, wrong types and out-of-range values are named."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from msdet.config import ConfigError, Params, load_params
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, write_params
 
 
 def write(tmp_path, raw) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """The project's params.yaml with ``raw`` merged on top."""
+    return write_params(tmp_path / "params.yaml", raw)
 
 
 def test_repo_params_load_and_cover_every_field():
@@ -65,3 +65,40 @@ def test_overrides_merge(tmp_path):
     params = load_params(ROOT / "params.yaml", overrides={"nanodet": {"train": {"epochs": 2}}})
     assert params.nanodet.train.epochs == 2
     assert params.nanodet.train.batch_size == load_params(ROOT / "params.yaml").nanodet.train.batch_size
+
+
+def test_no_field_has_a_default_so_params_yaml_is_the_only_source():
+    blocks, stack = [], [(Params, "")]
+    while stack:
+        cls, prefix = stack.pop()
+        blocks.append(prefix)
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, prefix + f.name
+        stack += [(tp, f"{prefix}{name}.") for name, tp in typing.get_type_hints(cls).items()
+                  if dataclasses.is_dataclass(tp)]
+    assert {"", "d0.train.", "nanodet.augment.", "data.own.train.", "export."} <= set(blocks)
+    with pytest.raises(TypeError):
+        Params()
+
+
+def test_a_missing_key_is_named(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["d0"]["train"]["ema_decay"], raw["eval"]
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"old.yaml: missing key\(s\) eval;"):
+        load_params(path)
+    raw["eval"] = yaml.safe_load((ROOT / "params.yaml").read_text())["eval"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"missing key\(s\) d0.train.ema_decay;"):
+        load_params(path)
+
+
+def test_coco_overlay_sets_the_official_values():
+    coco = load_params(ROOT / "params.yaml", overlay=ROOT / "params_coco.yaml")
+    assert (coco.d0.input_size, coco.nanodet.input_size, coco.runtime.device_target) == (512, 320, "Ascend")
+    assert (coco.d0.focal_gamma, coco.d0.neg_iou, coco.d0.train.optimizer) == (1.5, 0.5, "sgd")
+    default = load_params(ROOT / "params.yaml")
+    assert default.d0.input_size == 128 and coco.d0.head_init == default.d0.head_init
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(ROOT / "params.yaml", overlay=ROOT / "nope.yaml")

@@ -13,7 +13,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from msdet.config import D0Config, NanoDetConfig
 from msdet.conversion.converters import (
     COCO_CATEGORIES,
     ConversionError,
@@ -26,11 +25,17 @@ from msdet.conversion.converters import (
 from msdet.conversion.torch_reader import load_torch_state
 from msdet.detectors import get_detector
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights
-from tests.helpers import FIXTURES, random_official_state
+from tests.helpers import FIXTURES, ROOT, config, random_official_state, write_params
 
 ms.set_device("CPU")
 
 TORCH_FIXTURES = FIXTURES / "torch"
+
+
+def convert(model: str, state: dict, num_classes: int | None = None, **kw):
+    """convert_state_dict with the official model definition (the COCO profile's model block)."""
+    kw.setdefault("cfg", config(model, "coco"))
+    return convert_state_dict(model, state, num_classes, **kw)
 NBT = "num_batches_tracked"
 #: trainable parameter counts of the official models (the official models' published counts)
 OFFICIAL_PARAMS = {("d0", 90): 3_880_067, ("nanodet", 80): 4_330_904}
@@ -48,13 +53,14 @@ def nanodet_state():
 
 @pytest.fixture(scope="module")
 def converted(d0_state, nanodet_state):
-    return {"d0": convert_state_dict("d0", d0_state), "nanodet": convert_state_dict("nanodet", nanodet_state)}
+    return {"d0": convert("d0", d0_state), "nanodet": convert("nanodet", nanodet_state)}
 
 
 # ----------------------------------------------------------------------------------------------------
 # full-size conversion
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("model, num_classes", [("d0", 90), ("nanodet", 80)])
 def test_full_state_dict_fills_every_parameter_and_converts_back(converted, d0_state, nanodet_state, model,
                                                                  num_classes):
@@ -67,7 +73,7 @@ def test_full_state_dict_fills_every_parameter_and_converts_back(converted, d0_s
     assert report.num_batches_tracked_skipped == len(state) - len(tensors)
     assert report.freshly_initialised == [] and report.ignored_non_ema_tensors == 0
     assert sum(p.size for p in network.trainable_params()) == OFFICIAL_PARAMS[(model, num_classes)]
-    back = to_official_state_dict(model, network)
+    back = to_official_state_dict(model, network, config(model, "coco"))
     assert sorted(back) == sorted(tensors)
     for key in tensors:
         assert back[key].shape == state[key].shape, key
@@ -77,6 +83,7 @@ def test_full_state_dict_fills_every_parameter_and_converts_back(converted, d0_s
     assert len(digests) == len({state[k].tobytes() for k in tensors})
 
 
+@pytest.mark.detector
 def test_batchnorm_conventions_are_checked_and_stated(converted):
     _, d0_report = converted["d0"]
     _, nanodet_report = converted["nanodet"]
@@ -93,6 +100,7 @@ def test_batchnorm_conventions_are_checked_and_stated(converted):
         bn.eps = 1e-3
 
 
+@pytest.mark.detector
 def test_category_ids_of_the_official_heads(converted):
     _, d0 = converted["d0"]
     assert d0.category_ids == list(range(1, 91))
@@ -107,7 +115,7 @@ def test_category_ids_of_the_official_heads(converted):
 
 def forward_pynative(model: str, network, size: int = 128, seed: int = 7) -> list[np.ndarray]:
     """The inference cell's outputs for one random image, in PyNative mode (no graph compilation)."""
-    cfg = D0Config(input_size=size) if model == "d0" else NanoDetConfig(input_size=size)
+    cfg = config(model, "coco", input_size=size)
     cell = get_detector(model, cfg, int(network.num_classes)).inference_cell(network)
     cell.set_train(False)
     image = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
@@ -119,9 +127,10 @@ def forward_pynative(model: str, network, size: int = 128, seed: int = 7) -> lis
     return [o.asnumpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
+@pytest.mark.detector
 def test_d0_head_cut_to_the_80_coco_categories_predicts_what_the_90_class_head_does(converted, d0_state):
     coco = [{"id": i, "name": COCO_CATEGORIES[i]} for i in sorted(COCO_CATEGORIES)]
-    network, report = convert_state_dict("d0", d0_state, 80, categories=coco)
+    network, report = convert("d0", d0_state, 80, categories=coco)
     assert report.num_classes == 80 == network.num_classes
     assert report.category_ids == sorted(COCO_CATEGORIES) and report.class_names[-1] == "toothbrush"
     assert report.official_tensors_used == report.parameters_total
@@ -132,9 +141,10 @@ def test_d0_head_cut_to_the_80_coco_categories_predicts_what_the_90_class_head_d
     assert float(np.std(prob80)) > 1e-3
 
 
+@pytest.mark.detector
 def test_nanodet_head_cut_to_given_categories_in_their_order(converted, nanodet_state):
     wanted = [{"id": 90, "name": "brush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
-    network, report = convert_state_dict("nanodet", nanodet_state, categories=wanted)
+    network, report = convert("nanodet", nanodet_state, categories=wanted)
     rows = [sorted(COCO_CATEGORIES).index(c["id"]) for c in wanted]
     assert rows == [79, 0, 2] and report.num_classes == 3 and report.category_ids == [90, 1, 3]
     assert report.class_names == ["brush", "person", "car"]
@@ -142,19 +152,20 @@ def test_nanodet_head_cut_to_given_categories_in_their_order(converted, nanodet_
     (out80,) = forward_pynative("nanodet", converted["nanodet"][0])
     np.testing.assert_allclose(out3[..., :3], out80[..., rows], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(out3[..., 3:], out80[..., 80:], rtol=1e-6, atol=1e-6)
-    back = to_official_state_dict("nanodet", network)
+    back = to_official_state_dict("nanodet", network, config("nanodet", "coco"))
     np.testing.assert_array_equal(back["aux_head.gfl_cls.weight"], nanodet_state["aux_head.gfl_cls.weight"][rows])
     np.testing.assert_array_equal(back["head.gfl_cls.2.bias"][3:], nanodet_state["head.gfl_cls.2.bias"][80:])
 
 
+@pytest.mark.detector
 def test_category_cut_errors(d0_state, nanodet_state):
     with pytest.raises(ConversionError, match=r"category ids \[12, 200\] are not among the 80 classes"):
-        convert_state_dict("nanodet", nanodet_state, categories=[{"id": 1}, {"id": 12}, {"id": 200}])
+        convert("nanodet", nanodet_state, categories=[{"id": 1}, {"id": 12}, {"id": 200}])
     with pytest.raises(ConversionError, match="has 90 classes, cut to 2 categories, not 80"):
-        convert_state_dict("d0", d0_state, 80, categories=[{"id": 1}, {"id": 2}])
+        convert("d0", d0_state, 80, categories=[{"id": 1}, {"id": 2}])
     d0_80 = random_official_state("d0", 80, seed=3)
     with pytest.raises(ConversionError, match="category ids of this 80-class d0 head are unknown"):
-        convert_state_dict("d0", d0_80, categories=[{"id": 1}])
+        convert("d0", d0_80, categories=[{"id": 1}])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,76 +187,82 @@ def test_select_state_prefixes():
         select_state({"x": a, "module.x": b})
 
 
+@pytest.mark.detector
 def test_lightning_layout_prefers_the_ema_copy(nanodet_state):
     live = {f"model.{k}": np.zeros_like(v) for k, v in nanodet_state.items()}
     ema = {f"module.avg_model.{k}": v for k, v in nanodet_state.items()}
-    network, report = convert_state_dict("nanodet", {**live, **ema}, 80)
+    network, report = convert("nanodet", {**live, **ema}, 80)
     assert report.ignored_non_ema_tensors == len(live)
     assert "'module.' stripped" in report.key_layout and "'avg_model.*' used" in report.key_layout
-    back = to_official_state_dict("nanodet", network)
+    back = to_official_state_dict("nanodet", network, config("nanodet", "coco"))
     for key in ("backbone.conv1.0.weight", "head.gfl_cls.3.bias", "aux_head.scales.2.scale"):
         np.testing.assert_array_equal(back[key], nanodet_state[key])
 
 
+@pytest.mark.detector
 def test_release_without_the_aux_branch_gets_it_freshly_initialised(nanodet_state):
     state = {f"model.{k}": v for k, v in nanodet_state.items() if not k.startswith(("aux_fpn.", "aux_head."))}
-    network, report = convert_state_dict("nanodet", state)
+    network, report = convert("nanodet", state)
     aux = sorted(p.name for p in network.get_parameters() if p.name.startswith(("aux_fpn.", "aux_head.")))
     assert report.freshly_initialised == aux and len(aux) == 207
     assert report.official_tensors_used == report.parameters_total - len(aux)
     assert any("aux_fpn/aux_head" in n for n in report.notes)
-    back = to_official_state_dict("nanodet", network)
+    back = to_official_state_dict("nanodet", network, config("nanodet", "coco"))
     np.testing.assert_array_equal(back["fpn.reduce_layers.2.conv.weight"],
                                   nanodet_state["fpn.reduce_layers.2.conv.weight"])
     # a partly present aux branch is not a release layout: it is an error
     partial = dict(state, **{"model.aux_head.scales.0.scale": nanodet_state["aux_head.scales.0.scale"]})
     with pytest.raises(ConversionError, match=r"tensors of the official nanodet model are missing: 'aux_fpn\."):
-        convert_state_dict("nanodet", partial)
+        convert("nanodet", partial)
 
 
 # ----------------------------------------------------------------------------------------------------
 # errors
 
 
+@pytest.mark.detector
 def test_missing_tensor_is_named(d0_state):
     state = {f"module.{k}": v for k, v in d0_state.items() if k != "bifpn.1.conv4_down.bn.running_var"}
     with pytest.raises(ConversionError) as err:
-        convert_state_dict("d0", state, source="zylo.pth")
+        convert("d0", state, source="zylo.pth")
     assert str(err.value).startswith("zylo.pth: 1 tensors of the official d0 model are missing")
     assert "'bifpn.1.conv4_down.bn.running_var' (our 'bifpn.1.conv4_down.bn.moving_variance' (64,))" in str(err.value)
 
 
+@pytest.mark.detector
 def test_wrong_shape_is_named_with_both_shapes(d0_state):
     state = dict(d0_state)
     state["bifpn.0.conv6_up.pointwise_conv.conv.weight"] = np.zeros((64, 32, 1, 1), np.float32)
     with pytest.raises(ConversionError, match=(
             r"tensor 'bifpn.0.conv6_up.pointwise_conv.conv.weight' has shape \(64, 32, 1, 1\), our "
             r"'bifpn.0.conv6_up.pointwise_conv.conv.weight' needs \(64, 64, 1, 1\)")):
-        convert_state_dict("d0", state)
+        convert("d0", state)
 
 
+@pytest.mark.detector
 def test_unused_extra_tensor_is_named(nanodet_state):
     state = {f"avg_model.{k}": v for k, v in nanodet_state.items()}
     state["avg_model.head.extra_conv.weight"] = np.zeros((3, 3), np.float32)
     state["avg_model.fpn.nowhere.num_batches_tracked"] = np.array(1, np.int64)  # not a counter of one of our BNs
     with pytest.raises(ConversionError) as err:
-        convert_state_dict("nanodet", state)
+        convert("nanodet", state)
     assert "2 tensors have no counterpart in our nanodet network" in str(err.value)
     assert "'avg_model.head.extra_conv.weight' (3, 3)" in str(err.value)
     assert "'avg_model.fpn.nowhere.num_batches_tracked' ()" in str(err.value)
 
 
+@pytest.mark.detector
 def test_class_count_and_model_mismatches(d0_state, nanodet_state):
     with pytest.raises(ConversionError, match=r"\(810, 64, 1, 1\) has 90 classes, not 80.*d0\.init"):
-        convert_state_dict("d0", d0_state, 80)
+        convert("d0", d0_state, 80)
     with pytest.raises(ConversionError, match="not an official nanodet state dict; it looks like a 'd0' checkpoint"):
-        convert_state_dict("nanodet", d0_state)
+        convert("nanodet", d0_state)
     with pytest.raises(ConversionError, match="trained with reg_max 7, nanodet.reg_max is 10"):
-        convert_state_dict("nanodet", nanodet_state, cfg=NanoDetConfig(reg_max=10))
+        convert("nanodet", nanodet_state, cfg=config("nanodet", reg_max=10))
     bad = dict(d0_state)
     bad["bifpn.0.p6_w1"] = np.array([1, 2], np.int32)
     with pytest.raises(ConversionError, match="'bifpn.0.p6_w1' holds int32, not floating point"):
-        convert_state_dict("d0", bad)
+        convert("d0", bad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,6 +274,7 @@ def _npz(name: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+@pytest.mark.detector
 def test_torch_fixtures_through_reader_and_prefix_handling():
     want = _npz("nanodet_lightning.npz")
     state = load_torch_state(TORCH_FIXTURES / "nanodet_lightning.ckpt")
@@ -279,7 +297,7 @@ def test_torch_fixtures_through_reader_and_prefix_handling():
     assert select_state(legacy)[0] == {"conv.weight": "conv.weight", "bn.num_batches_tracked": "bn.num_batches_tracked"}
     # the tiny NanoDet-style module is not the official model: the conversion says which tensor is absent
     with pytest.raises(ConversionError, match=r"no class head tensor 'head.gfl_cls.0.weight'"):
-        convert_state_dict("nanodet", load_torch_state(TORCH_FIXTURES / "nanodet_lightning.ckpt"))
+        convert("nanodet", load_torch_state(TORCH_FIXTURES / "nanodet_lightning.ckpt"))
 
 
 # --- torch.save files of the full-size state dicts, assembled with the opcodes torch writes (no torch here) ---
@@ -369,11 +387,12 @@ def converted_files(tmp_path_factory, d0_state, nanodet_state):
     for model, src in (("d0", d0_src), ("nanodet", nanodet_src)):
         ckpt, report = root / f"{model}.ckpt", root / f"{model}.json"
         assert main(["--model", model, "--src", str(src), "--out", str(ckpt), "--report", str(report),
-                     "--params", str(root / "absent.yaml")]) == 0
+                     "--params", str(ROOT / "params.yaml")]) == 0
         out[model] = (src, ckpt, json.loads(report.read_text()))
     return out
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("model", ["d0", "nanodet"])
 def test_converted_file_holds_the_weights_and_metadata(converted_files, d0_state, nanodet_state, model):
     import hashlib
@@ -381,7 +400,7 @@ def test_converted_file_holds_the_weights_and_metadata(converted_files, d0_state
     state = {"d0": d0_state, "nanodet": nanodet_state}[model]
     src, ckpt, report = converted_files[model]
     params = read_checkpoint(ckpt)
-    detector = get_detector(model, D0Config() if model == "d0" else NanoDetConfig(), report["num_classes"])
+    detector = get_detector(model, config(model, "coco"), report["num_classes"])
     name_map = detector.official_name_map(detector.build_network())
     for key, ours in name_map.items():
         np.testing.assert_array_equal(params[ours].asnumpy(), state[key], err_msg=key)
@@ -394,19 +413,20 @@ def test_converted_file_holds_the_weights_and_metadata(converted_files, d0_state
     assert report["ignored_non_ema_tensors"] == (len(state) if model == "nanodet" else 0)
 
 
+@pytest.mark.detector
 def test_stage_reports_a_bad_file_and_exits_2(tmp_path, converted_files, capsys):
     from stages.convert import main
 
     src = converted_files["nanodet"][0]
     assert main(["--model", "d0", "--src", str(src), "--out", str(tmp_path / "x.ckpt"),
-                 "--params", str(tmp_path / "absent.yaml")]) == 2
+                 "--params", str(ROOT / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "no class head tensor 'classifier.header.pointwise_conv.conv.weight'" in err and "'nanodet'" in err
     meta = tmp_path / "meta.json"
     pets = [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}]
     meta.write_text(json.dumps({"num_classes": 2, "categories": pets}))
     assert main(["--model", "nanodet", "--src", str(src), "--out", str(tmp_path / "pets.ckpt"), "--meta", str(meta),
-                 "--report", str(tmp_path / "pets.json"), "--params", str(tmp_path / "absent.yaml")]) == 0
+                 "--report", str(tmp_path / "pets.json"), "--params", str(ROOT / "params.yaml")]) == 0
     report = json.loads((tmp_path / "pets.json").read_text())
     assert report["num_classes"] == 2 and report["categories"] == pets
     assert checkpoint_meta(read_checkpoint(tmp_path / "pets.ckpt"), "category_ids") == [18, 17]
@@ -414,10 +434,11 @@ def test_stage_reports_a_bad_file_and_exits_2(tmp_path, converted_files, capsys)
     assert not (tmp_path / "x.ckpt").exists()
     evil = TORCH_FIXTURES / "malicious_os_system.pth"
     assert main(["--model", "d0", "--src", str(evil), "--out", str(tmp_path / "x.ckpt"),
-                 "--params", str(tmp_path / "absent.yaml")]) == 2
+                 "--params", str(ROOT / "params.yaml")]) == 2
     assert "refused to load global" in capsys.readouterr().err
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("model, classes, head", [
     ("d0", 90, ["classifier.header.pointwise_conv.conv.weight", "classifier.header.pointwise_conv.conv.bias"]),
     ("nanodet", 80, [f"head.gfl_cls.{i}.{k}" for i in range(4) for k in ("weight", "bias")]
@@ -428,7 +449,7 @@ def test_init_from_converted_checkpoint_reinitialises_only_the_class_head(conver
 
     ckpt = converted_files[model][1]
     params = read_checkpoint(ckpt)
-    cfg = D0Config() if model == "d0" else NanoDetConfig()
+    cfg = config(model, "coco")
     for num_classes, expected in ((classes, []), (3, head)):
         detector = get_detector(model, cfg, num_classes)
         network = detector.build_network()
@@ -442,6 +463,7 @@ def test_init_from_converted_checkpoint_reinitialises_only_the_class_head(conver
                 np.testing.assert_array_equal(p.asnumpy(), params[p.name].asnumpy(), err_msg=p.name)
 
 
+@pytest.mark.detector
 def test_category_ids_for_prefers_the_checkpoints_own(converted_files, tmp_path):
     meta = {"num_classes": 2, "categories": [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]}
     assert category_ids_for(converted_files["d0"][1], meta) == list(range(1, 91))
@@ -450,6 +472,7 @@ def test_category_ids_for_prefers_the_checkpoints_own(converted_files, tmp_path)
     assert category_ids_for(plain, meta) == [5, 9]
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("model", ["d0", "nanodet"])
 def test_standalone_export_of_converted_checkpoint_computes_the_converted_network(converted_files, converted,
                                                                                     tmp_path, monkeypatch, model):
@@ -457,14 +480,14 @@ def test_standalone_export_of_converted_checkpoint_computes_the_converted_networ
     from stages.export import main
 
     monkeypatch.chdir(tmp_path)  # no MindRecord here: the export checks on deterministic random inputs
-    Path("params.yaml").write_text("export:\n  num_check_images: 1\n  latency_repeats: 1\n")
+    write_params("params.yaml", {"export": {"num_check_images": 1, "latency_repeats": 1}})
     ckpt, report = converted_files[model][1], converted_files[model][2]
     out = tmp_path / "export"
     assert main(["--model", model, "--ckpt", str(ckpt), "--input-size", "128", "--num-classes",
                  str(report["num_classes"]), "--out", str(out), "--formats", "MINDIR"]) == 0
     exported = load_exported(out / "model.mindir")
     network, _ = converted[model]
-    size_cfg = D0Config(input_size=128) if model == "d0" else NanoDetConfig(input_size=128)
+    size_cfg = config(model, "coco", input_size=128)
     detector = get_detector(model, size_cfg, report["num_classes"])
     cell = detector.inference_cell(network)
     cell.set_train(False)
@@ -489,6 +512,7 @@ def test_standalone_export_of_converted_checkpoint_computes_the_converted_networ
 # starting checkpoints must live under weights/ (the train stages' dependency)
 
 
+@pytest.mark.detector
 def test_starting_weights_must_be_under_the_tracked_directory(tmp_path, monkeypatch, capsys):
     import dataclasses
 
@@ -497,7 +521,7 @@ def test_starting_weights_must_be_under_the_tracked_directory(tmp_path, monkeypa
     from msdet.training import check_starting_weights_tracked, starting_weight_files
     from stages.train import main
 
-    cfg = D0Config()
+    cfg = config("d0")
     assert starting_weight_files(cfg, "d0") == {}
     check_starting_weights_tracked(dataclasses.replace(cfg, pretrained_backbone="mindcv"), "d0", tmp_path)
     inside = dataclasses.replace(cfg, init="weights/official/d0.ckpt")

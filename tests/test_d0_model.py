@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.config import D0Config
 from msdet.conversion import pretrained
 from msdet.conversion.naming import NUM_BATCHES_TRACKED, mindcv_efficientnet_b0_map, relative_parameters
 from msdet.detectors.d0 import D0Detector
@@ -14,7 +13,7 @@ from msdet.models.efficientdet import EfficientDet, HeadNet, init_heads
 from msdet.models.flops import count_flops, count_macs
 from msdet.models.layers import Conv2dSame, MaxPool2dSame, batch_norm, upsample_nearest2x
 from msdet.ops.anchors import efficientdet_anchors
-from tests.helpers import official_state_dict
+from tests.helpers import config, official_state_dict
 
 
 def _reference_state_dict() -> dict:
@@ -38,9 +37,10 @@ def test_parameter_counts(net80):
     assert _count(EfficientDet(90).trainable_params()) == 3_880_067
 
 
+@pytest.mark.detector
 def test_official_keys_map_one_to_one(net80):
     reference = _reference_state_dict()
-    name_map = D0Detector(D0Config(input_size=128), 80).official_name_map(net80)
+    name_map = D0Detector(config("d0", input_size=128), 80).official_name_map(net80)
     ours = {p.name: tuple(p.shape) for p in net80.get_parameters()}
     expected = {k: v for k, v in reference.items() if not k.endswith("." + NUM_BATCHES_TRACKED)}
     unmapped_kinds = {k.rsplit(".", 1)[-1] for k in reference if k not in name_map}
@@ -54,9 +54,10 @@ def test_official_keys_map_one_to_one(net80):
     assert name_map["regressor.bn_list.4.2.weight"] == "regressor.bn_list.4.2.gamma"
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("size,batch", [(128, 2), (256, 1), (384, 1)])
 def test_output_layout(net80, size, batch):
-    det = D0Detector(D0Config(input_size=size), 80)
+    det = D0Detector(config("d0", input_size=size), 80)
     cell = det.inference_cell(net80)
     assert [p.name for p in cell.get_parameters()][0] == "backbone_net.model._conv_stem.conv.weight"
     net80.set_train(False)
@@ -110,8 +111,9 @@ def test_head_init_output_std_follows_variance_scaling(head_init):
     assert {"automl": 0.125, "zylo117": 1.0}[head_init] == pytest.approx(expected)
 
 
+@pytest.mark.detector
 def test_head_init_reaches_the_network_and_is_checked():
-    det = D0Detector(D0Config(input_size=128, head_init="zylo117"), 2)
+    det = D0Detector(config("d0", input_size=128, head_init="zylo117"), 2)
     w = det.build_network().classifier.header.depthwise_conv.conv.weight.asnumpy()
     assert w.std() == pytest.approx(1 / 3, rel=0.06)
     with pytest.raises(ValueError, match="head_init = 'keras'"):
@@ -204,12 +206,14 @@ def test_flops(net80):
 
 # ---------------------------------------------------------------- decode and backbone weights
 
+@pytest.mark.detector
 def test_decode_zero_regression_gives_clipped_anchors():
-    det = D0Detector(D0Config(input_size=128), 2)
+    cfg = config("d0", input_size=128)
+    det = D0Detector(cfg, 2)
     a = det.anchors.shape[0]
     scores = np.random.default_rng(0).uniform(size=(1, a, 2)).astype(np.float32)
     boxes, out_scores = det.decode((np.zeros((1, a, 4), np.float32), scores))
-    np.testing.assert_allclose(boxes[0], np.clip(efficientdet_anchors(128), 0, 128), atol=1e-4)
+    np.testing.assert_allclose(boxes[0], np.clip(efficientdet_anchors(128, cfg.anchor_scale), 0, 128), atol=1e-4)
     np.testing.assert_array_equal(out_scores, scores)
 
 
@@ -218,9 +222,10 @@ def _backbone_items(net, names_fn):
 
 
 def load_pretrained_backbone(net, spec):
-    return D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(net, spec).loaded
+    return D0Detector(config("d0", input_size=128), 2).load_pretrained_backbone(net, spec).loaded
 
 
+@pytest.mark.detector
 def test_load_backbone_from_our_and_mindcv_layouts(tmp_path):
     src, dst = EfficientDet(2, seed=1), EfficientDet(2, seed=2)
     ours_path = tmp_path / "b0_ours.ckpt"
@@ -242,9 +247,10 @@ def test_load_backbone_from_our_and_mindcv_layouts(tmp_path):
                                   src.backbone_net.model._blocks[7]._se_expand.conv.bias.asnumpy())
 
 
+@pytest.mark.detector
 def test_load_backbone_errors(tmp_path, monkeypatch):
     net = EfficientDet(2)
-    assert D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(net, "none") is None
+    assert D0Detector(config("d0", input_size=128), 2).load_pretrained_backbone(net, "none") is None
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_pretrained_backbone(net, str(tmp_path / "nope.ckpt"))
     items = _backbone_items(net, lambda n: n)

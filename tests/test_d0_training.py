@@ -7,11 +7,11 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from msdet.assigners.anchor_matcher import AnchorMatcher
-from msdet.config import D0Config
 from msdet.detectors.d0 import D0Detector
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.ops.box_coder import encode_np
 from msdet.ops.iou import box_iou_np
+from tests.helpers import config
 
 # Hand-made anchors: 0 and 1 equal GT 0 / GT 1, 2 has IoU 0.25 with GT 2 (its best anchor), 3 has IoU 0.45 with
 # GT 1 (ignored), 4 is far from everything, 5 equals a padding row's box.
@@ -161,8 +161,9 @@ def _loss_np(regression, logits, anchors, boxes, labels, cfg, num_classes):
     return cls + box, cls, box, num_pos
 
 
+@pytest.mark.detector
 def test_loss_cell_matches_numpy():
-    cfg = D0Config(input_size=SIZE, drop_connect_rate=0.0)
+    cfg = config("d0", input_size=SIZE, drop_connect_rate=0.0)
     det = D0Detector(cfg, 3)
     net = det.build_network()
     net.set_train(False)
@@ -176,8 +177,9 @@ def test_loss_cell_matches_numpy():
     assert tuple(det.loss_names) == ("loss", "cls", "box")
 
 
+@pytest.mark.detector
 def test_training_steps_lower_the_loss_in_graph_mode():
-    cfg = D0Config(input_size=SIZE, drop_connect_rate=0.0)
+    cfg = config("d0", input_size=SIZE, drop_connect_rate=0.0)
     det = D0Detector(cfg, 3)
     net = det.build_network()
     net.set_train(True)
@@ -201,6 +203,7 @@ def test_training_steps_lower_the_loss_in_graph_mode():
     assert last[2] < first[2] and last[1] < first[1]
 
 
+@pytest.mark.detector
 def test_gradient_matches_finite_differences(pynative):
     """The framework's gradient of the whole D0 loss against central differences along a random direction per
     module (a wrong kernel gradient, as MindSpore 2.8's PadV3Grad on CPU, trains slowly without failing).
@@ -210,7 +213,9 @@ def test_gradient_matches_finite_differences(pynative):
 
 
 def _check_gradient_by_module():
-    cfg = D0Config(input_size=SIZE, drop_connect_rate=0.0)
+    # anchor scale 4 (official): the directions and eps were calibrated on its matching; at the embedded 2.0 the
+    # float32 differences of the backbone group drift 17 % off (the gradient code is the same)
+    cfg = config("d0", input_size=SIZE, drop_connect_rate=0.0, anchor_scale=4.0)
     det = D0Detector(cfg, 3)
     net = det.build_network()
     loss_cell = det.loss_cell(net)

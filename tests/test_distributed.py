@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msdet.config import MindrecordConfig, SyntheticConfig, merge
+from msdet.config import merge
 from msdet.data.coco import resolve_tree
 from msdet.data.mindrecord import convert_tree
 from msdet.data.synthetic import generate_synthetic
 from msdet.engine.launch import DistributedJobFailed, failed_rank_logs, last_error_line, run_distributed
 from msdet.engine.live import read_series
+from tests.helpers import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,12 +93,14 @@ def test_nanodet_normalisers_are_averaged_over_ranks(tmp_path):
         assert sum(ratios) == pytest.approx(2.0, rel=1e-4), (names[k], ratios)
 
 
+@pytest.mark.detector
 @pytest.mark.slow
 def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
     data = tmp_path / "coco"
-    generate_synthetic(data, SyntheticConfig(num_train=8, num_val=4, image_size=128, max_objects=3, seed=5))
+    generate_synthetic(data, config("data.synthetic", num_train=8, num_val=4, image_size=128, max_objects=3, seed=5,
+                                      num_classes=6, size_sampling="log_uniform", max_rotation_deg=180.0))
     mr = tmp_path / "mindrecord"
-    convert_tree(resolve_tree(data), mr, MindrecordConfig(train_shards=1, workers=1))
+    convert_tree(resolve_tree(data), mr, config("mindrecord", train_shards=1, workers=1))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {
         "data": {"root": str(data)},
         "mindrecord": {"out_dir": str(mr)},

@@ -26,6 +26,7 @@ from msdet.data.download import (
     download_and_extract,
     fetch_coco2017,
 )
+from tests.helpers import config
 
 CHUNK = 1024
 DROP_AFTER = 10_000
@@ -119,7 +120,7 @@ def _no_proxy(monkeypatch):
 def make_cfg(**kw) -> DownloadConfig:
     base = dict(retries=3, backoff_seconds=0.001, timeout_seconds=5.0, chunk_bytes=CHUNK)
     base.update(kw)
-    return DownloadConfig(**base)
+    return config("download", **base)
 
 
 def make_zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from msdet.config import TrainConfig
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.ema import EMA
 from msdet.engine.live import SERIES_DIR, read_series
 from msdet.engine.schedules import warmup_cosine
 from msdet.engine.trainer import Trainer, TrainingDiverged
-from tests.helpers import ToyDetector, ToyNet, cfg, series_files, toy_data
+from tests.helpers import ToyDetector, ToyNet, cfg, config, series_files, toy_data
 
 
 def fresh_trainer(tmp_path, config, scale=1.0, sub="run", live=True, validate=None, kill_at=None, drop=0.0):
@@ -28,7 +27,8 @@ def fresh_trainer(tmp_path, config, scale=1.0, sub="run", live=True, validate=No
 
 
 def test_warmup_cosine_shape_and_values():
-    c = TrainConfig(epochs=2, lr=0.1, lr_reference_batch=8, warmup_steps=5, warmup_ratio=0.1, min_lr_ratio=0.01)
+    c = config("d0.train", epochs=2, lr=0.1, lr_reference_batch=8, warmup_steps=5, warmup_ratio=0.1, min_lr_ratio=0.01,
+               batch_size=8, scale_lr_with_batch=True)
     lr = warmup_cosine(c, steps_per_epoch=10, global_batch=16)
     assert lr.shape == (20,)
     peak = 0.2  # linear scaling: 0.1 * 16 / 8

@@ -20,6 +20,7 @@ from tests.helpers import (
     ScaledBoxes,
     ShiftedInput,
     SwappedSides,
+    write_params,
 )
 
 
@@ -59,6 +60,7 @@ class Perturbed:
         return model
 
 
+@pytest.mark.detector
 def test_round_trip_files_compute_what_the_network_does(toy, tmp_path):
     det, net = toy
     out = tmp_path / "export"
@@ -108,6 +110,7 @@ def _large(outputs):
     return [dist * np.float32(31.6 / np.abs(dist).max()), scores]
 
 
+@pytest.mark.detector
 def test_runtime_noise_on_large_outputs_passes_as_in_issue_19(toy, tmp_path, monkeypatch):
     det, net = toy
     x = check_images(3)
@@ -129,6 +132,7 @@ def test_runtime_noise_on_large_outputs_passes_as_in_issue_19(toy, tmp_path, mon
     assert check["decoded"]["max_box_diff_px"] < 0.01
 
 
+@pytest.mark.detector
 def test_mismatching_export_fails_and_leaves_nothing(toy, tmp_path, monkeypatch):
     det, net = toy
     real = exporter.load_exported
@@ -156,6 +160,7 @@ def export_variant(monkeypatch, variant):
     monkeypatch.setattr(exporter, "_write", lambda cell, *args: real(variant(cell), *args))
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("variant", [ShiftedInput, SwappedSides, ScaledBoxes])
 def test_small_systematic_export_bugs_are_caught(toy, tmp_path, monkeypatch, variant):
     det, net = toy
@@ -166,6 +171,7 @@ def test_small_systematic_export_bugs_are_caught(toy, tmp_path, monkeypatch, var
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.detector
 def test_failing_secondary_format_is_recorded_unless_strict(toy, tmp_path, monkeypatch):
     det, net = toy
     monkeypatch.setattr(exporter, "load_exported",
@@ -184,6 +190,7 @@ def test_failing_secondary_format_is_recorded_unless_strict(toy, tmp_path, monke
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.detector
 def test_onnx_failure_is_recorded_unless_onnx_was_the_only_format(toy, tmp_path, monkeypatch):
     det, net = toy
     import mindspore.onnx
@@ -203,6 +210,7 @@ def test_onnx_failure_is_recorded_unless_onnx_was_the_only_format(toy, tmp_path,
     assert not (tmp_path / "onnx_only").exists()
 
 
+@pytest.mark.detector
 def test_bad_arguments_are_named(toy, tmp_path):
     det, net = toy
     with pytest.raises(ExportError, match=r"check_inputs must be float32 \[N, 3, 32, 32\]"):
@@ -304,10 +312,11 @@ def toy_stage(tmp_path, monkeypatch, toy):
     monkeypatch.setattr(msdet.detectors, "get_detector", lambda model, cfg, num_classes: det)
     monkeypatch.chdir(tmp_path)  # no MindRecord here: deterministic random check inputs
     save_weights(tmp_path / "toy.ckpt", net, {"model": "d0"})
-    Path("params.yaml").write_text("export:\n  num_check_images: 2\n  latency_repeats: 1\n")
+    write_params("params.yaml", {"export": {"num_check_images": 2, "latency_repeats": 1}})
     return ["--model", "d0", "--ckpt", "toy.ckpt", "--num-classes", "3", "--out", "export", "--metrics", "m.json"]
 
 
+@pytest.mark.detector
 def test_stage_warns_about_a_failing_onnx_and_exits_0(toy_stage, tmp_path, monkeypatch, capsys):
     from stages import export as export_stage
 
@@ -325,7 +334,7 @@ def test_stage_warns_about_a_failing_onnx_and_exits_0(toy_stage, tmp_path, monke
     assert metrics["mindir"]["exported"] is True and metrics["mindir"]["raw"]["worst_fraction_of_tolerance"] <= 1
     assert metrics["mindir"]["decoded"]["paired"] == metrics["mindir"]["decoded"]["detections"] > 0
     # strict: the same failure fails the stage, one line, nothing written
-    Path("params.yaml").write_text("export:\n  num_check_images: 2\n  latency_repeats: 1\n  strict: true\n")
+    write_params("params.yaml", {"export": {"num_check_images": 2, "latency_repeats": 1, "strict": True}})
     argv = toy_stage[:-4] + ["--out", "strict", "--metrics", "strict.json"]
     assert export_stage.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -333,6 +342,7 @@ def test_stage_warns_about_a_failing_onnx_and_exits_0(toy_stage, tmp_path, monke
     assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.json").exists()
 
 
+@pytest.mark.detector
 def test_stage_fails_on_a_failing_mindir_and_on_missing_params(toy_stage, tmp_path, monkeypatch, capsys):
     from stages import export as export_stage
 
@@ -349,6 +359,7 @@ def test_stage_fails_on_a_failing_mindir_and_on_missing_params(toy_stage, tmp_pa
 # the real EfficientDet-D0 at 128 with random weights, through the standalone export tool
 
 
+@pytest.mark.detector
 @pytest.mark.slow
 def test_d0_standalone_export_round_trip(tmp_path, monkeypatch, capsys):
     import dataclasses

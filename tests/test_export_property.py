@@ -19,7 +19,9 @@ from msdet.detectors import get_detector
 from msdet.export.exporter import _as_numpy_outputs, export_model
 from msdet.export.runner import check_settings, random_check_images
 from msdet.export.verify import verify
-from tests.helpers import ScaledBoxes, ShiftedInput, SwappedOutputs, random_official_state
+from tests.helpers import ScaledBoxes, ShiftedInput, SwappedOutputs, config, random_official_state
+
+pytestmark = pytest.mark.detector  # every test here builds a whole detector
 
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 CASES = [(model, size, state) for model, sizes in (("d0", (128, 256)), ("nanodet", (64, 128)))
@@ -43,7 +45,7 @@ def _network(model: str, size: int, state: str):
     if state == "converted":
         categories = [{"id": i, "name": COCO_CATEGORIES[i]} for i in (1, 3, 18, 62)]
         converted, _ = convert_state_dict(model, random_official_state(model, 90 if model == "d0" else 80, seed=3),
-                                          categories=categories)
+                                          categories=categories, cfg=config(model, "coco"))
         values = {p.name: p.asnumpy() for p in converted.get_parameters()}
     elif state == "perturbed":
         rng = np.random.default_rng(5)

@@ -2,7 +2,6 @@
 images, the same detections from a checkpoint and from its exported MINDIR, and clear errors for bad input."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from msdet.config import Params
 from msdet.detectors import get_detector
 from msdet.engine.checkpoint import CheckpointError, save_weights
 from msdet.export.exporter import export_model
@@ -26,7 +24,7 @@ from msdet.inference import (
     run_inference,
 )
 from stages import infer as infer_stage
-from tests.helpers import POST, TOL, ExportToyDetector, toy_preprocess
+from tests.helpers import POST, ROOT, TOL, ExportToyDetector, config, toy_preprocess
 
 ms.set_device("CPU")
 
@@ -56,6 +54,7 @@ def toy():
     return det, net
 
 
+@pytest.mark.detector
 def test_detections_json_maps_boxes_to_original_pixels(toy, tmp_path):
     det, net = toy
     files = write_images(tmp_path / "images")
@@ -115,6 +114,7 @@ def test_anonymous_classes_and_input_listing(tmp_path):
         list_images(tmp_path / "empty")
 
 
+@pytest.mark.detector
 def test_checkpoint_of_another_architecture_names_the_first_mismatching_tensor(tmp_path):
     small, wide = ExportToyDetector(num_classes=3, width=8), ExportToyDetector(num_classes=3, width=16)
     save_weights(tmp_path / "wide.ckpt", wide.build_network(), {"model": "toy_wide"})
@@ -141,7 +141,7 @@ def test_checkpoint_of_another_architecture_names_the_first_mismatching_tensor(t
 @pytest.fixture(scope="module")
 def nanodet(tmp_path_factory):
     root = tmp_path_factory.mktemp("nanodet")
-    cfg = dataclasses.replace(Params().nanodet, input_size=128)
+    cfg = config("nanodet", input_size=128)
     det = get_detector("nanodet", cfg, 3)
     net = det.build_network()
     save_weights(root / "nanodet.ckpt", net, {"model": "nanodet"})
@@ -154,6 +154,7 @@ def nanodet(tmp_path_factory):
     return root, report, files
 
 
+@pytest.mark.detector
 def test_nanodet_export_round_trip(nanodet):
     root, report, _ = nanodet
     assert report["outputs"][0]["shape"] == [1, 16 * 16 + 8 * 8 + 4 * 4 + 2 * 2, 3 + 4 * 8]
@@ -167,10 +168,11 @@ def test_nanodet_export_round_trip(nanodet):
         assert onnx["reason"] and not (root / "export" / "model.onnx").exists()
 
 
+@pytest.mark.detector
 def test_nanodet_cli_checkpoint_and_mindir_agree(nanodet, tmp_path, capsys):
     root, _, files = nanodet
     common = ["--model", "nanodet", "--meta", str(root / "meta.json"), "--score", "0.005", "--params",
-              str(tmp_path / "absent.yaml"), str(root / "images")]
+              str(ROOT / "params.yaml"), str(root / "images")]
     assert infer_stage.main(["--ckpt", str(root / "nanodet.ckpt"), "--input-size", "128", "--draw",
                              "--out", str(tmp_path / "a")] + common) == 0
     assert infer_stage.main(["--mindir", str(root / "export" / "model.mindir"), "--out", str(tmp_path / "b")]
@@ -196,11 +198,12 @@ def _error(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.detector
 def test_cli_errors_are_clear(nanodet, tmp_path, capsys):
     root, _, files = nanodet
     ckpt = str(root / "nanodet.ckpt")
     base = ["--model", "nanodet", "--num-classes", "3", "--input-size", "128", "--params",
-            str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "out")]
+            str(ROOT / "params.yaml"), "--out", str(tmp_path / "out")]
     missing = tmp_path / "missing.jpg"
     assert f"{missing}: no such file or folder" in _error(capsys, base + ["--ckpt", ckpt, str(missing)])
     notes = tmp_path / "notes.txt"
@@ -213,10 +216,10 @@ def test_cli_errors_are_clear(nanodet, tmp_path, capsys):
     assert "model.mindir: exported for input [1, 3, 128, 128], but --input-size is 192" in err
     # Same model, other number of classes: the class head is named.
     err = _error(capsys, ["--model", "nanodet", "--num-classes", "5", "--input-size", "128", "--params",
-                          str(tmp_path / "absent.yaml"), "--ckpt", ckpt, str(files[0])])
+                          str(ROOT / "params.yaml"), "--ckpt", ckpt, str(files[0])])
     assert "does not fit model 'nanodet' with 5 classes: tensor 'head.gfl_cls.0.weight' has shape" in err
     # A D0 checkpoint given for NanoDet: the first NanoDet tensor it lacks, and what the file is.
-    d0 = get_detector("d0", dataclasses.replace(Params().d0, input_size=128), 3)
+    d0 = get_detector("d0", config("d0", input_size=128), 3)
     save_weights(tmp_path / "d0.ckpt", d0.build_network(), {"model": "d0"})
     err = _error(capsys, base + ["--ckpt", str(tmp_path / "d0.ckpt"), str(files[0])])
     assert "d0.ckpt does not fit model 'nanodet' with 3 classes: network tensor 'backbone." in err

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
-from msdet.config import MindrecordConfig, merge
+from msdet.config import merge
 from msdet.data import mindrecord as mr
 from msdet.data.coco import CocoFormatError, resolve_tree
 from msdet.data.meta import mindrecord_files
 from msdet.data.mindrecord import BadImageError, convert_tree, read_mindrecord, read_split
+from tests.helpers import config
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = [{"id": 9, "name": "dog", "supercategory": "a"}, {"id": 2, "name": "cat", "supercategory": "a"},
@@ -49,7 +50,7 @@ EXPECTED_TRAIN = {
     14: ([[0, 0, 10, 10]], [CAT]),
 }
 EXPECTED_VAL = {20: ([[2, 2, 12, 12]], [CAR]), 21: ([], []), 22: ([], [])}
-CFG = MindrecordConfig(train_shards=2, val_shards=1, workers=1)
+CFG = config("mindrecord", train_shards=2, val_shards=1, workers=1)
 
 
 def write_split(root: Path, split: str, images: list) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msdet.config import MindrecordConfig, SyntheticConfig, merge
+from msdet.config import merge
 from msdet.data.coco import resolve_tree
 from msdet.data.mindrecord import convert_tree
 from msdet.data.synthetic import generate_synthetic
 from msdet.engine.checkpoint import sha256_file
 from msdet.engine.launch import Cluster, DistributedJobFailed, free_port, msrun_command, run_distributed
-from tests.helpers import series_files
+from tests.helpers import config, series_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = re.compile(r"\[rank (\d)\] trainable weights sha256 (\w+)")
@@ -31,8 +31,9 @@ DIGEST = re.compile(r"\[rank (\d)\] trainable weights sha256 (\w+)")
 def tiny_d0_project(root: Path, num_train: int, train: dict) -> Path:
     """A working directory with data, MindRecord and a params.yaml for a 128 px D0; returns it."""
     data, mr = root / "coco", root / "mindrecord"
-    generate_synthetic(data, SyntheticConfig(num_train=num_train, num_val=4, image_size=128, max_objects=3, seed=5))
-    convert_tree(resolve_tree(data), mr, MindrecordConfig(train_shards=1, workers=1))
+    generate_synthetic(data, config("data.synthetic", num_train=num_train, num_val=4, image_size=128, max_objects=3,
+                                    seed=5, num_classes=6, size_sampling="log_uniform", max_rotation_deg=180.0))
+    convert_tree(resolve_tree(data), mr, config("mindrecord", train_shards=1, workers=1))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {
         "data": {"root": str(data)}, "mindrecord": {"out_dir": str(mr)},
         "d0": {"input_size": 128, "anchor_scale": 4.0,
@@ -116,6 +117,7 @@ def test_a_failing_node_stops_both_naming_host_and_rank(tmp_path):
     assert re.match(rf"node 0 \({host}\): rank 0 failed: .* It lost a peer", errors[0]), errors[0]
 
 
+@pytest.mark.detector
 @pytest.mark.slow
 @pytest.mark.long
 def test_two_nodes_train_the_same_weights_as_one_node_with_two_workers(tmp_path):
@@ -169,6 +171,7 @@ def run_until(cmd: list[str], cwd: Path, pattern: str, timeout: float) -> tuple[
     return proc, time.time() - t0
 
 
+@pytest.mark.detector
 @pytest.mark.slow
 @pytest.mark.long
 def test_stage_killed_inside_an_epoch_resumes_to_the_same_weights(tmp_path):

@@ -8,7 +8,6 @@ import pytest
 from mindspore import Tensor
 
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
-from msdet.config import NanoDetConfig
 from msdet.conversion import pretrained
 from msdet.conversion.naming import mindcv_shufflenet_v2_key as mindcv_key
 from msdet.detectors.nanodet import NanoDetDetector
@@ -27,7 +26,7 @@ from msdet.ops.distance_coder import (
     integral_np,
 )
 from msdet.ops.priors import center_priors, num_priors
-from tests.helpers import official_state_dict
+from tests.helpers import config, official_state_dict
 
 pytestmark = pytest.mark.usefixtures("pynative")
 
@@ -53,6 +52,7 @@ def test_parameter_counts_match_official(net80):
     assert all_tensors > 4_330_904  # moving statistics and the integral's projection are not trainable
 
 
+@pytest.mark.detector
 def test_official_keys_and_shapes_one_to_one(net80):
     official = _official_state_dict()
     mapping = official_name_map(net80)
@@ -64,10 +64,11 @@ def test_official_keys_and_shapes_one_to_one(net80):
     assert not bad, bad[:5]
 
 
+@pytest.mark.detector
 def test_gflops_at_320_match_official(net80):
     from msdet.models.flops import count_flops
 
-    det = NanoDetDetector(NanoDetConfig(input_size=320), 80)
+    det = NanoDetDetector(config("nanodet", input_size=320), 80)
     report = count_flops(det.inference_cell(net80), (1, 3, 320, 320))
     assert report.macs == 450_712_800  # official: 0.451 GMACs = "0.9 GFLOPs"
     assert report.gflops == pytest.approx(0.90, abs=0.005)
@@ -111,9 +112,10 @@ def test_upsample_and_channel_shuffle_semantics():
         np.testing.assert_array_equal(MaxPool3x3s2p1()(Tensor(z)).asnumpy(), ref)
 
 
+@pytest.mark.detector
 def test_inference_cell_exports_to_onnx(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    det = NanoDetDetector(NanoDetConfig(input_size=128), 3)
+    det = NanoDetDetector(config("nanodet", input_size=128), 3)
     net = det.build_network()
     net.set_train(False)
     infer = det.inference_cell(net)
@@ -124,8 +126,9 @@ def test_inference_cell_exports_to_onnx(tmp_path):
     np.testing.assert_allclose(got, infer(Tensor(x)).asnumpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.detector
 def test_output_layout_is_level_y_x_with_sigmoid_scores():
-    det = NanoDetDetector(NanoDetConfig(input_size=128), 3)
+    det = NanoDetDetector(config("nanodet", input_size=128), 3)
     net = det.build_network()
     net.set_train(False)
     infer = det.inference_cell(net)
@@ -153,16 +156,17 @@ def _backbone_items(net, name_of=lambda local: local):
 
 
 def official_name_map(net):
-    return NanoDetDetector(NanoDetConfig(input_size=128), 3).official_name_map(net)
+    return NanoDetDetector(config("nanodet", input_size=128), 3).official_name_map(net)
 
 
 def load_pretrained_backbone(net, spec):
-    return NanoDetDetector(NanoDetConfig(input_size=128), 3).load_pretrained_backbone(net, spec).loaded
+    return NanoDetDetector(config("nanodet", input_size=128), 3).load_pretrained_backbone(net, spec).loaded
 
 
+@pytest.mark.detector
 def test_pretrained_backbone_layouts_and_errors(tmp_path, net80):
     target = NanoDetPlus(3)
-    det = NanoDetDetector(NanoDetConfig(input_size=128), 3)
+    det = NanoDetDetector(config("nanodet", input_size=128), 3)
     assert det.load_pretrained_backbone(target, "none") is None
     # our names (as in a NanoDet checkpoint, prefixed "backbone.") -> every backbone tensor copied
     ours = _backbone_items(net80, lambda local: "backbone." + local)
@@ -186,6 +190,7 @@ def test_pretrained_backbone_layouts_and_errors(tmp_path, net80):
         load_pretrained_backbone(target, str(tmp_path / "junk.ckpt"))
 
 
+@pytest.mark.detector
 def test_pretrained_backbone_mindcv_layout(tmp_path, net80, monkeypatch):
     # mindcv (Megvii ShuffleNetV2): first_conv / features.k.branch_main / branch_proj; stage2.0 has other shapes
     items = _backbone_items(net80, mindcv_key)
@@ -244,6 +249,7 @@ def test_distance_round_trip_and_clamp():
     assert clipped[:, [0, 2]].max() <= 80 and clipped[:, [1, 3]].max() <= 64 and clipped.min() >= 0
 
 
+@pytest.mark.detector
 def test_integral_and_decode_against_numpy():
     rng = np.random.default_rng(3)
     reg = rng.standard_normal((2, 5, 32)).astype(np.float32) * 3
@@ -253,7 +259,7 @@ def test_integral_and_decode_against_numpy():
     np.testing.assert_allclose(got, (prob * np.arange(8)).sum(-1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(integral_np(reg, 7), (prob * np.arange(8)).sum(-1), atol=1e-9)
 
-    det = NanoDetDetector(NanoDetConfig(input_size=128), 2)
+    det = NanoDetDetector(config("nanodet", input_size=128), 2)
     out = rng.standard_normal((1, 340, 2 + 32)).astype(np.float32) * 2
     boxes, scores = det.decode([out])
     np.testing.assert_array_equal(scores, out[..., :2])
@@ -446,8 +452,9 @@ def _official_loss_np(head_out, aux_out, priors, gt_boxes, gt_labels, c, reg_max
     return np.array([sum(out)] + out), int(pos.sum())
 
 
+@pytest.mark.detector
 def test_loss_cell_matches_official_loss_in_numpy():
-    det = NanoDetDetector(NanoDetConfig(input_size=128), 3)
+    det = NanoDetDetector(config("nanodet", input_size=128), 3)
     net = det.build_network()
     net.set_train(False)  # deterministic BN: the two forward passes below see the same network
     rng = np.random.default_rng(8)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from msdet.config import NanoDetConfig
 from msdet.detectors.nanodet import NanoDetDetector
+from tests.helpers import config
+
+pytestmark = pytest.mark.detector  # every test here builds a whole detector
 
 SIZE = 128
 DETACH_EPOCH = 3
@@ -44,7 +46,7 @@ class GradCell(nn.Cell):
 @pytest.fixture(scope="module")
 def setup(seeded):
     """One compiled graph: weighted loss components and their gradients, shared by every test."""
-    det = NanoDetDetector(NanoDetConfig(input_size=SIZE, detach_epoch=DETACH_EPOCH), 3)
+    det = NanoDetDetector(config("nanodet", input_size=SIZE, detach_epoch=DETACH_EPOCH), 3)
     net = det.build_network()
     net.set_train(True)
     params = net.trainable_params()

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from msdet.config import ConfigError, MindrecordConfig, OwnDataConfig, SplitSpec, load_params, merge
+from msdet.config import ConfigError, OwnDataConfig, SplitSpec, load_params, merge
 from msdet.data.coco import CocoFormatError, resolve_tree, validate_tree
 from msdet.data.images import plan_image, probe, write_image
 from msdet.data.meta import gt_rows
 from msdet.data.own import DatasetError, assign_splits, convert_own
+from tests.helpers import config
 
 NAMES = ["cat", "dog", "bird"]
 # name -> (split, (width, height) as displayed, [(class index, x1, y1, x2, y2)], kind)
@@ -109,7 +110,7 @@ def write_coco(pool: Path, root: Path, with_val: bool = True) -> OwnDataConfig:
             shutil.copy(pool / n, d / n)
         (d / "_annotations.coco.json").write_text(json.dumps(coco_dict(names)))
         specs[split] = SplitSpec(images=str(d), annotations=str(d / "_annotations.coco.json"))
-    return OwnDataConfig(format="coco", workers=1, **specs)
+    return config("data.own", format="coco", workers=1, **specs)
 
 
 def write_voc(pool: Path, root: Path) -> OwnDataConfig:
@@ -125,7 +126,7 @@ def write_voc(pool: Path, root: Path) -> OwnDataConfig:
             f"</size>{objects}</annotation>")
     for split in ("train", "val"):
         (root / "ImageSets/Main" / f"{split}.txt").write_text("".join(f"{Path(n).stem}\n" for n in split_names(split)))
-    return OwnDataConfig(format="voc", path=str(root), names=list(NAMES), workers=1)
+    return config("data.own", format="voc", path=str(root), names=list(NAMES), workers=1)
 
 
 def write_yolo(pool: Path, root: Path, nested: bool = True) -> OwnDataConfig:
@@ -141,8 +142,8 @@ def write_yolo(pool: Path, root: Path, nested: bool = True) -> OwnDataConfig:
     if nested:
         (root / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
                                                         "names": dict(enumerate(NAMES))}))
-        return OwnDataConfig(format="yolo", path=str(root / "data.yaml"), workers=1)
-    return OwnDataConfig(format="yolo", path=str(root), names=list(NAMES), workers=1)
+        return config("data.own", format="yolo", path=str(root / "data.yaml"), workers=1)
+    return config("data.own", format="yolo", path=str(root), names=list(NAMES), workers=1)
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
@@ -343,7 +344,7 @@ def test_crowded_image_sets_the_padding_and_caps_are_reported(converted, tmp_pat
     from msdet.data.mindrecord import convert_tree
     from msdet.data.pipeline import resolve_max_gt_boxes
 
-    stats = convert_tree(resolve_tree(converted["voc"]), tmp_path / "mr", MindrecordConfig(workers=1),
+    stats = convert_tree(resolve_tree(converted["voc"]), tmp_path / "mr", config("mindrecord", workers=1),
                          gt_caps={"d0": 0, "nanodet": 16})
     assert stats["gt_padding"] == {"max_boxes_per_image": 20,
                                    "d0": {"max_gt_boxes": 24, "boxes_over_cap": 0, "images_over_cap": 0},

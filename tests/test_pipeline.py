@@ -7,20 +7,20 @@ import cv2
 import numpy as np
 import pytest
 
-from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import pipeline as P
 from msdet.data.meta import meta_path, mindrecord_files, read_meta, write_meta
 from msdet.data.mindrecord import SCHEMA
+from tests.helpers import config
 
 SIZES = [(48, 96), (96, 48), (64, 64)]  # (h, w), cycled over the images
 S, B, M = 64, 2, 4
 NO_AUG = {
-    "d0": D0AugmentConfig(scale_min=1.0, scale_max=1.0, flip_prob=0.0),
-    "nanodet": NanoDetAugmentConfig(scale_min=1.0, scale_max=1.0, stretch_min=1.0, stretch_max=1.0, translate=0.0,
-                                    flip_prob=0.0, brightness=0.0, contrast_min=1.0, contrast_max=1.0,
-                                    saturation_min=1.0, saturation_max=1.0),
+    "d0": config("d0.augment", scale_min=1.0, scale_max=1.0, flip_prob=0.0),
+    "nanodet": config("nanodet.augment", scale_min=1.0, scale_max=1.0, stretch_min=1.0, stretch_max=1.0, translate=0.0,
+                                         flip_prob=0.0, brightness=0.0, contrast_min=1.0, contrast_max=1.0,
+                                         saturation_min=1.0, saturation_max=1.0),
 }
-AUG = {"d0": D0AugmentConfig(), "nanodet": NanoDetAugmentConfig()}
+AUG = {"d0": config("d0.augment"), "nanodet": config("nanodet.augment")}
 
 
 def image_id(i: int) -> int:

@@ -143,6 +143,7 @@ def set_d0_train(dst: Path, **values) -> None:
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.detector
 @pytest.mark.long
 def test_live_metrics_kill_resume_and_validation(repo):
     """A validated `dvc exp run` of train_d0 logs live, is killed in its 2nd epoch and rerun with `dvc repro`

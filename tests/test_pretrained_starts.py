@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.config import D0Config, NanoDetConfig
+from msdet.config import D0Config
 from msdet.conversion import pretrained
 from msdet.conversion.naming import mindcv_efficientnet_b0_map, mindcv_shufflenet_v2_key, relative_parameters
 from msdet.detectors.d0 import D0Detector
@@ -23,7 +23,7 @@ from msdet.models.efficientdet import EfficientDet
 from msdet.models.nanodet_plus import NanoDetPlus
 from msdet.models.shufflenetv2 import ShuffleNetV2, channel_shuffle
 from msdet.training import check_starting_weights_tracked
-from tests.helpers import official_state_dict, write_torch_state
+from tests.helpers import config, official_state_dict, write_torch_state
 
 TOL = 1e-5
 
@@ -111,8 +111,9 @@ def test_pinned_mindcv_constants_are_mindcv_s(mindcv_models):
         assert eps == {published.bn_eps}
 
 
+@pytest.mark.detector
 def test_d0_backbone_from_mindcv_b0_computes_mindcv_features(mindcv_b0, tmp_path):
-    cfg = D0Config(input_size=128, pretrained_backbone="weights/efficientnet_b0.ckpt")
+    cfg = config("d0", input_size=128, pretrained_backbone="weights/efficientnet_b0.ckpt")
     path = weights_file(tmp_path, cfg)
     ms.save_checkpoint(mindcv_b0, path)
     net = EfficientDet(2)
@@ -129,6 +130,7 @@ def test_d0_backbone_from_mindcv_b0_computes_mindcv_features(mindcv_b0, tmp_path
     assert max(diffs.values()) < TOL, diffs
 
 
+@pytest.mark.detector
 def test_our_d0_checkpoint_is_loaded_as_trained(tmp_path):
     """Our own D0 checkpoint (trained with eps 1e-3): tensors copied unchanged, no eps fold, same features."""
     src = EfficientDet(2, seed=1)
@@ -136,7 +138,7 @@ def test_our_d0_checkpoint_is_loaded_as_trained(tmp_path):
     (tmp_path / "weights").mkdir()
     save_weights(tmp_path / "weights" / "d0.ckpt", src)
     dst = EfficientDet(2, seed=2)
-    load = D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(dst, str(tmp_path / "weights/d0.ckpt"))
+    load = D0Detector(config("d0", input_size=128), 2).load_pretrained_backbone(dst, str(tmp_path / "weights/d0.ckpt"))
     assert load.layout == "msdet" and load.adaptations == [] and len(load.loaded) == 304
     for (n, p, _), (_, q, _) in zip(relative_parameters(src.backbone_net.model),
                                     relative_parameters(dst.backbone_net.model)):
@@ -168,7 +170,7 @@ def mindcv_shufflenet(mindcv_models):
 
 @pytest.fixture(scope="module")
 def mindcv_shufflenet_file(mindcv_shufflenet, tmp_path_factory):
-    cfg = NanoDetConfig(input_size=128, pretrained_backbone="weights/shufflenet_v2_x1_0.ckpt")
+    cfg = config("nanodet", input_size=128, pretrained_backbone="weights/shufflenet_v2_x1_0.ckpt")
     path = weights_file(tmp_path_factory.mktemp("starts"), cfg)
     ms.save_checkpoint(mindcv_shufflenet, path)
     return path
@@ -210,11 +212,12 @@ def _mindcv_stage_outputs(ref, x: Tensor) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.detector
 def test_nanodet_backbone_from_mindcv_is_approximate(mindcv_shufflenet, mindcv_shufflenet_file):
     """NanoDet's backbone is not mindcv's function (stage2.0 shapes, channel routing, LeakyReLU, max-pool
     padding): every tensor that fits is mindcv's, bit for bit; the stage outputs differ by the measured amount."""
     net = NanoDetPlus(3)
-    load = NanoDetDetector(NanoDetConfig(input_size=128), 3).load_pretrained_backbone(net, mindcv_shufflenet_file)
+    load = NanoDetDetector(config("nanodet", input_size=128), 3).load_pretrained_backbone(net, mindcv_shufflenet_file)
     theirs = {p.name: p.asnumpy() for p in mindcv_shufflenet.get_parameters()}
     same = [np.array_equal(p.asnumpy(), theirs[mindcv_shufflenet_v2_key(n)])
             for n, p, _ in relative_parameters(net.backbone) if n not in load.kept_initialisation]
@@ -233,6 +236,7 @@ def test_nanodet_backbone_from_mindcv_is_approximate(mindcv_shufflenet, mindcv_s
     assert min(diffs["LeakyReLU"] + diffs["ReLU"]) > 0.05  # documented as approximate: if this fails, re-measure
 
 
+@pytest.mark.detector
 @pytest.mark.parametrize("name", ["shufflenetv2_x1-5666bf0f80.pth", "shufflenetv2_x1.ckpt"])
 def test_nanodet_backbone_from_torchvision_layout(tmp_path, name):
     """torchvision's published shufflenet_v2_x1_0 keys and shapes (conv5, fc and num_batches_tracked included),
@@ -252,7 +256,7 @@ def test_nanodet_backbone_from_torchvision_layout(tmp_path, name):
     else:
         ms.save_checkpoint([{"name": k, "data": Tensor(v)} for k, v in state.items()], str(path))
     net = NanoDetPlus(3)
-    load = NanoDetDetector(NanoDetConfig(input_size=128), 3).load_pretrained_backbone(net, str(path))
+    load = NanoDetDetector(config("nanodet", input_size=128), 3).load_pretrained_backbone(net, str(path))
     assert load.layout == "torchvision" and load.adaptations == [] and load.kept_initialisation == []
     torch_name = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
     got = {}
@@ -265,13 +269,14 @@ def test_nanodet_backbone_from_torchvision_layout(tmp_path, name):
         np.testing.assert_array_equal(v, state[k], err_msg=k)
 
 
+@pytest.mark.detector
 def test_our_nanodet_checkpoint_is_loaded_as_trained(tmp_path):
     src = NanoDetPlus(3)
     randomise_bn(src.backbone, 5)
     (tmp_path / "weights").mkdir()
     save_weights(tmp_path / "weights" / "nanodet.ckpt", src)
     dst = NanoDetPlus(3)
-    load = NanoDetDetector(NanoDetConfig(input_size=128), 3).load_pretrained_backbone(
+    load = NanoDetDetector(config("nanodet", input_size=128), 3).load_pretrained_backbone(
         dst, str(tmp_path / "weights/nanodet.ckpt"))
     assert load.layout == "msdet" and load.adaptations == [] and len(load.loaded) == 275
     src.set_train(False)
@@ -318,6 +323,7 @@ def test_download_with_another_digest_never_reaches_the_cache(tmp_path, monkeypa
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no temporary left behind
 
 
+@pytest.mark.detector
 def test_d0_mindcv_spec_downloads_verifies_and_loads(tmp_path, monkeypatch):
     """``pretrained_backbone: mindcv`` end to end, from a local URL standing in for download.mindspore.cn."""
     src = EfficientDet(2, seed=7)
@@ -328,7 +334,7 @@ def test_d0_mindcv_spec_downloads_verifies_and_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(pretrained, "MINDCV_EFFICIENTNET_B0", _published(tmp_path, blob.read_bytes()))
     dst = EfficientDet(2, seed=8)
-    load = D0Detector(D0Config(input_size=128), 2).load_pretrained_backbone(dst, "mindcv")
+    load = D0Detector(config("d0", input_size=128), 2).load_pretrained_backbone(dst, "mindcv")
     assert load.layout == "mindcv" and load.source == str(tmp_path / "cache" / "efficientnet_b0-x.ckpt")
     np.testing.assert_array_equal(dst.backbone_net.model._blocks[3]._project_conv.conv.weight.asnumpy(),
                                   src.backbone_net.model._blocks[3]._project_conv.conv.weight.asnumpy())

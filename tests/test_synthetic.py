@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from msdet.config import SyntheticConfig
 from msdet.data import synthetic
 from msdet.data.synthetic import CATEGORIES, generate_synthetic, make_image
+from tests.helpers import config
 
-CFG = SyntheticConfig(num_train=12, num_val=5, image_size=112, seed=11)
+# the generator's widest setting: all 6 classes, log-uniform sizes, any rotation
+CFG = config("data.synthetic", num_train=12, num_val=5, image_size=112, seed=11, num_classes=6,
+             size_sampling="log_uniform", max_rotation_deg=180.0)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

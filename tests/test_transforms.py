@@ -5,17 +5,17 @@ import cv2
 import numpy as np
 import pytest
 
-from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import transforms as T
+from tests.helpers import config
 
 IMNET_MEAN = np.array([0.485, 0.456, 0.406])
 IMNET_STD = np.array([0.229, 0.224, 0.225])
 ND_MEAN = np.array([103.53, 116.28, 123.675])
 ND_STD = np.array([57.375, 57.12, 58.395])
 
-NO_AUG_ND = NanoDetAugmentConfig(scale_min=1.0, scale_max=1.0, stretch_min=1.0, stretch_max=1.0, translate=0.0,
-                                 flip_prob=0.0, brightness=0.0, contrast_min=1.0, contrast_max=1.0,
-                                 saturation_min=1.0, saturation_max=1.0)
+NO_AUG_ND = config("nanodet.augment", scale_min=1.0, scale_max=1.0, stretch_min=1.0, stretch_max=1.0, translate=0.0,
+                                      flip_prob=0.0, brightness=0.0, contrast_min=1.0, contrast_max=1.0,
+                                      saturation_min=1.0, saturation_max=1.0)
 
 
 def textured(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -52,7 +52,7 @@ def test_d0_flip_mirrors_image_and_maps_x_to_s_minus_x():
 
 def test_nanodet_flip_mirrors_image_and_maps_x_to_s_minus_x():
     img = textured(80, 80)
-    cfg = NanoDetAugmentConfig(**{**NO_AUG_ND.__dict__, "flip_prob": 1.0})
+    cfg = config("nanodet.augment", **{**NO_AUG_ND.__dict__, "flip_prob": 1.0})
     m = T.nanodet_warp_matrix(80, 80, 80, cfg, np.random.default_rng(0))
     out, b, lab = T.nanodet_warp(img, [[5, 6, 25, 40]], [1], m, 80)
     np.testing.assert_array_equal(out, cv2.flip(img, 1))
@@ -101,7 +101,7 @@ def test_d0_scale_crop_matches_resize_then_crop():
 
 def test_d0_train_padding_is_zero_and_boxes_scale():
     img = rectangle_image(100, 200, (40, 20, 120, 60))
-    cfg = D0AugmentConfig(scale_min=0.5, scale_max=0.5, flip_prob=0.0)
+    cfg = config("d0.augment", scale_min=0.5, scale_max=0.5, flip_prob=0.0)
     s = T.d0_train(img, [[40, 20, 120, 60]], [2], 128, cfg, np.random.default_rng(0))
     # longer side -> int(0.5 * 128) = 64: content is 32 x 64, the rest is padding = 0 after normalisation
     assert np.all(s.image[:, 32:, :] == 0.0) and np.all(s.image[:, :, 64:] == 0.0)
@@ -160,7 +160,7 @@ def test_transform_boxes_equals_transforming_corners():
     rng = np.random.default_rng(7)
     boxes = np.sort(rng.uniform(0, 300, (20, 2, 2)), axis=1).transpose(0, 2, 1).reshape(20, 4)
     boxes = boxes[:, [0, 2, 1, 3]]
-    matrices = [T.nanodet_warp_matrix(240, 320, 160, NanoDetAugmentConfig(flip_prob=0.5), rng) for _ in range(5)]
+    matrices = [T.nanodet_warp_matrix(240, 320, 160, config("nanodet.augment", flip_prob=0.5), rng) for _ in range(5)]
     matrices.append(np.array([[0.9, 0.2, 5.0], [-0.1, 1.1, -3.0], [1e-4, 2e-4, 1.0]]))  # general projective
     for m in matrices:
         np.testing.assert_allclose(T.transform_boxes(boxes, m), corner_hull(boxes, m), rtol=1e-5, atol=1e-3)
@@ -170,7 +170,7 @@ def test_transform_boxes_equals_transforming_corners():
 def test_nanodet_warp_moves_image_content_with_the_box(flip):
     box = (60, 40, 140, 100)
     img = rectangle_image(160, 200, box)
-    cfg = NanoDetAugmentConfig(scale_min=0.7, scale_max=1.3, translate=0.1, flip_prob=flip)
+    cfg = config("nanodet.augment", scale_min=0.7, scale_max=1.3, translate=0.1, flip_prob=flip)
     for seed in range(4):
         m = T.nanodet_warp_matrix(160, 200, 128, cfg, np.random.default_rng(seed))
         out, b, lab = T.nanodet_warp(img, [box], [5], m, 128)
@@ -181,15 +181,15 @@ def test_nanodet_warp_moves_image_content_with_the_box(flip):
 
 
 def test_nanodet_matrix_composition_known_answer():
-    cfg = NanoDetAugmentConfig(scale_min=0.8, scale_max=0.8, stretch_min=1.25, stretch_max=1.25, translate=0.0,
-                               flip_prob=0.0)
+    cfg = config("nanodet.augment", scale_min=0.8, scale_max=0.8, stretch_min=1.25, stretch_max=1.25, translate=0.0,
+                                    flip_prob=0.0)
     m = T.nanodet_warp_matrix(100, 200, 100, cfg, np.random.default_rng(0))
     # source centre -> output centre; lengths scale by 0.8 * 1.25 * (100 / 200) in x and (100 / 100) in y
     centre = m @ [100.0, 50.0, 1.0]
     np.testing.assert_allclose(centre, [50, 50, 1])
     np.testing.assert_allclose(np.diag(m)[:2], [0.8 * 1.25 * 0.5, 0.8 * 1.25 * 1.0])
     # translate t draws the re-centring uniformly from (0.5 +- t) of the source size
-    cfg = NanoDetAugmentConfig(**{**cfg.__dict__, "translate": 0.2})
+    cfg = config("nanodet.augment", **{**cfg.__dict__, "translate": 0.2})
     shifts = np.array([(T.nanodet_warp_matrix(100, 200, 100, cfg, np.random.default_rng(s)) @ [100.0, 50, 1])[:2]
                        for s in range(200)])
     assert shifts[:, 0].min() >= 30 - 1e-6 and shifts[:, 0].max() <= 70 + 1e-6  # (0.5 +- 0.2) * 200 * 0.5
@@ -232,8 +232,8 @@ def test_nanodet_train_without_augmentation_is_normalised_stretch():
 
 def test_nanodet_brightness_is_a_uniform_shift_applied_half_the_time():
     img = textured(16, 16)
-    cfg = NanoDetAugmentConfig(brightness=0.2, contrast_min=1.0, contrast_max=1.0, saturation_min=1.0,
-                               saturation_max=1.0)
+    cfg = config("nanodet.augment", brightness=0.2, contrast_min=1.0, contrast_max=1.0, saturation_min=1.0,
+                                    saturation_max=1.0)
     shifts = []
     for seed in range(200):
         diff = T.nanodet_color(img, cfg, np.random.default_rng(seed)) - img
@@ -247,8 +247,8 @@ def test_nanodet_brightness_is_a_uniform_shift_applied_half_the_time():
 
 def test_nanodet_zero_saturation_gives_grey_at_the_max_channel():
     img = textured(16, 16)
-    cfg = NanoDetAugmentConfig(brightness=0.0, contrast_min=1.0, contrast_max=1.0, saturation_min=0.0,
-                               saturation_max=0.0)
+    cfg = config("nanodet.augment", brightness=0.0, contrast_min=1.0, contrast_max=1.0, saturation_min=0.0,
+                                    saturation_max=0.0)
     grey = 0
     for seed in range(60):
         out = T.nanodet_color(img, cfg, np.random.default_rng(seed))
@@ -261,8 +261,8 @@ def test_nanodet_zero_saturation_gives_grey_at_the_max_channel():
 
 def test_nanodet_contrast_scales_values():
     img = textured(16, 16)
-    cfg = NanoDetAugmentConfig(brightness=0.0, contrast_min=0.6, contrast_max=1.4, saturation_min=1.0,
-                               saturation_max=1.0)
+    cfg = config("nanodet.augment", brightness=0.0, contrast_min=0.6, contrast_max=1.4, saturation_min=1.0,
+                                    saturation_max=1.0)
     ratios = []
     for seed in range(100):
         out = T.nanodet_color(img, cfg, np.random.default_rng(seed))
@@ -280,7 +280,7 @@ def test_nanodet_contrast_scales_values():
 def test_train_transforms_reproducible_from_seed(model):
     img = textured(120, 160)
     boxes = np.array([[10, 10, 80, 90], [60, 40, 150, 110]], np.float32)
-    fn, cfg = (T.d0_train, D0AugmentConfig()) if model == "d0" else (T.nanodet_train, NanoDetAugmentConfig())
+    fn, cfg = (T.d0_train, config("d0.augment")) if model == "d0" else (T.nanodet_train, config("nanodet.augment"))
     a = fn(img, boxes, [0, 1], 96, cfg, np.random.default_rng([1, 2, 3]))
     b = fn(img, boxes, [0, 1], 96, cfg, np.random.default_rng([1, 2, 3]))
     c = fn(img, boxes, [0, 1], 96, cfg, np.random.default_rng([1, 2, 4]))
@@ -308,9 +308,9 @@ def test_pad_gt_pads_and_truncates_to_largest():
 
 def test_bad_input_raises_clear_error():
     with pytest.raises(ValueError, match="HxWx3 uint8"):
-        T.d0_train(np.zeros((8, 8), np.uint8), [], [], 64, D0AugmentConfig(), np.random.default_rng(0))
+        T.d0_train(np.zeros((8, 8), np.uint8), [], [], 64, config("d0.augment"), np.random.default_rng(0))
     with pytest.raises(ValueError, match="2 boxes but 1 labels"):
-        T.nanodet_train(np.zeros((8, 8, 3), np.uint8), [[0, 0, 4, 4]] * 2, [1], 64, NanoDetAugmentConfig(),
+        T.nanodet_train(np.zeros((8, 8, 3), np.uint8), [[0, 0, 4, 4]] * 2, [1], 64, config("nanodet.augment"),
                         np.random.default_rng(0))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from msdet.bench.stats import summarize
-from msdet.config import OwnDataConfig
+from msdet.config import load_params
 from msdet.data.own import convert_own
 
 
@@ -50,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--params", default="params.yaml", help="data.own is read from it (format, path set here)")
     args = ap.parse_args(argv)
+    own = load_params(args.params).data.own
     scratch = Path(args.out or tempfile.mkdtemp(prefix="own-rate-"))
     results = {}
     try:
         for case, orientation in (("copied", 1), ("exif_rotated_reencoded", 6)):
             src = scratch / case
             make_photos(src, args.images, orientation)
-            cfg = OwnDataConfig(format="yolo", path=str(src), names=["a", "b"], workers=args.workers)
+            cfg = dataclasses.replace(own, format="yolo", path=str(src), names=["a", "b"], workers=args.workers)
             rates, report = [], None
             for r in range(args.repeats):
                 t0 = time.perf_counter()

@@ -47,6 +47,8 @@ class BenchOptions:
     """What to measure. ``repeats`` overrides every section's run count (tests use 2)."""
 
     params: str = "params.yaml"
+    #: a profile merged on top of ``params`` (e.g. params_coco.yaml), None for none
+    overlay: str | None = None
     device_target: str | None = None
     quick: bool = False
     full: bool = False
@@ -148,6 +150,8 @@ def run_child(section: str, opts: BenchOptions, scratch: Path, data: BenchData |
     out = scratch / f"{tag}.json"
     cmd = [sys.executable, "-m", "msdet.bench.sections", section, "--out", str(out),
            "--params", str((opts.project_root / opts.params).resolve()), "--repeats", str(opts.runs(section))]
+    if opts.overlay:
+        cmd += ["--overlay", str((opts.project_root / opts.overlay).resolve())]
     if model:
         cmd += ["--model", model]
     if opts.device_target:
@@ -286,13 +290,13 @@ def run_benchmarks(opts: BenchOptions, log: Callable[[str], None] = print) -> di
         raise ValueError(f"unknown section(s)/model(s) {unknown}; sections: {ALL_SECTIONS}, models: {MODELS}")
     root = opts.project_root.resolve()
     overrides = {"runtime": {"device_target": opts.device_target}} if opts.device_target else None
-    params = load_params(root / opts.params, overrides)
+    params = load_params(root / opts.params, overrides, overlay=root / opts.overlay if opts.overlay else None)
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {"params": opts.params, "device_target": params.runtime.device_target, "quick": opts.quick,
-                     "full": opts.full, "sections": list(opts.sections), "models": list(opts.models),
-                     "context": dict(opts.context), "by_layer": opts.by_layer,
+        "settings": {"params": opts.params, "overlay": opts.overlay, "device_target": params.runtime.device_target,
+                     "quick": opts.quick, "full": opts.full, "sections": list(opts.sections),
+                     "models": list(opts.models), "context": dict(opts.context), "by_layer": opts.by_layer,
                      "cpu_threads": params.runtime.cpu_threads,
                      "graph_mode": params.runtime.graph_mode},
         "versions": versions(),

@@ -561,7 +561,7 @@ def parse_context(items: Sequence[str]) -> dict[str, Any]:
 
 def run_section(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {"runtime": {"device_target": args.device_target}} if args.device_target else None
-    params = load_params(args.params, overrides)
+    params = load_params(args.params, overrides, overlay=args.overlay)
     context = parse_context(args.context)
     if args.section == "mindrecord":
         return bench_mindrecord(params, args.coco_root, args.repeats)
@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("section", choices=SECTIONS)
     ap.add_argument("--out", required=True, help="JSON file for the figures")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--overlay", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device-target", default=None)
     ap.add_argument("--repeats", type=int, default=3)

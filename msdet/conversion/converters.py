@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from msdet.atomic import write_json
-from msdet.config import D0Config, NanoDetConfig
 from msdet.conversion.naming import NUM_BATCHES_TRACKED
 from msdet.engine.checkpoint import (
     category_ids_for,  # re-exported: converted checkpoints carry their ids
@@ -163,15 +162,14 @@ def select_state(state: dict[str, np.ndarray]) -> tuple[dict[str, str], str, int
 # model facts
 
 
-def _model_cfg(model: str, cfg: Any = None) -> Any:
-    """The model config with nothing downloaded or loaded when the network is built."""
+def _model_cfg(model: str, cfg: Any) -> Any:
+    """The model config (``params.<model>``) with nothing downloaded or loaded when the network is built."""
     if model not in MODELS:
         raise ConversionError(f"unknown model '{model}': expected one of {', '.join(MODELS)}")
-    base = cfg if cfg is not None else (D0Config() if model == "d0" else NanoDetConfig())
-    return dataclasses.replace(base, pretrained_backbone="none", init="none")
+    return dataclasses.replace(cfg, pretrained_backbone="none", init="none")
 
 
-def infer_num_classes(model: str, state: dict[str, np.ndarray], cfg: Any = None, source: str = "checkpoint") -> int:
+def infer_num_classes(model: str, state: dict[str, np.ndarray], cfg: Any, source: str = "checkpoint") -> int:
     """The class count of the official class head (``state`` in official keys, prefixes already stripped)."""
     cfg = _model_cfg(model, cfg)
     key = CLASS_HEAD_KEYS[model]
@@ -284,8 +282,8 @@ def restrict_classes(model: str, official: dict[str, np.ndarray], file_ids: Sequ
     return out
 
 
-def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: int | None = None, *,
-                       categories: Sequence[dict] | None = None, cfg: Any = None,
+def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: int | None = None, *, cfg: Any,
+                       categories: Sequence[dict] | None = None,
                        source: str | None = None, source_sha256: str | None = None,
                        seed: int = 0) -> tuple[Any, ConversionReport]:
     """Official state dict (``{key: array}``, any accepted key layout) -> (our network holding it, report).
@@ -293,7 +291,7 @@ def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: in
     ``categories`` (optional, [{"id", "name"}, ...] as in a MindRecord meta.json) keeps only the class-head
     rows of those category ids, in that order (see :func:`restrict_classes`); the file's ids must be known
     (the official COCO heads). ``num_classes``, when given, must equal the resulting class count (the
-    file's, or ``len(categories)``). ``cfg`` is the model config (default: the defaults; only NanoDet's
+    file's, or ``len(categories)``). ``cfg`` is the model config, ``params.<model>`` (only NanoDet's
     ``reg_max`` matters). ``source`` names the file in errors and the report.
     """
     import mindspore as ms
@@ -382,11 +380,11 @@ def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: in
     return network, report
 
 
-def to_official_state_dict(model: str, network: Any) -> dict[str, np.ndarray]:
+def to_official_state_dict(model: str, network: Any, cfg: Any) -> dict[str, np.ndarray]:
     """Our network -> ``{official key: array}`` (no num_batches_tracked): the inverse of the conversion."""
     from msdet.detectors import get_detector
 
-    detector = get_detector(model, _model_cfg(model), int(network.num_classes))
+    detector = get_detector(model, _model_cfg(model, cfg), int(network.num_classes))
     params = {p.name: p for p in network.get_parameters()}
     return {key: params[ours].asnumpy() for key, ours in detector.official_name_map(network).items()}
 
@@ -403,8 +401,8 @@ def checkpoint_metadata(report: ConversionReport) -> dict[str, Any]:
     return meta
 
 
-def convert_file(model: str, src: str | Path, out: str | Path, num_classes: int | None = None, *,
-                 categories: Sequence[dict] | None = None, cfg: Any = None,
+def convert_file(model: str, src: str | Path, out: str | Path, num_classes: int | None = None, *, cfg: Any,
+                 categories: Sequence[dict] | None = None,
                  report_path: str | Path | None = None, seed: int = 0) -> ConversionReport:
     """Read an official ``.pth``/``.ckpt`` safely (no torch, no code run), convert it, write ``out``.
 
