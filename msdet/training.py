@@ -57,12 +57,14 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
                 live_dir: str | Path | None = None, stop_after_epochs: int | None = None,
-                progress: bool = True, validate: Callable[[Any, Any], dict[str, float]] | None = None
-                ) -> dict | None:
+                progress: bool = True, validate: Callable[[Any, Any], dict[str, float]] | None = None,
+                code_sha256: str = "") -> dict | None:
     """Train ``model`` ("d0" | "nanodet"); writes ``out_dir`` (see msdet.engine.trainer) and the model card.
 
     ``live_dir``: the dvclive directory of the run's metrics. ``validate(detector, network)`` -> {"AP", "AP50"}
     is called every ``<model>.train.eval_every_epochs`` epochs (msdet.evaluation.runner.Validator).
+    ``code_sha256``: the fingerprint of the code that trains (the stage's import closure); a resume point left
+    by other code, like one left by other params, data or starting weights, is not continued.
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
     Returns the model card (rank 0) or None.
     """
@@ -101,7 +103,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     model_key = dataclasses.asdict(mcfg)
     del model_key["train"]["checkpoint_every_steps"]  # how often the state is saved does not change the run
     payload = {"model": model_key, "runtime_seed": params.runtime.seed, "meta": meta,
-               "starting_weights_sha256": start_files}
+               "starting_weights_sha256": start_files, "code_sha256": code_sha256}
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
                       live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)

@@ -14,9 +14,13 @@ from pathlib import Path
 from msdet.cli import run
 from msdet.config import load_params
 from msdet.data.meta import read_meta
+from msdet.devtools.stage_deps import code_sha256
 from msdet.engine.distributed import launched_distributed
 from msdet.engine.launch import Cluster, DistributedJobFailed, run_distributed
 from msdet.training import check_starting_weights_tracked, train_model
+
+#: the project checkout: the code fingerprint covers the files this stage imports from it
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         validate = Validator(params, args.model, [c["id"] for c in categories])
     card = train_model(params, args.model, params.mindrecord.out_dir, Path("models") / args.model,
                        live_dir=Path("dvclive") / args.model, stop_after_epochs=args.stop_after_epochs,
-                       validate=validate)
+                       validate=validate,
+                       code_sha256=code_sha256(f"python -m stages.train --model {args.model}", ROOT))
     if card is not None:
         print(f"[{args.model}] done: {card['epochs']} epochs in {card['wall_time_s']:.0f} s, "
               f"final losses {card['final_losses']}")

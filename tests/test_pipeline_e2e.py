@@ -114,8 +114,9 @@ def test_remote_round_trip_restores_every_output(repo, tmp_path):
 def test_code_edit_reruns_exactly_the_stages_that_import_it(repo):
     dst, env = repo
     dvc = [sys.executable, "-m", "dvc"]
-    # An edit to D0's box decoding: train_d0 reruns and writes the same checkpoint, and eval_d0 still reruns
-    # because it imports the decoder itself; no NanoDet stage runs.
+    # An edit to D0's box decoding: train_d0 reruns, from the start (its persisted resume state is of other
+    # code), and writes the same checkpoint; eval_d0 still reruns because it imports the decoder itself; no
+    # NanoDet stage runs.
     ema = dst / "models" / "d0" / "ema.ckpt"
     before = hashlib.sha256(ema.read_bytes()).hexdigest()
     coder = dst / "msdet" / "ops" / "box_coder.py"
@@ -123,6 +124,7 @@ def test_code_edit_reruns_exactly_the_stages_that_import_it(repo):
     out = run(dvc + ["repro"], dst, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train_d0", "eval_d0", "export_d0"}, out
+    assert "other params, data, starting weights or code: training from the start" in out
     assert hashlib.sha256(ema.read_bytes()).hexdigest() == before
 
     # An edit to a NanoDet-only file leaves every D0 stage alone

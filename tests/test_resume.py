@@ -42,11 +42,11 @@ def toy_data(with_skip: bool, n=32, batch=4, seed=0) -> TrainData:
     return data
 
 
-def trainer_for(tmp_path, config, sub, with_skip=True):
+def trainer_for(tmp_path, config, sub, with_skip=True, code="code-1"):
     ms.set_seed(0)
     net = ToyNet()
     trainer = Trainer(ToyDetector(), net, config, toy_data(with_skip), tmp_path / sub, progress=False,
-                      key_payload=dataclasses.asdict(config), live_dir=tmp_path / sub / "live")
+                      key_payload={**dataclasses.asdict(config), "code_sha256": code}, live_dir=tmp_path / sub / "live")
     return trainer, net
 
 
@@ -109,6 +109,21 @@ def test_unreadable_newest_point_falls_back_to_the_previous(tmp_path):
     for a, b in zip(net_full.get_parameters(), net_again.get_parameters()):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=a.name)
     assert series_files(tmp_path / "full" / "live") == series_files(tmp_path / "part" / "live")
+
+
+def test_a_point_left_by_other_code_is_not_continued(tmp_path, capsys):
+    """dvc repro reruns training after a code edit: the persisted state of the old code must not stand in for it."""
+    config = cfg(checkpoint_every_steps=3)
+    part, _ = trainer_for(tmp_path, config, "part")
+    kill_after(part, 13)
+    with pytest.raises(Killed):
+        part.fit()
+    assert trainer_for(tmp_path, config, "part")[0]._try_resume()[1] == 12  # same code: resumes at step 12
+    edited, _ = trainer_for(tmp_path, config, "part", code="code-2")
+    assert edited._try_resume() == (0, 0, 0.0, 0)
+    assert "holds a run of other params, data, starting weights or code: training from the start" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "part" / "state" / "last.ckpt").exists()
 
 
 def test_save_due_skips_epoch_ends_and_zero():

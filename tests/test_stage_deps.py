@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from msdet.devtools.stage_deps import closure, command_roots, differences, expected_code_deps, load_stages
+from msdet.devtools.stage_deps import (
+    closure,
+    code_sha256,
+    command_roots,
+    differences,
+    expected_code_deps,
+    load_stages,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +58,21 @@ def test_closure_follows_lazy_and_relative_imports_only_into_the_project(tmp_pat
     (pkg / "unused.py").write_text("")
     got = {p.as_posix() for p in closure(tmp_path, [Path("msdet/a.py")])}
     assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/sub/__init__.py", "msdet/sub/b.py", "msdet/sub/c.py"}
+
+
+def test_code_fingerprint_follows_exactly_the_imported_files(tmp_path):
+    for d in ("stages", "msdet"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "__init__.py").write_text("")
+    (tmp_path / "stages" / "go.py").write_text("from msdet import used\n")
+    (tmp_path / "msdet" / "used.py").write_text("X = 1\n")
+    (tmp_path / "msdet" / "other.py").write_text("Y = 1\n")
+    cmd = "python -m stages.go"
+    before = code_sha256(cmd, tmp_path)
+    (tmp_path / "msdet" / "other.py").write_text("Y = 2\n")
+    assert code_sha256(cmd, tmp_path) == before
+    (tmp_path / "msdet" / "used.py").write_text("X = 2\n")
+    assert code_sha256(cmd, tmp_path) != before
 
 
 def test_a_command_that_is_not_python_is_refused():

@@ -1,0 +1,1 @@
+"""Developer tools: the stage-deps generator and checker (also the training code fingerprint)."""

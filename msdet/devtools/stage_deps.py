@@ -6,6 +6,9 @@ inside functions included, followed transitively, with each package's ``__init__
 name at run time, the detector registry (``msdet.detectors.DETECTORS``), is resolved from the stage command's
 ``--model``: ``train_d0`` gets D0's code and not NanoDet's.
 
+The same closure fingerprints the code a training run used (:func:`code_sha256`): a resume point left by other
+code is not continued (see msdet/engine/trainer.py ``run_key``).
+
 ``python -m msdet.devtools.stage_deps`` lists the differences (exit 1 if any); ``--write`` (``make deps``)
 rewrites the code entries of every stage's ``deps:`` in dvc.yaml, keeping the data entries and the comments.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import re
 import shlex
 import sys
@@ -134,6 +138,14 @@ def is_code(path: str) -> bool:
 
 def expected_code_deps(cmd: str, root: Path) -> list[str]:
     return sorted(p.as_posix() for p in closure(root, command_roots(cmd, root)))
+
+
+def code_sha256(cmd: str, root: Path) -> str:
+    """SHA-256 over the path and content of every file the command imports (its code deps)."""
+    digest = hashlib.sha256()
+    for path in expected_code_deps(cmd, root):
+        digest.update(path.encode() + b"\0" + hashlib.sha256((root / path).read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def load_stages(root: Path) -> dict:

@@ -199,6 +199,9 @@ class Trainer:
             if stored == self.key else None
         if params is None:
             if self.dist.is_main:
+                if stored is not None and stored != self.key:
+                    print(f"[{self.detector.name}] {self.state_dir} holds a run of other params, data, starting "
+                          f"weights or code: training from the start", flush=True)
                 shutil.rmtree(self.state_dir, ignore_errors=True)
                 write_json(key_file, {"run_key": self.key})
             return 0, 0, 0.0, 0
