@@ -139,6 +139,7 @@ def d0_cases(params: Params, num_classes: int) -> list[LayerCase]:
     from mindspore import nn
 
     from msdet.assigners.anchor_matcher import AnchorMatcher
+    from msdet.bench.sections import synthetic_gt_rows
     from msdet.detectors.d0 import D0Detector, D0LossCell
     from msdet.models.bifpn import BiFPN
     from msdet.models.efficientdet import D0_SPEC, HeadNet
@@ -156,7 +157,8 @@ def d0_cases(params: Params, num_classes: int) -> list[LayerCase]:
     spec = D0_SPEC
     feats = [(40, s // 8), (112, s // 16), (320, s // 32)]
     levels = [(spec.fpn_channels, s // 2 ** k) for k in range(3, 8)]
-    gt_boxes, gt_labels = _gt(rng, b, s, cfg.train.max_gt_boxes, num_classes)
+    n_gt = synthetic_gt_rows(params, "d0")
+    gt_boxes, gt_labels = _gt(rng, b, s, n_gt, num_classes)
     anchors = detector.anchors
     n_anchor = anchors.shape[0]
 
@@ -205,7 +207,7 @@ def d0_cases(params: Params, num_classes: int) -> list[LayerCase]:
                   tuple(x(b, c, h, h) for c, h in feats), (0, 1, 2)),
         LayerCase("heads", "box + class nets on P3-P7", Heads(), tuple(x(b, c, h, h) for c, h in levels),
                   tuple(range(len(levels)))),
-        LayerCase("assign", f"anchor IoU matching, {n_anchor} anchors x {cfg.train.max_gt_boxes} GT", Assign(),
+        LayerCase("assign", f"anchor IoU matching, {n_anchor} anchors x {n_gt} GT", Assign(),
                   (_tensor(gt_boxes), _tensor(gt_labels)), backward=False),
         LayerCase("loss", "assignment + focal + Huber, backward to the head outputs",
                   D0LossCell(stub, anchors, cfg), (x(1), _tensor(gt_boxes), _tensor(gt_labels),
@@ -220,6 +222,7 @@ def nanodet_cases(params: Params, num_classes: int) -> list[LayerCase]:
     from mindspore import nn
 
     from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
+    from msdet.bench.sections import synthetic_gt_rows
     from msdet.detectors.nanodet import NanoDetDetector, NanoDetLossCell
     from msdet.models.ghostpan import GhostPAN
     from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlusHead, SimpleConvHead
@@ -241,7 +244,8 @@ def nanodet_cases(params: Params, num_classes: int) -> list[LayerCase]:
     width = spec.fpn_channels
     feats = [(116, s // 8), (232, s // 16), (464, s // 32)]
     levels = [s // st for st in spec.strides]
-    gt_boxes, gt_labels = _gt(rng, b, s, cfg.train.max_gt_boxes, num_classes)
+    n_gt = synthetic_gt_rows(params, "nanodet")
+    gt_boxes, gt_labels = _gt(rng, b, s, n_gt, num_classes)
     out_ch = num_classes + 4 * (cfg.reg_max + 1)
 
     class Heads(nn.Cell):
@@ -300,7 +304,7 @@ def nanodet_cases(params: Params, num_classes: int) -> list[LayerCase]:
                                         num_extra_level=spec.num_extra_level, activation=act)),
                   tuple(x(b, c, h, h) for c, h in feats), (0, 1, 2)),
         LayerCase("heads", "NanoDetPlusHead + aux SimpleConvHead", Heads(), tuple(maps), tuple(range(len(maps)))),
-        LayerCase("assign", f"dynamic soft-label assigner, {n_prior} priors x {cfg.train.max_gt_boxes} GT",
+        LayerCase("assign", f"dynamic soft-label assigner, {n_prior} priors x {n_gt} GT",
                   Assign(), (_tensor(head_out[1][..., :num_classes]), _tensor(pred_boxes), _tensor(gt_boxes),
                              _tensor(gt_labels)), backward=False),
         LayerCase("loss", "assignment + QFL + GIoU + DFL, main and aux, backward to the head outputs",
@@ -364,7 +368,7 @@ def train_step_runner(params: Params, model: str, num_classes: int) -> Any:
     import mindspore as ms
     from mindspore import Tensor
 
-    from msdet.bench.sections import _no_dataset, synthetic_train_batch
+    from msdet.bench.sections import _no_dataset, synthetic_gt_rows, synthetic_train_batch
     from msdet.engine.trainer import TrainData, Trainer
     from msdet.training import build_detector
 
@@ -375,8 +379,9 @@ def train_step_runner(params: Params, model: str, num_classes: int) -> Any:
         trainer = Trainer(detector, network, cfg.train, TrainData(_no_dataset, cfg.train.batch_size * 4), tmp,
                           progress=False)
     network.set_train(True)
-    batch = [Tensor(a) for a in synthetic_train_batch(cfg.train.batch_size, cfg.input_size, cfg.train.max_gt_boxes,
-                                                       num_classes, seed=params.runtime.seed)]
+    batch = [Tensor(a) for a in synthetic_train_batch(cfg.train.batch_size, cfg.input_size,
+                                                       synthetic_gt_rows(params, model), num_classes,
+                                                       seed=params.runtime.seed)]
     epoch, step = Tensor(0, ms.int32), Tensor(1.0, ms.float32)
     return lambda: trainer.step_fn(*batch, epoch, step)[1].asnumpy()
 
