@@ -29,6 +29,7 @@ def _count(params):
     return sum(int(np.prod(p.shape)) for p in params)
 
 
+@pytest.mark.detector
 def test_parameter_counts(net80):
     # The official 3,874,217 is PyTorch's parameters(): trainable tensors only (BN running stats are buffers).
     assert _count(net80.trainable_params()) == 3_874_217
@@ -72,6 +73,7 @@ def test_output_layout(net80, size, batch):
     assert 0.001 < float(np.median(probs)) < 0.1
 
 
+@pytest.mark.detector
 def test_head_init(net80):
     bias = net80.classifier.header.pointwise_conv.conv.bias.asnumpy()
     np.testing.assert_allclose(bias, -np.log(99.0), rtol=1e-6)
@@ -120,6 +122,7 @@ def test_head_init_reaches_the_network_and_is_checked():
         EfficientDet(2, head_init="keras")
 
 
+@pytest.mark.detector
 def test_eval_is_deterministic_and_train_drops_connections():
     net = EfficientDet(3, drop_connect_rate=0.5)
     img = Tensor(np.random.default_rng(0).normal(size=(2, 3, 128, 128)).astype(np.float32))
@@ -193,6 +196,7 @@ def test_batch_norm_is_tf_momentum_and_eps():
     np.testing.assert_allclose(out.reshape(-1), (1 - mean) / np.sqrt(var + 1e-3), rtol=1e-4)
 
 
+@pytest.mark.detector
 def test_flops(net80):
     tiny = nn.SequentialCell([nn.Conv2d(3, 8, 3, stride=2, pad_mode="same", has_bias=True),
                               nn.Conv2d(8, 8, 3, pad_mode="same", group=8), nn.Flatten(), nn.Dense(8 * 4 * 4, 10)])

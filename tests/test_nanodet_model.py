@@ -44,6 +44,7 @@ def _official_state_dict() -> dict[str, tuple]:
 # architecture
 
 
+@pytest.mark.detector
 def test_parameter_counts_match_official(net80):
     # the official counts are PyTorch parameters(): trainable tensors, BN statistics and buffers excluded
     assert count_trainable(net80) == 4_330_904
@@ -74,6 +75,7 @@ def test_gflops_at_320_match_official(net80):
     assert report.gflops == pytest.approx(0.90, abs=0.005)
 
 
+@pytest.mark.detector
 def test_aux_fpn_starts_as_a_copy_of_fpn(net80):
     fpn = {p.name[len("fpn."):]: p.asnumpy() for p in net80.fpn.get_parameters()}
     aux = {p.name[len("aux_fpn."):]: p.asnumpy() for p in net80.aux_fpn.get_parameters()}
