@@ -401,15 +401,10 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 def throwaway_repo(dst: Path, overrides: dict) -> tuple[Path, dict]:
     """A git + DVC copy of the project at ``dst`` with params.yaml merged with ``overrides``, committed;
     returns it and the environment to run dvc in (this interpreter's venv first on PATH)."""
-    import yaml
-
-    from msdet.config import merge
-
     for rel in project_files():
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(dst / "params.yaml", overrides)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
                DVC_NO_ANALYTICS="1")

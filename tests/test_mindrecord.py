@@ -8,14 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 
-from msdet.config import merge
 from msdet.data import mindrecord as mr
 from msdet.data.coco import CocoFormatError, resolve_tree
 from msdet.data.meta import mindrecord_files
 from msdet.data.mindrecord import BadImageError, convert_tree, read_mindrecord, read_split
-from tests.helpers import config
+from tests.helpers import config, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = [{"id": 9, "name": "dog", "supercategory": "a"}, {"id": 2, "name": "cat", "supercategory": "a"},
@@ -245,8 +243,7 @@ def test_minddataset_reads_all_shards(tree, tmp_path):
 def run_stage(module: str, params: dict, cwd: Path, monkeypatch) -> None:
     import importlib
 
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (cwd / "params.yaml").write_text(yaml.safe_dump(merge(base, params)))
+    write_params(cwd / "params.yaml", params)
     monkeypatch.chdir(cwd)
     assert importlib.import_module(module).main([]) == 0
 
@@ -284,8 +281,7 @@ def test_download_stage_never_replaces_a_coco_download(tmp_path, monkeypatch):
     kept = tmp_path / "data" / "coco" / "train2017"
     kept.mkdir(parents=True)
     (kept / "000000000001.jpg").write_bytes(b"x")
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merge(base, SMALL)))
+    write_params(tmp_path / "params.yaml", SMALL)
     monkeypatch.chdir(tmp_path)
     assert importlib.import_module("stages.download").main([]) == 1
     assert [p.name for p in kept.iterdir()] == ["000000000001.jpg"]

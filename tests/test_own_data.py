@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from msdet.config import ConfigError, OwnDataConfig, SplitSpec, load_params, merge
+from msdet.config import ConfigError, OwnDataConfig, SplitSpec, load_params
 from msdet.data.coco import CocoFormatError, resolve_tree, validate_tree
 from msdet.data.images import plan_image, probe, write_image
 from msdet.data.meta import gt_rows
 from msdet.data.own import DatasetError, assign_splits, convert_own
-from tests.helpers import config
+from tests.helpers import config, write_params
 
 NAMES = ["cat", "dog", "bird"]
 # name -> (split, (width, height) as displayed, [(class index, x1, y1, x2, y2)], kind)
@@ -445,11 +445,8 @@ def test_error_empty_split(pool, tmp_path):
 
 
 def test_params_own_block_is_validated(tmp_path):
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-
     def load(own: dict):
-        (tmp_path / "p.yaml").write_text(yaml.safe_dump(merge(base, {"data": {"source": "own", "own": own}})))
-        return load_params(tmp_path / "p.yaml")
+        return load_params(write_params(tmp_path / "p.yaml", {"data": {"source": "own", "own": own}}))
 
     assert load({"format": "voc", "path": "/x"}).data.own.path == "/x"
     with pytest.raises(ConfigError, match=r"format coco needs 'data.own.train.images' and"):
@@ -465,11 +462,9 @@ def test_params_own_block_is_validated(tmp_path):
 def test_download_stage_converts_or_prints_one_line(pool, tmp_path, capsys):
     from stages.download import main
 
-    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     cfg = write_yolo(pool, tmp_path / "src")
     own = {"format": "yolo", "path": cfg.path, "workers": 1}
-    params = merge(base, {"data": {"source": "own", "root": str(tmp_path / "coco"), "own": own}})
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "p.yaml", {"data": {"source": "own", "root": str(tmp_path / "coco"), "own": own}})
     assert main(["--params", str(tmp_path / "p.yaml")]) == 0
     assert validate_tree(resolve_tree(tmp_path / "coco"))["val"] == {"images": 2, "annotations": 3}
     (tmp_path / "src/labels/val/g.txt").write_text("7 0.5 0.5 0.1 0.1\n")
