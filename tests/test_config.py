@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 
 import pytest
 import yaml
 
 from msdet.config import ConfigError, Params, load_params
 from tests.helpers import ROOT, write_params
-
-
-def write(tmp_path, raw) -> Path:
-    """The project's params.yaml with ``raw`` merged on top."""
-    return write_params(tmp_path / "params.yaml", raw)
 
 
 def test_repo_params_load_and_cover_every_field():
@@ -49,7 +43,7 @@ def test_repo_params_load_and_cover_every_field():
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
-        load_params(write(tmp_path, raw))
+        load_params(write_params(tmp_path / "params.yaml", raw))
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -408,22 +408,16 @@ def test_box_over_the_border_is_clipped(pool, tmp_path):
     assert [0.0, 40.0, 24.0, 8.0] in [a["bbox"] for a in train["annotations"] if a["image_id"] == 1]
 
 
-def test_error_yolo_label_for_missing_image(pool, tmp_path):
+@pytest.mark.parametrize("label, text, pattern", [
+    ("train/ghost.txt", "0 0.5 0.5 0.1 0.1\n", r"labels/train/ghost.txt: label file for a missing image"),
+    ("val/g.txt", "0 0.5 0.5 0.1 0.1\n3 0.5 0.5 0.2 0.2\n",
+     r"labels/val/g.txt:2: class index 3 is beyond the 3 names"),
+    ("val/f.txt", "1 0.5 0.5 0.2\n", r"labels/val/f.txt:1: expected 'class cx cy w h', got 4 fields"),
+])
+def test_error_yolo_label_is_named(pool, tmp_path, label, text, pattern):
     cfg = write_yolo(pool, tmp_path / "src")
-    (tmp_path / "src/labels/train/ghost.txt").write_text("0 0.5 0.5 0.1 0.1\n")
-    _expect_error(cfg, tmp_path / "o" / "coco", r"labels/train/ghost.txt: label file for a missing image")
-
-
-def test_error_yolo_class_index_beyond_names(pool, tmp_path):
-    cfg = write_yolo(pool, tmp_path / "src")
-    (tmp_path / "src/labels/val/g.txt").write_text("0 0.5 0.5 0.1 0.1\n3 0.5 0.5 0.2 0.2\n")
-    _expect_error(cfg, tmp_path / "o" / "coco", r"labels/val/g.txt:2: class index 3 is beyond the 3 names")
-
-
-def test_error_yolo_malformed_line(pool, tmp_path):
-    cfg = write_yolo(pool, tmp_path / "src")
-    (tmp_path / "src/labels/val/f.txt").write_text("1 0.5 0.5 0.2\n")
-    _expect_error(cfg, tmp_path / "o" / "coco", r"labels/val/f.txt:1: expected 'class cx cy w h', got 4 fields")
+    (tmp_path / "src/labels" / label).write_text(text)
+    _expect_error(cfg, tmp_path / "o" / "coco", pattern)
 
 
 def test_error_voc_unknown_class_and_missing_image(pool, tmp_path):
