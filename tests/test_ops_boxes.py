@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from msdet.ops.anchors import anchors_per_level, efficientdet_anchors
 from msdet.ops.box_coder import decode, decode_np, encode, encode_np
@@ -60,6 +60,23 @@ def test_iou_batched_and_aligned_match_numpy():
     np.testing.assert_allclose(aligned_giou(Tensor(c), Tensor(d)).asnumpy(), np.diag(box_giou_np(c, d)), atol=1e-5)
     np.testing.assert_allclose(aligned_iou_np(c, d), np.diag(box_iou_np(c, d)))
     np.testing.assert_allclose(aligned_giou_np(c, d), np.diag(box_giou_np(c, d)))
+
+
+def test_pairwise_iou_broadcasts_leading_dims_in_graph_mode():
+    """Anchors [1, A, 4] against per-image GT [B, M, 4] inside a compiled cell, as the D0 matcher calls it
+    (the pairwise path broadcasts the coordinates explicitly before Minimum/Maximum)."""
+    rng = np.random.default_rng(3)
+    anchors = _random_boxes(rng, 11)[None]                         # [1, 11, 4]
+    gt = np.stack([_random_boxes(rng, 4) for _ in range(3)])       # [3, 4, 4]
+
+    class Pairwise(nn.Cell):
+        def construct(self, a, b):
+            return box_iou(a, b), box_giou(a, b)
+
+    iou, giou = (t.asnumpy() for t in Pairwise()(Tensor(anchors), Tensor(gt)))
+    assert iou.shape == (3, 11, 4) and giou.shape == (3, 11, 4)
+    np.testing.assert_allclose(iou, box_iou_np(anchors, gt), atol=1e-6)
+    np.testing.assert_allclose(giou, box_giou_np(anchors, gt), atol=1e-6)
 
 
 def test_iou_degenerate_boxes_are_finite():
