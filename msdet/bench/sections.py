@@ -488,6 +488,7 @@ def profile_train(params: Params, model: str, num_classes: int, steps: int = 3) 
     tcfg = mcfg.train
     detector = build_detector(params, model, num_classes)
     network = detector.build_network()
+    network.set_train(True)  # as Trainer.fit: batch statistics in BN, the training graph of every layer
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         trainer = Trainer(detector, network, tcfg, TrainData(_no_dataset, tcfg.batch_size * (steps + 3)), tmp,
                           progress=False)

@@ -26,6 +26,8 @@ from pathlib import Path
 PROJECT_PACKAGES = ("msdet", "stages")
 REGISTRY_FILE = "msdet/detectors/__init__.py"
 REGISTRY_NAME = "DETECTORS"
+#: a module's compiled companion (``msdet/ops/dwconv.py`` builds ``dwconv.cc`` at run time) is part of its code
+NATIVE_SUFFIXES = (".cc",)
 
 
 def module_file(root: Path, module: str) -> Path | None:
@@ -87,7 +89,8 @@ def detector_modules(root: Path) -> dict[str, str]:
 
 
 def closure(root: Path, start: list[Path]) -> set[Path]:
-    """Project files reachable from ``start`` through imports (paths relative to ``root``)."""
+    """Project files reachable from ``start`` through imports, with their compiled companions (paths relative
+    to ``root``)."""
     seen: set[Path] = set()
     todo = [root / p for p in start]
     while todo:
@@ -95,6 +98,7 @@ def closure(root: Path, start: list[Path]) -> set[Path]:
         if path in seen:
             continue
         seen.add(path)
+        seen.update(n for n in (path.with_suffix(s) for s in NATIVE_SUFFIXES) if n.is_file())
         for module in imported_modules(path, root):
             parts = module.split(".")
             if parts[0] not in PROJECT_PACKAGES:

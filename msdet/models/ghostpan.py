@@ -15,6 +15,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from msdet.models.shufflenetv2 import activation_cell
+from msdet.ops.dwconv import conv2d
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -78,8 +79,8 @@ class DepthwiseConvModule(nn.Cell):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, activation: str = "LeakyReLU") -> None:
         super().__init__()
-        self.depthwise = nn.Conv2d(in_channels, in_channels, kernel_size, stride=stride, pad_mode="pad",
-                                   padding=padding, has_bias=False, group=in_channels)
+        self.depthwise = conv2d(in_channels, in_channels, kernel_size, stride=stride, pad_mode="pad",
+                                padding=padding, has_bias=False, group=in_channels)
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, has_bias=False)
         self.dwnorm = _bn(in_channels)
         self.pwnorm = _bn(out_channels)
@@ -100,8 +101,8 @@ class GhostModule(nn.Cell):
         init_channels = math.ceil(oup / 2)
         self.oup = oup
         prim = [nn.Conv2d(inp, init_channels, 1, has_bias=False), _bn(init_channels)]
-        cheap = [nn.Conv2d(init_channels, init_channels, dw_size, pad_mode="pad", padding=dw_size // 2,
-                           has_bias=False, group=init_channels), _bn(init_channels)]
+        cheap = [conv2d(init_channels, init_channels, dw_size, pad_mode="pad", padding=dw_size // 2,
+                        has_bias=False, group=init_channels), _bn(init_channels)]
         if activation is not None:
             prim.append(activation_cell(activation))
             cheap.append(activation_cell(activation))
@@ -128,8 +129,8 @@ class GhostBottleneck(nn.Cell):
         self.has_proj = in_chs != out_chs
         if self.has_proj:
             self.shortcut = nn.SequentialCell([
-                nn.Conv2d(in_chs, in_chs, dw_kernel_size, pad_mode="pad", padding=(dw_kernel_size - 1) // 2,
-                          has_bias=False, group=in_chs),
+                conv2d(in_chs, in_chs, dw_kernel_size, pad_mode="pad", padding=(dw_kernel_size - 1) // 2,
+                       has_bias=False, group=in_chs),
                 _bn(in_chs),
                 nn.Conv2d(in_chs, out_chs, 1, has_bias=False),
                 _bn(out_chs),

@@ -11,6 +11,8 @@ import math
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from msdet.ops.dwconv import conv2d
+
 
 class Swish(nn.Cell):
     """``x * sigmoid(x)`` written out, so export formats without a SiLU op still get it."""
@@ -29,13 +31,14 @@ def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> 
 
 
 class Conv2dSame(nn.Cell):
-    """Conv2d with TF "same" padding; the wrapped conv is ``.conv`` as in zylo117's Conv2dStaticSamePadding."""
+    """Conv2d with TF "same" padding; the wrapped conv is ``.conv`` as in zylo117's Conv2dStaticSamePadding
+    (a depthwise 3x3/5x5 one trains with the C++ backward of :mod:`msdet.ops.dwconv` when that is enabled)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  bias: bool = True, groups: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="same",
-                              has_bias=bias, group=groups)
+        self.conv = conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="same",
+                           has_bias=bias, group=groups)
 
     def construct(self, x: Tensor) -> Tensor:
         return self.conv(x)

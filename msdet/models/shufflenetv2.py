@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from msdet.ops.dwconv import conv2d
+
 #: Output channels of conv1 and stages 2-4 per width multiplier.
 STAGE_OUT_CHANNELS = {
     "0.5x": (24, 48, 96, 192),
@@ -38,7 +40,7 @@ def _bn(c: int) -> nn.BatchNorm2d:
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, pad_mode="pad", padding=k // 2, has_bias=False, group=groups)
+    return conv2d(cin, cout, k, stride=stride, pad_mode="pad", padding=k // 2, has_bias=False, group=groups)
 
 
 class MaxPool3x3s2p1(nn.Cell):

@@ -1,0 +1,206 @@
+// Backward of a depthwise K x K convolution (K = 3 or 5; NCHW, float32, no bias) for MindSpore's CPU "aot"
+// Custom op.
+//
+// MindSpore 2.8's CPU kernels for the 3x3 case are ~12x slower than PyTorch's, and its 5x5 ones take ~2x the
+// time of these too (docs/performance.md); the forward stays MindSpore's Conv2D, only the two gradients are
+// computed here. With y = conv(x, w), stride s and the
+// top/left padding (pt, pl):
+//   y[n,c,oh,ow]  = sum_{kh,kw} w[c,kh,kw] * x[n,c, oh*s - pt + kh, ow*s - pl + kw]
+//   dx[n,c,i,j]   = sum_{kh,kw} w[c,kh,kw] * dy[n,c,oh,ow]  over (oh, ow) with oh*s - pt + kh = i, ow*s - pl + kw = j
+//                   (for s = 1: the full correlation of dy with the flipped kernel), written here as a scatter;
+//   dw[c,kh,kw]   = sum_{n,oh,ow} dy[n,c,oh,ow] * x[n,c, oh*s - pt + kh, ow*s - pl + kw]
+//                   (the correlation of x with dy, per channel, summed over the batch).
+// Every (n, c) plane is independent: the planes are shared out over the CPU's threads (for_each_plane); the
+// inner loops run along a row (SIMD). Plain std::threads per call, not OpenMP: libgomp's workers busy-wait after
+// each parallel region (OMP_WAIT_POLICY is read once, when MindSpore loads libgomp) and took the cores from
+// MindSpore's own kernels: D0's step was 1.3x slower with OpenMP, 0.93x with OMP_WAIT_POLICY=passive.
+// Padding: SAME = TensorFlow's "same" (pt = total / 2, the extra pixel at the bottom/right), else (K - 1) / 2 on
+// every side.
+// Entry points: the aot signature, inputs (x, dy, w) then the output; x is read by the weight gradient and
+// gives the input's shape to the input gradient.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// fn(i) for i in [0, count) on this thread and up to hardware_concurrency - 1 helpers, which take planes in
+// small chunks from a shared counter: a helper that the (shared, busy) machine schedules late gets less work
+// instead of holding up the call. Below ~2M multiply-adds (NanoDet's 3x3 convs at 128 px) one thread does it all:
+// starting and joining a helper costs more than it saves there.
+template <class Fn>
+void for_each_plane(int64_t count, int64_t macs, Fn fn) {
+  constexpr int64_t kChunk = 4, kMacsPerThread = int64_t{1} << 21;
+  const int64_t threads = std::min<int64_t>({std::max(1u, std::thread::hardware_concurrency()),
+                                             count / kChunk + 1, macs / kMacsPerThread + 1});
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i = next.fetch_add(kChunk); i < count; i = next.fetch_add(kChunk)) {
+      for (int64_t j = i; j < std::min(i + kChunk, count); ++j) fn(j);
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(work);
+  work();
+  for (std::thread &h : helpers) h.join();
+}
+
+struct Geometry {
+  int64_t n, c, h, w, ho, wo, pt, pl;
+};
+
+int64_t pad_before(int64_t in, int64_t out, int64_t k, int64_t stride, bool same) {
+  return same ? std::max<int64_t>((out - 1) * stride + k - in, 0) / 2 : (k - 1) / 2;
+}
+
+// x: the input's shape, y: the output's (or its gradient's).
+Geometry geometry(const int64_t *x, const int64_t *y, int64_t k, int64_t stride, bool same) {
+  Geometry g{x[0], x[1], x[2], x[3], y[2], y[3], 0, 0};
+  g.pt = pad_before(g.h, g.ho, k, stride, same);
+  g.pl = pad_before(g.w, g.wo, k, stride, same);
+  return g;
+}
+
+// Output indices o in [*lo, *hi) whose input index o*s - p + k lies in [0, in).
+void valid(int64_t in, int64_t out, int64_t s, int64_t p, int64_t k, int64_t *lo, int64_t *hi) {
+  const int64_t a = p - k, b = in - 1 + p - k;
+  *lo = a > 0 ? (a + s - 1) / s : 0;
+  *hi = b < 0 ? 0 : std::min(out, b / s + 1);
+}
+
+bool float32_args(int nparam, int expected, const char **dtypes) {
+  if (nparam != expected) return false;
+  for (int i = 0; i < expected; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  }
+  return true;
+}
+
+template <int K, int S, bool SAME>
+int forward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (!float32_args(nparam, 3, dtypes)) return 1;
+  const Geometry g = geometry(shapes[0], shapes[2], K, S, SAME);
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
+    const float *k = w + (nc % g.c) * K * K;
+    const float *px = x + nc * g.h * g.w;
+    float *py = y + nc * g.ho * g.wo;
+    std::memset(py, 0, sizeof(float) * g.ho * g.wo);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      int64_t oh0, oh1;
+      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
+      for (int64_t kw = 0; kw < K; ++kw) {
+        int64_t ow0, ow1;
+        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
+        const float wk = k[kh * K + kw];
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const float *xrow = px + (oh * S - g.pt + kh) * g.w + kw - g.pl;
+          float *yrow = py + oh * g.wo;
+#pragma omp simd
+          for (int64_t ow = ow0; ow < ow1; ++ow) yrow[ow] += wk * xrow[ow * S];
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+template <int K, int S, bool SAME>
+int grad_input(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (!float32_args(nparam, 4, dtypes)) return 1;
+  const Geometry g = geometry(shapes[0], shapes[1], K, S, SAME);
+  const float *dy = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
+    const float *k = w + (nc % g.c) * K * K;
+    const float *gy = dy + nc * g.ho * g.wo;
+    float *gx = dx + nc * g.h * g.w;
+    std::memset(gx, 0, sizeof(float) * g.h * g.w);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      int64_t oh0, oh1;
+      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
+      for (int64_t kw = 0; kw < K; ++kw) {
+        int64_t ow0, ow1;
+        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
+        const float wk = k[kh * K + kw];
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          float *row = gx + (oh * S - g.pt + kh) * g.w + kw - g.pl;
+          const float *grow = gy + oh * g.wo;
+#pragma omp simd
+          for (int64_t ow = ow0; ow < ow1; ++ow) row[ow * S] += wk * grow[ow];
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+template <int K, int S, bool SAME>
+int grad_weight(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (!float32_args(nparam, 4, dtypes)) return 1;
+  const Geometry g = geometry(shapes[0], shapes[1], K, S, SAME);
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dw = static_cast<float *>(params[3]);
+  std::vector<float> part(g.n * g.c * K * K);  // per (n, c) sums, added over n in a fixed order below
+  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
+    const float *px = x + nc * g.h * g.w;
+    const float *gy = dy + nc * g.ho * g.wo;
+    for (int64_t kh = 0; kh < K; ++kh) {
+      int64_t oh0, oh1;
+      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
+      for (int64_t kw = 0; kw < K; ++kw) {
+        int64_t ow0, ow1;
+        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
+        float acc = 0.0f;
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const float *xrow = px + (oh * S - g.pt + kh) * g.w + kw - g.pl;
+          const float *grow = gy + oh * g.wo;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t ow = ow0; ow < ow1; ++ow) acc += grow[ow] * xrow[ow * S];
+        }
+        part[(nc * K + kh) * K + kw] = acc;
+      }
+    }
+  });
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t j = 0; j < K * K; ++j) {
+      float sum = 0.0f;
+      for (int64_t n = 0; n < g.n; ++n) sum += part[(n * g.c + c) * K * K + j];
+      dw[c * K * K + j] = sum;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+#define MSDET_DWCONV(name, K, S, SAME)                                                                    \
+  extern "C" int dw_fwd_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,  \
+                               void *, void *) {                                                        \
+    return forward<K, S, SAME>(nparam, params, shapes, dtypes);                                         \
+  }                                                                                                     \
+  extern "C" int dw_dx_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,   \
+                              void *, void *) {                                                         \
+    return grad_input<K, S, SAME>(nparam, params, shapes, dtypes);                                     \
+  }                                                                                                     \
+  extern "C" int dw_dw_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,   \
+                              void *, void *) {                                                         \
+    return grad_weight<K, S, SAME>(nparam, params, shapes, dtypes);                                    \
+  }
+
+// k{K}_s{stride}_{same: TF "same" padding | half: (K - 1) / 2 on every side}
+MSDET_DWCONV(k3_s1_same, 3, 1, true)
+MSDET_DWCONV(k3_s2_same, 3, 2, true)
+MSDET_DWCONV(k3_s1_half, 3, 1, false)
+MSDET_DWCONV(k3_s2_half, 3, 2, false)
+MSDET_DWCONV(k5_s1_same, 5, 1, true)
+MSDET_DWCONV(k5_s2_same, 5, 2, true)
+MSDET_DWCONV(k5_s1_half, 5, 1, false)
+MSDET_DWCONV(k5_s2_half, 5, 2, false)

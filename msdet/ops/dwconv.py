@@ -1,0 +1,136 @@
+"""Depthwise 3x3 and 5x5 convolutions as compiled C++ kernels (``dwconv.cc``) for CPU training.
+
+MindSpore 2.8's CPU depthwise convs are slow: at D0's and NanoDet's training shapes this kernel's forward is
+2-3x and forward+backward 2-8x faster (docs/performance.md, "Depthwise conv kernel"). A training graph on CPU runs
+the conv as one ``mindspore.ops.Custom`` "aot" primitive (the C++ forward) whose ``bprop`` is the C++ input and
+weight gradients; the library is compiled with g++ at first use into a cache directory. Inference and exported
+graphs (``set_train(False)``) keep MindSpore's ``Conv2D``, as do GPU and Ascend. ``enable(True)`` before building
+a network turns it on (``setup_runtime`` does, from ``runtime.cpu_depthwise_kernel``); without g++ the standard
+op is used after a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+from mindspore import Tensor, nn, ops
+
+SOURCE = Path(__file__).with_name("dwconv.cc")
+KERNEL_SIZES = (3, 5)
+CXXFLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17")
+
+_state: dict = {"enabled": False, "library": None}
+
+
+def cache_dir() -> Path:
+    """``$MSDET_CACHE`` or ``$XDG_CACHE_HOME/msdet`` (default ``~/.cache/msdet``)."""
+    if os.environ.get("MSDET_CACHE"):
+        return Path(os.environ["MSDET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msdet"
+
+
+def build_library(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """Compile ``source`` into ``directory`` once per content: the file name holds a hash of source and flags,
+    so an edited source gets a new library; written to a temporary name and renamed (atomic for readers)."""
+    code = source.read_bytes()
+    digest = hashlib.sha256(code + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
+    directory = Path(directory) if directory is not None else cache_dir()
+    target = directory / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run(["g++", *CXXFLAGS, "-o", tmp, str(source)], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def enable(on: bool) -> bool:
+    """Switch the custom backward for depthwise 3x3/5x5 convs built from now on; returns whether it is on.
+
+    Turning it on compiles the kernel (cached); without g++ or when the build fails it stays off with a warning.
+    """
+    if on and _state["library"] is None:
+        if shutil.which("g++") is None:
+            warnings.warn("g++ not found: depthwise convs keep MindSpore's (slow) CPU backward", stacklevel=2)
+            on = False
+        else:
+            try:
+                _state["library"] = build_library(SOURCE)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                detail = getattr(exc, "stderr", "") or str(exc)
+                warnings.warn(f"building {SOURCE.name} failed, standard depthwise backward used: {detail.strip()}",
+                              stacklevel=2)
+                on = False
+    _state["enabled"] = bool(on)
+    return _state["enabled"]
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+class DepthwiseConv(nn.Cell):
+    """Parameter-free ``conv(x, w)`` (depthwise k x k, no bias) as one ``Custom`` primitive: the C++ forward, with
+    the C++ input and weight gradients as its ``bprop`` (MindSpore inlines a primitive's bprop into the gradient
+    graph; a cell's ``bprop`` stays a sub-graph call per conv). ``same``: TF "same" padding; otherwise
+    ``(k - 1) / 2`` on every side. Both paddings give ``ceil(size / stride)`` outputs per axis."""
+
+    def __init__(self, kernel_size: int, stride: int, same: bool, library: Path) -> None:
+        super().__init__()
+        if kernel_size not in KERNEL_SIZES or stride not in (1, 2):
+            raise ValueError(f"depthwise kernel: size must be 3 or 5 and stride 1 or 2, got {kernel_size}, {stride}")
+        name = f"k{kernel_size}_s{stride}_{'same' if same else 'half'}"
+        grad_input = ops.Custom(f"{library}:dw_dx_{name}", out_shape=lambda x, dy, w: x,
+                                out_dtype=lambda x, dy, w: x, func_type="aot")
+        grad_weight = ops.Custom(f"{library}:dw_dw_{name}", out_shape=lambda x, dy, w: w,
+                                 out_dtype=lambda x, dy, w: w, func_type="aot")
+
+        def bprop(x, w, out, dout):
+            return grad_input(x, dout, w), grad_weight(x, dout, w)
+
+        def out_shape(x, w):
+            return [x[0], x[1], -(-x[2] // stride), -(-x[3] // stride)]
+
+        self.conv = ops.Custom(f"{library}:dw_fwd_{name}", out_shape=out_shape, out_dtype=lambda x, w: x,
+                               func_type="aot", bprop=bprop)
+
+    def construct(self, x: Tensor, w: Tensor) -> Tensor:
+        return self.conv(x, w)
+
+
+class FastDepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, names and checkpoint layout) whose training graph uses
+    ``DepthwiseConv``; in eval mode (inference, export) it is the plain ``nn.Conv2d``."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int, same: bool, library: Path) -> None:
+        super().__init__(channels, channels, kernel_size, stride=stride, pad_mode="same" if same else "pad",
+                         padding=0 if same else (kernel_size - 1) // 2, has_bias=False, group=channels)
+        self.fast = DepthwiseConv(kernel_size, stride, same, library)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self.fast(x, self.weight)
+        return self.conv2d(x, self.weight)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, pad_mode: str = "same",
+           padding: int = 0, has_bias: bool = False, group: int = 1) -> nn.Conv2d:
+    """``nn.Conv2d``, or ``FastDepthwiseConv2d`` when enabled and the conv is depthwise 3x3/5x5, stride 1/2,
+    no bias, padded "same" or by ``(k - 1) / 2``."""
+    fits = (enabled() and kernel_size in KERNEL_SIZES and group == in_channels == out_channels and stride in (1, 2)
+            and not has_bias and (pad_mode == "same" or (pad_mode == "pad" and padding == (kernel_size - 1) // 2)))
+    if fits:
+        return FastDepthwiseConv2d(in_channels, kernel_size, stride, pad_mode == "same", _state["library"])
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode=pad_mode, padding=padding,
+                     has_bias=has_bias, group=group)
