@@ -133,4 +133,6 @@ def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
     assert card["devices"] == 2 and card["global_batch"] == 8 and card["steps"] == 12
     losses = [v for _, v in read_series(tmp_path / "dvclive" / "d0", "train/loss")]  # rank 0's live log
     assert len(losses) == 12
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    # rank 0's loss swings by up to 2 from step to step (its half of the images changes every epoch): the later
+    # half of the run against the first three steps, not three steps against three
+    assert sum(losses[6:]) / 6 < 0.8 * sum(losses[:3]) / 3, losses
