@@ -58,9 +58,8 @@ def bench(rounds: int = 7, repeats: int = 3, cases: tuple = CASES) -> dict[str, 
     rng = np.random.default_rng(0)
     for name, batch, channels, height, width, kernel, stride, same in cases:
         x = rng.normal(size=(batch, channels, height, width)).astype(np.float32)
-        forms = FORMULATIONS
         runs = {}
-        for form in forms:
+        for form in FORMULATIONS:
             cell = _cell(form, channels, kernel, stride, same)
             cell.set_train(True)
             case = LayerCase(name, form, cell, (ms.Tensor(x),), grad_inputs=(0,))
@@ -72,10 +71,10 @@ def bench(rounds: int = 7, repeats: int = 3, cases: tuple = CASES) -> dict[str, 
             for key, run in runs.items():
                 times[key].append(float(np.median([_timed(run)[0] * 1000.0 for _ in range(repeats)])))
         entry: dict[str, Any] = {f: {m: summarize(times[f, m]) for m in ("forward", "forward_backward")}
-                                 for f in forms}
+                                 for f in FORMULATIONS}
         entry["ratio_to_conv"] = {
             f: {m: summarize(np.array(times[f, m]) / np.array(times["conv", m]), digits=3)
-                for m in ("forward", "forward_backward")} for f in forms[1:]}
+                for m in ("forward", "forward_backward")} for f in FORMULATIONS[1:]}
         report[name] = entry
     report["load_end"] = os.getloadavg()[0]
     return report
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         e = report[name]
         for mode in ("forward", "forward_backward"):
             cells = [f"{f} {e[f][mode]['median']:.1f} ({e[f][mode]['min']:.1f}..{e[f][mode]['max']:.1f})"
-                     for f in FORMULATIONS if f in e]
+                     for f in FORMULATIONS]
             ratios = [f"{f} {r[mode]['median']:.2f}" for f, r in e["ratio_to_conv"].items()]
             print(f"{name:20s} {mode:17s} " + " | ".join(cells) + " | ratios " + ", ".join(ratios))
     return 0
