@@ -1,23 +1,23 @@
-// Backward of a depthwise K x K convolution (K = 3 or 5; NCHW, float32, no bias) for MindSpore's CPU "aot"
-// Custom op.
+// A depthwise K x K convolution (K = 3 or 5; NCHW, float32, no bias) and its two gradients, for MindSpore's CPU
+// "aot" Custom op.
 //
 // MindSpore 2.8's CPU kernels for the 3x3 case are ~12x slower than PyTorch's, and its 5x5 ones take ~2x the
-// time of these too (docs/performance.md); the forward stays MindSpore's Conv2D, only the two gradients are
-// computed here. With y = conv(x, w), stride s and the
-// top/left padding (pt, pl):
+// time of these too (docs/performance.md). With y = conv(x, w), stride s and the top/left padding (pt, pl):
 //   y[n,c,oh,ow]  = sum_{kh,kw} w[c,kh,kw] * x[n,c, oh*s - pt + kh, ow*s - pl + kw]
 //   dx[n,c,i,j]   = sum_{kh,kw} w[c,kh,kw] * dy[n,c,oh,ow]  over (oh, ow) with oh*s - pt + kh = i, ow*s - pl + kw = j
 //                   (for s = 1: the full correlation of dy with the flipped kernel), written here as a scatter;
 //   dw[c,kh,kw]   = sum_{n,oh,ow} dy[n,c,oh,ow] * x[n,c, oh*s - pt + kh, ow*s - pl + kw]
 //                   (the correlation of x with dy, per channel, summed over the batch).
-// Every (n, c) plane is independent: the planes are shared out over the CPU's threads (for_each_plane); the
-// inner loops run along a row (SIMD). Plain std::threads per call, not OpenMP: libgomp's workers busy-wait after
-// each parallel region (OMP_WAIT_POLICY is read once, when MindSpore loads libgomp) and took the cores from
-// MindSpore's own kernels: D0's step was 1.3x slower with OpenMP, 0.93x with OMP_WAIT_POLICY=passive.
+// All three visit the same (tap, output row) pairs (for_each_tap_row); the forward and the input gradient share
+// one loop nest (apply_kernel). Every (n, c) plane is independent: the planes are shared out over the CPU's
+// threads (for_each_plane); the inner loops run along a row (SIMD). Plain std::threads per call, not OpenMP:
+// libgomp's workers busy-wait after each parallel region (OMP_WAIT_POLICY is read once, when MindSpore loads
+// libgomp) and took the cores from MindSpore's own kernels: D0's step was 1.3x slower with OpenMP, 0.93x with
+// OMP_WAIT_POLICY=passive.
 // Padding: SAME = TensorFlow's "same" (pt = total / 2, the extra pixel at the bottom/right), else (K - 1) / 2 on
 // every side.
-// Entry points: the aot signature, inputs (x, dy, w) then the output; x is read by the weight gradient and
-// gives the input's shape to the input gradient.
+// Entry points: the aot signature; the forward takes (x, w), the gradients (x, dy, w), then the output. x is
+// read by the weight gradient and gives the input's shape to the input gradient.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -71,6 +71,23 @@ void valid(int64_t in, int64_t out, int64_t s, int64_t p, int64_t k, int64_t *lo
   *hi = b < 0 ? 0 : std::min(out, b / s + 1);
 }
 
+// fn(tap, xoff, yoff, ow0, ow1) for every kernel tap (kh, kw) and every output row oh it reaches: output
+// columns [ow0, ow1) of the row at plane offset yoff = oh * wo read the input at xoff + ow * S.
+template <int K, int S, class Fn>
+void for_each_tap_row(const Geometry &g, Fn fn) {
+  for (int64_t kh = 0; kh < K; ++kh) {
+    int64_t oh0, oh1;
+    valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
+    for (int64_t kw = 0; kw < K; ++kw) {
+      int64_t ow0, ow1;
+      valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        fn(kh * K + kw, (oh * S - g.pt + kh) * g.w + kw - g.pl, oh * g.wo, ow0, ow1);
+      }
+    }
+  }
+}
+
 bool float32_args(int nparam, int expected, const char **dtypes) {
   if (nparam != expected) return false;
   for (int i = 0; i < expected; ++i) {
@@ -79,65 +96,48 @@ bool float32_args(int nparam, int expected, const char **dtypes) {
   return true;
 }
 
+// The forward and the input gradient are one loop nest: the forward gathers y[row] += w * x[strided row]
+// (SCATTER = false; src = x, dst = y), the input gradient scatters dx[strided row] += w * dy[row] (SCATTER = true;
+// src = dy, dst = dx).
+template <int K, int S, bool SCATTER>
+void apply_kernel(const Geometry &g, const float *src, const float *w, float *dst) {
+  const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
+  const int64_t src_plane = SCATTER ? out_plane : in_plane, dst_plane = SCATTER ? in_plane : out_plane;
+  for_each_plane(g.n * g.c, g.n * g.c * out_plane * K * K, [&](int64_t nc) {
+    const float *k = w + (nc % g.c) * K * K;
+    const float *ps = src + nc * src_plane;
+    float *pd = dst + nc * dst_plane;
+    std::memset(pd, 0, sizeof(float) * dst_plane);
+    for_each_tap_row<K, S>(g, [&](int64_t tap, int64_t xoff, int64_t yoff, int64_t ow0, int64_t ow1) {
+      const float wk = k[tap];
+      if (SCATTER) {
+        const float *grow = ps + yoff;
+        float *row = pd + xoff;
+#pragma omp simd
+        for (int64_t ow = ow0; ow < ow1; ++ow) row[ow * S] += wk * grow[ow];
+      } else {
+        const float *xrow = ps + xoff;
+        float *yrow = pd + yoff;
+#pragma omp simd
+        for (int64_t ow = ow0; ow < ow1; ++ow) yrow[ow] += wk * xrow[ow * S];
+      }
+    });
+  });
+}
+
 template <int K, int S, bool SAME>
 int forward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   if (!float32_args(nparam, 3, dtypes)) return 1;
-  const Geometry g = geometry(shapes[0], shapes[2], K, S, SAME);
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
-    const float *k = w + (nc % g.c) * K * K;
-    const float *px = x + nc * g.h * g.w;
-    float *py = y + nc * g.ho * g.wo;
-    std::memset(py, 0, sizeof(float) * g.ho * g.wo);
-    for (int64_t kh = 0; kh < K; ++kh) {
-      int64_t oh0, oh1;
-      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
-      for (int64_t kw = 0; kw < K; ++kw) {
-        int64_t ow0, ow1;
-        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
-        const float wk = k[kh * K + kw];
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const float *xrow = px + (oh * S - g.pt + kh) * g.w + kw - g.pl;
-          float *yrow = py + oh * g.wo;
-#pragma omp simd
-          for (int64_t ow = ow0; ow < ow1; ++ow) yrow[ow] += wk * xrow[ow * S];
-        }
-      }
-    }
-  });
+  apply_kernel<K, S, false>(geometry(shapes[0], shapes[2], K, S, SAME), static_cast<const float *>(params[0]),
+                            static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
   return 0;
 }
 
 template <int K, int S, bool SAME>
 int grad_input(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   if (!float32_args(nparam, 4, dtypes)) return 1;
-  const Geometry g = geometry(shapes[0], shapes[1], K, S, SAME);
-  const float *dy = static_cast<const float *>(params[1]);
-  const float *w = static_cast<const float *>(params[2]);
-  float *dx = static_cast<float *>(params[3]);
-  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
-    const float *k = w + (nc % g.c) * K * K;
-    const float *gy = dy + nc * g.ho * g.wo;
-    float *gx = dx + nc * g.h * g.w;
-    std::memset(gx, 0, sizeof(float) * g.h * g.w);
-    for (int64_t kh = 0; kh < K; ++kh) {
-      int64_t oh0, oh1;
-      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
-      for (int64_t kw = 0; kw < K; ++kw) {
-        int64_t ow0, ow1;
-        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
-        const float wk = k[kh * K + kw];
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          float *row = gx + (oh * S - g.pt + kh) * g.w + kw - g.pl;
-          const float *grow = gy + oh * g.wo;
-#pragma omp simd
-          for (int64_t ow = ow0; ow < ow1; ++ow) row[ow * S] += wk * grow[ow];
-        }
-      }
-    }
-  });
+  apply_kernel<K, S, true>(geometry(shapes[0], shapes[1], K, S, SAME), static_cast<const float *>(params[1]),
+                           static_cast<const float *>(params[2]), static_cast<float *>(params[3]));
   return 0;
 }
 
@@ -148,26 +148,18 @@ int grad_weight(int nparam, void **params, int64_t **shapes, const char **dtypes
   const float *x = static_cast<const float *>(params[0]);
   const float *dy = static_cast<const float *>(params[1]);
   float *dw = static_cast<float *>(params[3]);
-  std::vector<float> part(g.n * g.c * K * K);  // per (n, c) sums, added over n in a fixed order below
+  std::vector<float> part(g.n * g.c * K * K, 0.0f);  // per (n, c) sums, added over n in a fixed order below
   for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
     const float *px = x + nc * g.h * g.w;
     const float *gy = dy + nc * g.ho * g.wo;
-    for (int64_t kh = 0; kh < K; ++kh) {
-      int64_t oh0, oh1;
-      valid(g.h, g.ho, S, g.pt, kh, &oh0, &oh1);
-      for (int64_t kw = 0; kw < K; ++kw) {
-        int64_t ow0, ow1;
-        valid(g.w, g.wo, S, g.pl, kw, &ow0, &ow1);
-        float acc = 0.0f;
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const float *xrow = px + (oh * S - g.pt + kh) * g.w + kw - g.pl;
-          const float *grow = gy + oh * g.wo;
+    float *sums = part.data() + nc * K * K;
+    for_each_tap_row<K, S>(g, [&](int64_t tap, int64_t xoff, int64_t yoff, int64_t ow0, int64_t ow1) {
+      const float *xrow = px + xoff, *grow = gy + yoff;
+      float acc = sums[tap];
 #pragma omp simd reduction(+ : acc)
-          for (int64_t ow = ow0; ow < ow1; ++ow) acc += grow[ow] * xrow[ow * S];
-        }
-        part[(nc * K + kh) * K + kw] = acc;
-      }
-    }
+      for (int64_t ow = ow0; ow < ow1; ++ow) acc += grow[ow] * xrow[ow * S];
+      sums[tap] = acc;
+    });
   });
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t j = 0; j < K * K; ++j) {

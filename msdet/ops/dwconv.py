@@ -56,20 +56,21 @@ def build_library(source: Path = SOURCE, directory: Path | None = None) -> Path:
 
 
 def enable(on: bool) -> bool:
-    """Switch the custom backward for depthwise 3x3/5x5 convs built from now on; returns whether it is on.
+    """Switch the C++ kernel (forward and gradients) for depthwise 3x3/5x5 convs built from now on; returns whether
+    it is on.
 
     Turning it on compiles the kernel (cached); without g++ or when the build fails it stays off with a warning.
     """
     if on and _state["library"] is None:
         if shutil.which("g++") is None:
-            warnings.warn("g++ not found: depthwise convs keep MindSpore's (slow) CPU backward", stacklevel=2)
+            warnings.warn("g++ not found: depthwise convs keep MindSpore's (slow) CPU kernels", stacklevel=2)
             on = False
         else:
             try:
                 _state["library"] = build_library(SOURCE)
             except (OSError, subprocess.CalledProcessError) as exc:
                 detail = getattr(exc, "stderr", "") or str(exc)
-                warnings.warn(f"building {SOURCE.name} failed, standard depthwise backward used: {detail.strip()}",
+                warnings.warn(f"building {SOURCE.name} failed, MindSpore's depthwise convs used: {detail.strip()}",
                               stacklevel=2)
                 on = False
     _state["enabled"] = bool(on)
