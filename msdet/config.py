@@ -45,6 +45,9 @@ class RuntimeConfig:
     # faster per layer than MindSpore 2.8's CPU ops; same results within float rounding). GPU/Ascend and
     # inference/export always use MindSpore's Conv2D.
     cpu_depthwise_kernel: bool = _f()
+    # On CPU, training graphs run GroupNorm (NanoDet-Plus's aux head) with the C++ kernel of
+    # msdet/ops/groupnorm.py (~10x faster than MindSpore 2.8's CPU op; same results within float rounding).
+    cpu_group_norm_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.ops import dwconv
+from msdet.ops import dwconv, groupnorm, native
 from tests.helpers import config
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
@@ -24,11 +24,13 @@ CASES = [
 
 @pytest.fixture
 def fast():
-    """The switch on for this test only (the library is compiled once, in the user's cache)."""
-    saved = dict(dwconv._state)
-    assert dwconv.enable(True)
+    """The switches on for this test only (the libraries are compiled once, in the user's cache); the GroupNorm
+    kernel too, so that NanoDet's whole-network tests compile both kernels into one graph, as training does."""
+    saved = dict(dwconv._state), dict(groupnorm._state)
+    assert dwconv.enable(True) and groupnorm.enable(True)
     yield
-    dwconv._state.update(saved)
+    dwconv._state.update(saved[0])
+    groupnorm._state.update(saved[1])
 
 
 def _pads(size, k, stride, same):
@@ -132,19 +134,19 @@ def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
 def test_library_is_rebuilt_when_the_source_changes(tmp_path):
     source = tmp_path / "kernel.cc"
     source.write_text(dwconv.SOURCE.read_text())
-    first = dwconv.build_library(source, tmp_path / "cache")
+    first = native.build_library(source, tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
-    assert dwconv.build_library(source, tmp_path / "cache") == first
+    assert native.build_library(source, tmp_path / "cache") == first
     assert first.stat().st_mtime_ns == stamp                  # cached: not compiled again
     source.write_text(dwconv.SOURCE.read_text() + "\n// edited\n")
-    second = dwconv.build_library(source, tmp_path / "cache")
+    second = native.build_library(source, tmp_path / "cache")
     assert second != first and second.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
 
 
 def test_without_gxx_the_standard_conv_is_used(monkeypatch):
     monkeypatch.setattr(dwconv, "_state", {"enabled": False, "library": None})
-    monkeypatch.setattr(dwconv.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="g\\+\\+ not found"):
         assert dwconv.enable(True) is False
     assert type(dwconv.conv2d(4, 4, 3, group=4)) is nn.Conv2d
@@ -185,14 +187,15 @@ def _network_gradients(model, kernel, graph):
     from msdet.detectors.nanodet import NanoDetDetector
 
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
-    dwconv._state["enabled"] = kernel
+    dwconv._state["enabled"] = groupnorm._state["enabled"] = kernel
     ms.set_seed(0)
     if model == "d0":
         net = D0Detector(config("d0", input_size=128, drop_connect_rate=0.0), 3).build_network()
     else:
         net = NanoDetDetector(config("nanodet", input_size=128), 3).build_network()
     net.set_train(True)
-    replaced = sum(isinstance(c, dwconv.FastDepthwiseConv2d) for _, c in net.cells_and_names())
+    fast_cells = (dwconv.FastDepthwiseConv2d, groupnorm.FastGroupNorm)
+    replaced = sum(isinstance(c, fast_cells) for _, c in net.cells_and_names())
     rng = np.random.default_rng(0)
     x = Tensor(rng.normal(size=(2, 3, 128, 128)).astype(np.float32))
     shapes = [(2, 3069, 4), (2, 3069, 3)] if model == "d0" else [(2, 340, 35), (2, 340, 35)]  # 128 px, 3 classes
@@ -246,16 +249,22 @@ def test_d0_gradient_with_the_kernel_matches_finite_differences(fast, pynative):
     _check_gradient_by_module()
 
 
+@pytest.mark.parametrize("kernel", ["depthwise", "group_norm"])
 @pytest.mark.parametrize("switch,target,expected", [(True, "CPU", True), (False, "CPU", False), (True, "GPU", False)])
-def test_setup_runtime_switches_the_kernel_on_for_cpu_training_only(monkeypatch, switch, target, expected):
-    """``runtime.cpu_depthwise_kernel`` on CPU turns it on; GPU and Ascend keep MindSpore's kernels."""
+def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch, kernel, switch, target, expected):
+    """``runtime.cpu_depthwise_kernel`` / ``cpu_group_norm_kernel`` on CPU turn them on; GPU and Ascend keep
+    MindSpore's kernels."""
     import dataclasses
 
     from msdet.engine import runtime
 
-    monkeypatch.setattr(dwconv, "_state", dict(dwconv._state))
+    module, build, fast_type = ((dwconv, lambda: dwconv.conv2d(8, 8, 3, group=8), dwconv.FastDepthwiseConv2d)
+                                if kernel == "depthwise" else
+                                (groupnorm, lambda: groupnorm.group_norm(4, 8), groupnorm.FastGroupNorm))
+    for m in (dwconv, groupnorm):
+        monkeypatch.setattr(m, "_state", dict(m._state))
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
-    cfg = dataclasses.replace(config("runtime"), cpu_depthwise_kernel=switch, device_target=target)
+    cfg = dataclasses.replace(config("runtime"), device_target=target, **{f"cpu_{kernel}_kernel": switch})
     runtime.setup_runtime(cfg)
-    assert dwconv.enabled() is expected
-    assert isinstance(dwconv.conv2d(8, 8, 3, group=8), dwconv.FastDepthwiseConv2d) is expected
+    assert module.enabled() is expected
+    assert isinstance(build(), fast_type) is expected

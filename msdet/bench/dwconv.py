@@ -5,7 +5,8 @@
 interleaved rounds (each round runs every formulation ``repeats`` times, in turn), so all see the same load; the
 figures are medians over rounds of the per-round median, and the ratios are medians of the per-round ratios to ``conv``.
 ``--train-step d0|nanodet``: the whole compiled training step (as ``make bench`` builds it) with MindSpore's
-backward and with the kernel, two networks from the same seed in one process, steps interleaved.
+op and with the kernel (``--kernel dwconv|groupnorm``; the other one as ``params.yaml`` sets it), two networks
+from the same seed in one process, steps interleaved.
 """
 from __future__ import annotations
 
@@ -80,17 +81,21 @@ def bench(rounds: int = 7, repeats: int = 3, cases: tuple = CASES) -> dict[str, 
     return report
 
 
-def bench_train_step(params: Any, model: str, num_classes: int, rounds: int = 7) -> dict[str, Any]:
-    """{"standard_ms", "kernel_ms", "ratio"}: one step of each per round, in turn (after one compiling step)."""
+def bench_train_step(params: Any, model: str, num_classes: int, rounds: int = 7,
+                     kernel_module: str = "dwconv") -> dict[str, Any]:
+    """{"standard_ms", "kernel_ms", "ratio"}: one step of each per round, in turn (after one compiling step);
+    ``kernel_module``: ``msdet.ops.dwconv`` or ``msdet.ops.groupnorm``, switched off then on."""
+    import importlib
+
     from msdet.bench.layers import train_step_runner
     from msdet.bench.sections import _timed, _timed_cpu
     from msdet.bench.stats import summarize
-    from msdet.ops import dwconv
 
-    dwconv.enable(False)
+    switch = importlib.import_module(f"msdet.ops.{kernel_module}")
+    switch.enable(False)
     standard = train_step_runner(params, model, num_classes)
-    if not dwconv.enable(True):
-        raise RuntimeError("the depthwise conv kernel could not be built")
+    if not switch.enable(True):
+        raise RuntimeError(f"the {kernel_module} kernel could not be built")
     kernel = train_step_runner(params, model, num_classes)
     first = {"standard": _timed(standard)[0], "kernel": _timed(kernel)[0]}
     times: dict[str, list] = {"standard": [], "kernel": []}
@@ -100,7 +105,7 @@ def bench_train_step(params: Any, model: str, num_classes: int, rounds: int = 7)
             times[name].append(np.array(_timed_cpu(run)) * 1000.0)
     wall = {k: np.array(v)[:, 0] for k, v in times.items()}
     cpu = {k: np.array(v)[:, 1] for k, v in times.items()}
-    return {"model": model, "load_start": load_start, "load_end": os.getloadavg()[0],
+    return {"model": model, "kernel": kernel_module, "load_start": load_start, "load_end": os.getloadavg()[0],
             "first_call_s": {k: round(v, 1) for k, v in first.items()},
             "standard_ms": summarize(wall["standard"]), "kernel_ms": summarize(wall["kernel"]),
             "ratio": summarize(wall["kernel"] / wall["standard"], digits=3),
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per formulation per round")
     parser.add_argument("--train-step", choices=("d0", "nanodet"), default=None,
                         help="time the whole training step with and without the kernel instead")
+    parser.add_argument("--kernel", choices=("dwconv", "groupnorm"), default="dwconv",
+                        help="with --train-step: the kernel to switch")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--mindrecord-dir", default="data/mindrecord")
     args = parser.parse_args(argv)
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
         params = load_params(args.params)
         setup(params, {})
-        report = bench_train_step(params, args.train_step, dataset_num_classes(args.mindrecord_dir), args.rounds)
+        report = bench_train_step(params, args.train_step, dataset_num_classes(args.mindrecord_dir), args.rounds,
+                                  args.kernel)
         print(json.dumps(report, indent=1))
         return 0
     report = bench(args.rounds, args.repeats)

@@ -1,4 +1,4 @@
-"""Process-wide MindSpore setup: device, execution mode, threads, the CPU depthwise kernel, seeds."""
+"""Process-wide MindSpore setup: device, execution mode, threads, the CPU kernels, seeds."""
 from __future__ import annotations
 
 import os
@@ -14,13 +14,14 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
-    from msdet.ops import dwconv
+    from msdet.ops import dwconv, groupnorm
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
     ms.set_device(cfg.device_target)
     if cfg.cpu_threads:
         ms.set_context(runtime_num_threads=cfg.cpu_threads)
     dwconv.enable(cfg.cpu_depthwise_kernel and cfg.device_target == "CPU")
+    groupnorm.enable(cfg.cpu_group_norm_kernel and cfg.device_target == "CPU")
     seed = cfg.seed + seed_offset
     ms.set_seed(seed)
     np.random.seed(seed)

@@ -16,6 +16,7 @@ from mindspore.common import initializer as init
 
 from msdet.models.shufflenetv2 import activation_cell
 from msdet.ops.dwconv import conv2d
+from msdet.ops.groupnorm import group_norm
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -53,7 +54,7 @@ class ConvModule(nn.Cell):
             self.bn = _bn(out_channels)
             self.norm_name = "bn"
         elif norm == "GN":
-            self.gn = nn.GroupNorm(num_groups, out_channels, eps=1e-5)
+            self.gn = group_norm(num_groups, out_channels, eps=1e-5)
             self.norm_name = "gn"
         elif norm is not None:
             raise ValueError(f"ConvModule: norm must be 'BN', 'GN' or None, got {norm!r}")

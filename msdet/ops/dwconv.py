@@ -10,49 +10,15 @@ op is used after a warning.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 from mindspore import Tensor, nn, ops
 
+from msdet.ops import native
+
 SOURCE = Path(__file__).with_name("dwconv.cc")
 KERNEL_SIZES = (3, 5)
-CXXFLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17")
-
 _state: dict = {"enabled": False, "library": None}
-
-
-def cache_dir() -> Path:
-    """``$MSDET_CACHE`` or ``$XDG_CACHE_HOME/msdet`` (default ``~/.cache/msdet``)."""
-    if os.environ.get("MSDET_CACHE"):
-        return Path(os.environ["MSDET_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msdet"
-
-
-def build_library(source: Path = SOURCE, directory: Path | None = None) -> Path:
-    """Compile ``source`` into ``directory`` once per content: the file name holds a hash of source and flags,
-    so an edited source gets a new library; written to a temporary name and renamed (atomic for readers)."""
-    code = source.read_bytes()
-    digest = hashlib.sha256(code + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
-    directory = Path(directory) if directory is not None else cache_dir()
-    target = directory / f"{source.stem}-{digest}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    try:
-        subprocess.run(["g++", *CXXFLAGS, "-o", tmp, str(source)], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target
 
 
 def enable(on: bool) -> bool:
@@ -62,17 +28,8 @@ def enable(on: bool) -> bool:
     Turning it on compiles the kernel (cached); without g++ or when the build fails it stays off with a warning.
     """
     if on and _state["library"] is None:
-        if shutil.which("g++") is None:
-            warnings.warn("g++ not found: depthwise convs keep MindSpore's (slow) CPU kernels", stacklevel=2)
-            on = False
-        else:
-            try:
-                _state["library"] = build_library(SOURCE)
-            except (OSError, subprocess.CalledProcessError) as exc:
-                detail = getattr(exc, "stderr", "") or str(exc)
-                warnings.warn(f"building {SOURCE.name} failed, MindSpore's depthwise convs used: {detail.strip()}",
-                              stacklevel=2)
-                on = False
+        _state["library"] = native.load(SOURCE, "depthwise convs keep MindSpore's (slow) CPU kernels")
+        on = _state["library"] is not None
     _state["enabled"] = bool(on)
     return _state["enabled"]
 

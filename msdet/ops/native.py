@@ -1,0 +1,55 @@
+"""C++ kernels for MindSpore's CPU "aot" ``Custom`` ops (``dwconv.cc``, ``groupnorm.cc``): compiled with g++ at
+first use into a cache directory, one library per source content, so an edited source is rebuilt."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+CXXFLAGS = ("-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c++17")
+
+
+def cache_dir() -> Path:
+    """``$MSDET_CACHE`` or ``$XDG_CACHE_HOME/msdet`` (default ``~/.cache/msdet``)."""
+    if os.environ.get("MSDET_CACHE"):
+        return Path(os.environ["MSDET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msdet"
+
+
+def build_library(source: Path, directory: Path | None = None) -> Path:
+    """Compile ``source`` into ``directory`` once per content: the file name holds a hash of source and flags,
+    so an edited source gets a new library; written to a temporary name and renamed (atomic for readers)."""
+    code = source.read_bytes()
+    digest = hashlib.sha256(code + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
+    directory = Path(directory) if directory is not None else cache_dir()
+    target = directory / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run(["g++", *CXXFLAGS, "-o", tmp, str(source)], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def load(source: Path, fallback: str) -> Path | None:
+    """The built library of ``source``, or None after a one-line warning that ``fallback`` is used instead
+    (no g++, or the build failed)."""
+    if shutil.which("g++") is None:
+        warnings.warn(f"g++ not found: {fallback}", stacklevel=3)
+        return None
+    try:
+        return build_library(source)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        warnings.warn(f"building {source.name} failed, {fallback}: {detail.strip()}", stacklevel=3)
+        return None

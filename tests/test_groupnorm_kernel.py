@@ -1,0 +1,122 @@
+"""The C++ GroupNorm (msdet/ops/groupnorm.py): output and gradients equal an independent NumPy reference (and its
+finite differences) and MindSpore's GroupNorm, eval mode is MindSpore's op, and the switch and fallbacks work."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from msdet.ops import groupnorm, native
+
+# (batch, channels, height, width, groups)
+CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), (2, 12, 1, 1, 3)]
+
+
+@pytest.fixture
+def fast():
+    saved = dict(groupnorm._state)
+    assert groupnorm.enable(True)
+    yield
+    groupnorm._state.update(saved)
+
+
+def _reference(x, gamma, beta, groups, eps=1e-5):
+    """float64 GroupNorm, torch.nn.GroupNorm's definition (biased variance)."""
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    xhat = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)).reshape(x.shape)
+    return xhat * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+
+
+def _finite_differences(x, gamma, beta, dy, groups, h=1e-6):
+    """d sum(dy * y) / d(x, gamma, beta) by central differences of the float64 reference."""
+    grads = []
+    for which in range(3):
+        args = [x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64)]
+        grad = np.zeros_like(args[which])
+        for i in np.ndindex(args[which].shape):
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[which][i] += h
+            minus[which][i] -= h
+            grad[i] = ((_reference(*plus, groups) - _reference(*minus, groups)) * dy).sum() / (2 * h)
+        grads.append(grad)
+    return grads
+
+
+class _Weighted(nn.Cell):
+    def __init__(self, cell, dy):
+        super().__init__()
+        self.cell, self.dy = cell, Tensor(dy)
+
+    def construct(self, x):
+        return (self.cell(x) * self.dy).sum()
+
+
+def _run(cell, x, dy):
+    """(output, dx, dgamma, dbeta) of ``cell`` compiled in graph mode, gradient of sum(dy * y)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cell.set_train(True)
+    y = cell(Tensor(x))
+    dx, (dgamma, dbeta) = ms.jit(ms.grad(_Weighted(cell, dy), 0, [cell.gamma, cell.beta]))(Tensor(x))
+    return [a.asnumpy() for a in (y, dx, dgamma, dbeta)]
+
+
+def _inputs(shape, seed=0):
+    n, c, h, w, _ = shape
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, c, h, w)) * 3 + 1).astype(np.float32)
+    dy = rng.normal(size=(n, c, h, w)).astype(np.float32)
+    gamma = rng.normal(size=c).astype(np.float32)
+    beta = rng.normal(size=c).astype(np.float32)
+    return x, dy, gamma, beta
+
+
+def _cell(cls, groups, channels, gamma, beta):
+    cell = cls(groups, channels)
+    cell.gamma.set_data(Tensor(gamma))
+    cell.beta.set_data(Tensor(beta))
+    return cell
+
+
+@pytest.mark.parametrize("shape", CASES)
+def test_output_and_gradients_equal_the_reference_and_mindspore(fast, shape):
+    x, dy, gamma, beta = _inputs(shape)
+    groups, channels = shape[4], shape[1]
+    got = _run(_cell(groupnorm.group_norm, groups, channels, gamma, beta), x, dy)
+    ms_ = _run(_cell(nn.GroupNorm, groups, channels, gamma, beta), x, dy)
+    y_ref = _reference(x.astype(np.float64), gamma, beta, groups)
+    n, c = x.shape[:2]
+    xhat = _reference(x.astype(np.float64), np.ones(c), np.zeros(c), groups)
+    dgamma_ref, dbeta_ref = (dy * xhat).sum((0, 2, 3)), dy.sum((0, 2, 3), dtype=np.float64)
+    np.testing.assert_allclose(got[0], y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], dgamma_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[3], dbeta_ref, rtol=1e-5, atol=1e-4)
+    for mine, theirs, name in zip(got, ms_, ("y", "dx", "dgamma", "dbeta")):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_input_gradient_equals_finite_differences(fast):
+    shape = (2, 4, 3, 3, 2)
+    x, dy, gamma, beta = _inputs(shape, seed=1)
+    got = _run(_cell(groupnorm.group_norm, 2, 4, gamma, beta), x, dy)
+    fd = _finite_differences(x, gamma, beta, dy, 2)
+    for mine, ref, name in zip(got[1:], fd, ("dx", "dgamma", "dbeta")):
+        np.testing.assert_allclose(mine, ref, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_eval_mode_is_mindspores_group_norm(fast):
+    x, _, gamma, beta = _inputs((2, 8, 5, 7, 4))
+    cell = _cell(groupnorm.group_norm, 4, 8, gamma, beta)
+    assert isinstance(cell, groupnorm.FastGroupNorm)
+    plain = _cell(nn.GroupNorm, 4, 8, gamma, beta)
+    cell.set_train(False)
+    plain.set_train(False)
+    assert np.array_equal(cell(Tensor(x)).asnumpy(), plain(Tensor(x)).asnumpy())
+    assert [p.name for p in cell.get_parameters()] == [p.name for p in plain.get_parameters()]
+
+
+def test_without_gxx_mindspores_group_norm_is_used(monkeypatch):
+    monkeypatch.setattr(groupnorm, "_state", {"enabled": False, "library": None})
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="g\\+\\+ not found: GroupNorm keeps"):
+        assert groupnorm.enable(True) is False
+    assert type(groupnorm.group_norm(4, 8)) is nn.GroupNorm
