@@ -46,7 +46,7 @@ class RuntimeConfig:
     # inference/export always use MindSpore's Conv2D.
     cpu_depthwise_kernel: bool = _f()
     # On CPU, training graphs run GroupNorm (NanoDet-Plus's aux head) with the C++ kernel of
-    # msdet/ops/groupnorm.py (~10x faster than MindSpore 2.8's CPU op; same results within float rounding).
+    # msdet/ops/groupnorm.py (~5x faster per op than MindSpore 2.8's; same results within float rounding).
     cpu_group_norm_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))

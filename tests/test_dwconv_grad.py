@@ -26,11 +26,11 @@ CASES = [
 def fast():
     """The switches on for this test only (the libraries are compiled once, in the user's cache); the GroupNorm
     kernel too, so that NanoDet's whole-network tests compile both kernels into one graph, as training does."""
-    saved = dict(dwconv._state), dict(groupnorm._state)
+    saved = [(m.KERNEL.library, m.KERNEL.on) for m in (dwconv, groupnorm)]
     assert dwconv.enable(True) and groupnorm.enable(True)
     yield
-    dwconv._state.update(saved[0])
-    groupnorm._state.update(saved[1])
+    for m, (library, on) in zip((dwconv, groupnorm), saved):
+        m.KERNEL.library, m.KERNEL.on = library, on
 
 
 def _pads(size, k, stride, same):
@@ -133,19 +133,19 @@ def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
 
 def test_library_is_rebuilt_when_the_source_changes(tmp_path):
     source = tmp_path / "kernel.cc"
-    source.write_text(dwconv.SOURCE.read_text())
+    source.write_text(dwconv.KERNEL.source.read_text())
     first = native.build_library(source, tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
     assert native.build_library(source, tmp_path / "cache") == first
     assert first.stat().st_mtime_ns == stamp                  # cached: not compiled again
-    source.write_text(dwconv.SOURCE.read_text() + "\n// edited\n")
+    source.write_text(dwconv.KERNEL.source.read_text() + "\n// edited\n")
     second = native.build_library(source, tmp_path / "cache")
     assert second != first and second.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
 
 
 def test_without_gxx_the_standard_conv_is_used(monkeypatch):
-    monkeypatch.setattr(dwconv, "_state", {"enabled": False, "library": None})
+    monkeypatch.setattr(dwconv, "KERNEL", native.Kernel(dwconv.KERNEL.source, dwconv.KERNEL.fallback))
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="g\\+\\+ not found"):
         assert dwconv.enable(True) is False
@@ -155,8 +155,7 @@ def test_without_gxx_the_standard_conv_is_used(monkeypatch):
 def test_a_failing_build_falls_back(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(dwconv, "_state", {"enabled": False, "library": None})
-    monkeypatch.setattr(dwconv, "SOURCE", broken)
+    monkeypatch.setattr(dwconv, "KERNEL", native.Kernel(broken, dwconv.KERNEL.fallback))
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="building broken.cc failed"):
         assert dwconv.enable(True) is False
@@ -187,7 +186,7 @@ def _network_gradients(model, kernel, graph):
     from msdet.detectors.nanodet import NanoDetDetector
 
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
-    dwconv._state["enabled"] = groupnorm._state["enabled"] = kernel
+    dwconv.KERNEL.on = groupnorm.KERNEL.on = kernel
     ms.set_seed(0)
     if model == "d0":
         net = D0Detector(config("d0", input_size=128, drop_connect_rate=0.0), 3).build_network()
@@ -262,7 +261,7 @@ def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch
                                 if kernel == "depthwise" else
                                 (groupnorm, lambda: groupnorm.group_norm(4, 8), groupnorm.FastGroupNorm))
     for m in (dwconv, groupnorm):
-        monkeypatch.setattr(m, "_state", dict(m._state))
+        monkeypatch.setattr(m.KERNEL, "on", m.KERNEL.on)
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
     cfg = dataclasses.replace(config("runtime"), device_target=target, **{f"cpu_{kernel}_kernel": switch})
     runtime.setup_runtime(cfg)

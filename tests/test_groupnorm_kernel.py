@@ -13,10 +13,10 @@ CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), 
 
 @pytest.fixture
 def fast():
-    saved = dict(groupnorm._state)
+    saved = groupnorm.KERNEL.library, groupnorm.KERNEL.on
     assert groupnorm.enable(True)
     yield
-    groupnorm._state.update(saved)
+    groupnorm.KERNEL.library, groupnorm.KERNEL.on = saved
 
 
 def _reference(x, gamma, beta, groups, eps=1e-5):
@@ -115,7 +115,7 @@ def test_eval_mode_is_mindspores_group_norm(fast):
 
 
 def test_without_gxx_mindspores_group_norm_is_used(monkeypatch):
-    monkeypatch.setattr(groupnorm, "_state", {"enabled": False, "library": None})
+    monkeypatch.setattr(groupnorm, "KERNEL", native.Kernel(groupnorm.KERNEL.source, groupnorm.KERNEL.fallback))
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="g\\+\\+ not found: GroupNorm keeps"):
         assert groupnorm.enable(True) is False

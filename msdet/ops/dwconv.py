@@ -16,26 +16,17 @@ from mindspore import Tensor, nn, ops
 
 from msdet.ops import native
 
-SOURCE = Path(__file__).with_name("dwconv.cc")
 KERNEL_SIZES = (3, 5)
-_state: dict = {"enabled": False, "library": None}
+KERNEL = native.Kernel(Path(__file__).with_name("dwconv.cc"), "depthwise convs keep MindSpore's (slow) CPU kernels")
 
 
 def enable(on: bool) -> bool:
-    """Switch the C++ kernel (forward and gradients) for depthwise 3x3/5x5 convs built from now on; returns whether
-    it is on.
-
-    Turning it on compiles the kernel (cached); without g++ or when the build fails it stays off with a warning.
-    """
-    if on and _state["library"] is None:
-        _state["library"] = native.load(SOURCE, "depthwise convs keep MindSpore's (slow) CPU kernels")
-        on = _state["library"] is not None
-    _state["enabled"] = bool(on)
-    return _state["enabled"]
+    """Switch the C++ kernel for networks built from now on; returns whether it is on (see ``native.Kernel``)."""
+    return KERNEL.enable(on)
 
 
 def enabled() -> bool:
-    return _state["enabled"]
+    return KERNEL.on
 
 
 class DepthwiseConv(nn.Cell):
@@ -89,6 +80,6 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     fits = (enabled() and kernel_size in KERNEL_SIZES and group == in_channels == out_channels and stride in (1, 2)
             and not has_bias and (pad_mode == "same" or (pad_mode == "pad" and padding == (kernel_size - 1) // 2)))
     if fits:
-        return FastDepthwiseConv2d(in_channels, kernel_size, stride, pad_mode == "same", _state["library"])
+        return FastDepthwiseConv2d(in_channels, kernel_size, stride, pad_mode == "same", KERNEL.library)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode=pad_mode, padding=padding,
                      has_bias=has_bias, group=group)

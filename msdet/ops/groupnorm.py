@@ -16,22 +16,16 @@ from mindspore import Tensor, nn, ops
 
 from msdet.ops import native
 
-SOURCE = Path(__file__).with_name("groupnorm.cc")
-_state: dict = {"enabled": False, "library": None}
+KERNEL = native.Kernel(Path(__file__).with_name("groupnorm.cc"), "GroupNorm keeps MindSpore's (slow) CPU kernel")
 
 
 def enable(on: bool) -> bool:
-    """Switch the C++ GroupNorm for norms built from now on; returns whether it is on (compiles the kernel,
-    cached; without g++ or when the build fails it stays off with a warning)."""
-    if on and _state["library"] is None:
-        _state["library"] = native.load(SOURCE, "GroupNorm keeps MindSpore's (slow) CPU kernel")
-        on = _state["library"] is not None
-    _state["enabled"] = bool(on)
-    return _state["enabled"]
+    """Switch the C++ kernel for networks built from now on; returns whether it is on (see ``native.Kernel``)."""
+    return KERNEL.enable(on)
 
 
 def enabled() -> bool:
-    return _state["enabled"]
+    return KERNEL.on
 
 
 class GroupNormKernel(nn.Cell):
@@ -74,5 +68,5 @@ class FastGroupNorm(nn.GroupNorm):
 def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     """``nn.GroupNorm``, or ``FastGroupNorm`` when enabled (float32 NCHW input, affine)."""
     if enabled():
-        return FastGroupNorm(num_groups, num_channels, eps, _state["library"])
+        return FastGroupNorm(num_groups, num_channels, eps, KERNEL.library)
     return nn.GroupNorm(num_groups, num_channels, eps=eps)

@@ -45,11 +45,29 @@ def load(source: Path, fallback: str) -> Path | None:
     """The built library of ``source``, or None after a one-line warning that ``fallback`` is used instead
     (no g++, or the build failed)."""
     if shutil.which("g++") is None:
-        warnings.warn(f"g++ not found: {fallback}", stacklevel=3)
+        warnings.warn(f"g++ not found: {fallback}", stacklevel=4)
         return None
     try:
         return build_library(source)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
-        warnings.warn(f"building {source.name} failed, {fallback}: {detail.strip()}", stacklevel=3)
+        warnings.warn(f"building {source.name} failed, {fallback}: {detail.strip()}", stacklevel=4)
         return None
+
+
+class Kernel:
+    """The switch of one kernel library for networks built from now on: ``enable(True)`` builds it (cached) or,
+    without g++ or when the build fails, stays off after a warning that ``fallback`` is used."""
+
+    def __init__(self, source: Path, fallback: str) -> None:
+        self.source, self.fallback = source, fallback
+        self.library: Path | None = None
+        self.on = False
+
+    def enable(self, on: bool) -> bool:
+        """Switch on or off; returns whether it is on."""
+        if on and self.library is None:
+            self.library = load(self.source, self.fallback)
+            on = self.library is not None
+        self.on = bool(on)
+        return self.on
