@@ -102,9 +102,13 @@ def _scale_one(factor, grad):
 def clip_grad_norm(gradients: tuple, max_norm: float) -> tuple:
     """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_.
 
-    ``ops.clip_by_global_norm`` turns 0-d gradients into shape [1]; this keeps every shape.
+    ``ops.clip_by_global_norm`` turns 0-d gradients into shape [1]; this keeps every shape. The scaling
+    runs only when the norm is over ``max_norm``: torch multiplies by the clamped factor 1.0 then, which
+    changes no bit, and skipping it saves one op per weight tensor (676 for D0) on most steps.
     """
     hyper_map = ops.HyperMap()
     total = ops.sqrt(ops.addn(hyper_map(_square_sum, gradients)))
     factor = ops.minimum(max_norm / (total + 1e-6), 1.0)
-    return hyper_map(ops.partial(_scale, factor), gradients)
+    if factor < 1.0:
+        gradients = hyper_map(ops.partial(_scale, factor), gradients)
+    return gradients
