@@ -48,6 +48,12 @@ class RuntimeConfig:
     # On CPU, training graphs run GroupNorm (NanoDet-Plus's aux head) with the C++ kernel of
     # msdet/ops/groupnorm.py (~5x faster per op than MindSpore 2.8's; same results within float rounding).
     cpu_group_norm_kernel: bool = _f()
+    # On CPU, training graphs run swish and the SE blocks' mean and gate (EfficientDet-D0) with the C++ kernels of
+    # msdet/ops/activations.py (one kernel each way instead of 2-6; same results within float rounding).
+    cpu_activation_kernel: bool = _f()
+    # On CPU, gradient clipping's global norm is one C++ op over all gradients (msdet/ops/sumsq.py) instead of two
+    # MindSpore ops per weight tensor.
+    cpu_grad_norm_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

@@ -159,15 +159,41 @@ def test_adamw_matches_torch_formula():
     assert int(opt.global_step.asnumpy()) == 4
 
 
-def test_clip_grad_norm_keeps_shapes_and_scales():
-    from msdet.engine.optim import clip_grad_norm
+def test_square_sum_kernel_equals_float64_over_many_tensors(monkeypatch):
+    from msdet.ops import sumsq
 
+    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
+    rng = np.random.default_rng(4)
+    shapes = [(), (1,), (7,), (3, 5), (16, 3, 3, 3), (2, 1, 1, 1), (1000,)] * 6
+    arrays = [(rng.normal(size=s) * 10.0 ** rng.integers(-3, 3)).astype(np.float32) for s in shapes]
+    expected = sum((a.astype(np.float64) ** 2).sum() for a in arrays)
+    for kernel in (True, False):
+        assert sumsq.enable(kernel) is kernel
+        cell = sumsq.SquareSum()
+
+        def total(*tensors, cell=cell):
+            return cell(tensors)
+
+        got = ms.jit(total)(*[Tensor(a) for a in arrays])
+        assert got.shape == () and got.dtype == ms.float32
+        assert float(got.asnumpy()) == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
+    from msdet.engine.optim import clip_grad_norm
+    from msdet.ops import sumsq
+
+    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
+    assert sumsq.enable(kernel) is kernel
+    square_sum = sumsq.SquareSum()
+    assert square_sum.fast is kernel
     grads = (Tensor(np.array([3.0, 0.0], np.float32)), Tensor(np.float32(4.0)))
     def clip_to_one(g):
-        return clip_grad_norm(g, 1.0)
+        return clip_grad_norm(g, 1.0, square_sum)
 
     def clip_to_ten(g):
-        return clip_grad_norm(g, 10.0)
+        return clip_grad_norm(g, 10.0, square_sum)
 
     clipped = ms.jit(clip_to_one)(grads)
     assert clipped[1].shape == ()

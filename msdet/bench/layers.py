@@ -111,6 +111,7 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
     from msdet.engine.ema import EMA
     from msdet.engine.optim import clip_grad_norm
     from msdet.engine.trainer import build_optimizer
+    from msdet.ops.sumsq import SquareSum
 
     class OptimizerEma(nn.Cell):
         def __init__(self) -> None:
@@ -118,10 +119,11 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
             self.optimizer = build_optimizer(network, tcfg, np.full(1000, tcfg.lr, np.float32))
             self.ema = EMA(network, tcfg.ema_decay, tcfg.ema_ramp_steps)
             self.clip_norm = float(tcfg.grad_clip_norm)
+            self.square_sum = SquareSum()
 
         def construct(self, grads, step):
             if self.clip_norm > 0:
-                grads = clip_grad_norm(grads, self.clip_norm)
+                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
             return ops.depend(self.optimizer(grads), self.ema(step))
 
     return OptimizerEma()

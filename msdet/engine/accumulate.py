@@ -23,6 +23,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from msdet.engine.ema import EMA
 from msdet.engine.optim import clip_grad_norm
+from msdet.ops.sumsq import SquareSum
 
 _add_scaled = ops.MultitypeFuncGraph("add_scaled")
 _scaled = ops.MultitypeFuncGraph("scaled")
@@ -81,6 +82,7 @@ class ApplyStep(nn.Cell):
         self.optimizer, self.ema, self.reducer = optimizer, ema, reducer
         self.use_reducer = reducer is not None
         self.clip_norm = float(clip_norm)
+        self.square_sum = SquareSum()
         self.hyper_map = ops.HyperMap()
 
     def construct(self, step):
@@ -89,7 +91,7 @@ class ApplyStep(nn.Cell):
         if self.use_reducer:
             grads = self.reducer(grads)
         if self.clip_norm > 0:
-            grads = clip_grad_norm(grads, self.clip_norm)
+            grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
         done = self.optimizer(grads)
         done = ops.depend(done, self.ema(step))
         zeroed = ops.depend(self.hyper_map(_zero, self.buffers), done)

@@ -85,13 +85,7 @@ class AdamW(nn.Cell):
         return ops.depend(ops.assign_add(self.global_step, Tensor(1, ms.int32)), updated)
 
 
-_square_sum = ops.MultitypeFuncGraph("square_sum")
 _scale = ops.MultitypeFuncGraph("scale")
-
-
-@_square_sum.register("Tensor")
-def _square_sum_one(grad):
-    return ops.reduce_sum(ops.square(grad.astype(ms.float32)))
 
 
 @_scale.register("Tensor", "Tensor")
@@ -99,15 +93,16 @@ def _scale_one(factor, grad):
     return grad * factor.astype(grad.dtype)
 
 
-def clip_grad_norm(gradients: tuple, max_norm: float) -> tuple:
-    """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_.
+def clip_grad_norm(gradients: tuple, max_norm: float, square_sum: nn.Cell) -> tuple:
+    """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_;
+    ``square_sum`` is a :class:`msdet.ops.sumsq.SquareSum` (built once, outside the graph).
 
     ``ops.clip_by_global_norm`` turns 0-d gradients into shape [1]; this keeps every shape. The scaling
     runs only when the norm is over ``max_norm``: torch multiplies by the clamped factor 1.0 then, which
     changes no bit, and skipping it saves one op per weight tensor (676 for D0) on most steps.
     """
     hyper_map = ops.HyperMap()
-    total = ops.sqrt(ops.addn(hyper_map(_square_sum, gradients)))
+    total = ops.sqrt(square_sum(gradients))
     factor = ops.minimum(max_norm / (total + 1e-6), 1.0)
     if factor < 1.0:
         gradients = hyper_map(ops.partial(_scale, factor), gradients)

@@ -14,7 +14,7 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
-    from msdet.ops import dwconv, groupnorm
+    from msdet.ops import activations, dwconv, groupnorm, sumsq
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
     ms.set_device(cfg.device_target)
@@ -22,6 +22,8 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
         ms.set_context(runtime_num_threads=cfg.cpu_threads)
     dwconv.enable(cfg.cpu_depthwise_kernel and cfg.device_target == "CPU")
     groupnorm.enable(cfg.cpu_group_norm_kernel and cfg.device_target == "CPU")
+    activations.enable(cfg.cpu_activation_kernel and cfg.device_target == "CPU")
+    sumsq.enable(cfg.cpu_grad_norm_kernel and cfg.device_target == "CPU")
     seed = cfg.seed + seed_offset
     ms.set_seed(seed)
     np.random.seed(seed)

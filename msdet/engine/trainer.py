@@ -45,6 +45,7 @@ from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
 from msdet.engine.optim import AdamW, clip_grad_norm
 from msdet.engine.schedules import warmup_cosine
+from msdet.ops.sumsq import SquareSum
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +104,7 @@ class TrainStep(nn.Cell):
         self.reducer = reducer
         self.use_reducer = reducer is not None
         self.clip_norm = float(clip_norm)
+        self.square_sum = SquareSum()
         self.grad_fn = ms.value_and_grad(loss_cell, None, optimizer.parameters, has_aux=True)
 
     def construct(self, image, gt_boxes, gt_labels, epoch, step):
@@ -110,7 +112,7 @@ class TrainStep(nn.Cell):
         if self.use_reducer:
             grads = self.reducer(grads)
         if self.clip_norm > 0:
-            grads = clip_grad_norm(grads, self.clip_norm)
+            grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
         loss = ops.depend(loss, self.optimizer(grads))
         loss = ops.depend(loss, self.ema(step))
         return loss, parts

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from msdet.models.layers import Conv2dSame, Swish, batch_norm, drop_connect, init_conv_normal_fan_out
+from msdet.ops.activations import PlaneMean, SigmoidGate
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class MBConvBlock(nn.Cell):
         self._project_conv = Conv2dSame(oup, args.output_filters, 1, bias=False)
         self._bn2 = batch_norm(args.output_filters, bn_momentum, bn_eps)
         self._swish = Swish()
+        self._squeeze, self._excite = PlaneMean(), SigmoidGate()
         self.use_skip = args.stride == 1 and inp == args.output_filters
         self.drop_connect_rate = float(drop_connect_rate)
 
@@ -80,9 +82,9 @@ class MBConvBlock(nn.Cell):
         if self.has_expand:
             x = self._swish(self._bn0(self._expand_conv(x)))
         x = self._swish(self._bn1(self._depthwise_conv(x)))
-        s = ops.mean(x, (2, 3), True)
+        s = self._squeeze(x)
         s = self._se_expand(self._swish(self._se_reduce(s)))
-        x = ops.sigmoid(s) * x
+        x = self._excite(x, s)
         x = self._bn2(self._project_conv(x))
         if self.use_skip:
             if self.training and self.drop_connect_rate > 0:

@@ -1,4 +1,5 @@
-"""Small generic layers shared by the networks: swish, TF-"same" conv and max-pool, separable conv, BN, init.
+"""Small generic layers shared by the networks: swish (from msdet.ops.activations), TF-"same" conv and max-pool,
+separable conv, BN, init.
 
 TF "same" semantics (as TensorFlow and zylo117's ``Conv2dStaticSamePadding``): the output is
 ``ceil(in / stride)`` and the padding total ``max((out - 1) * stride + k - in, 0)`` is split with the extra
@@ -11,14 +12,8 @@ import math
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from msdet.ops.activations import Swish
 from msdet.ops.dwconv import conv2d
-
-
-class Swish(nn.Cell):
-    """``x * sigmoid(x)`` written out, so export formats without a SiLU op still get it."""
-
-    def construct(self, x: Tensor) -> Tensor:
-        return x * ops.sigmoid(x)
 
 
 def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> nn.BatchNorm2d:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from msdet.ops.activations import LeakyReLU
 from msdet.ops.dwconv import conv2d
 
 #: Output channels of conv1 and stages 2-4 per width multiplier.
@@ -28,7 +29,7 @@ STAGE_REPEATS = (4, 8, 4)
 def activation_cell(name: str) -> nn.Cell:
     """NanoDet's ``act_layers``: LeakyReLU uses slope 0.1."""
     if name == "LeakyReLU":
-        return nn.LeakyReLU(alpha=0.1)
+        return LeakyReLU(alpha=0.1)
     if name == "ReLU":
         return nn.ReLU()
     raise ValueError(f"unsupported activation '{name}' (expected LeakyReLU or ReLU)")

@@ -1,5 +1,5 @@
-"""C++ kernels for MindSpore's CPU "aot" ``Custom`` ops (``dwconv.cc``, ``groupnorm.cc``): compiled with g++ at
-first use into a cache directory, one library per source content, so an edited source is rebuilt."""
+"""C++ kernels for MindSpore's CPU "aot" ``Custom`` ops (``dwconv.cc``, ``groupnorm.cc``, ``activations.cc``): compiled
+with g++ at first use into a cache directory, one library per source content, so an edited source is rebuilt."""
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +20,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msdet"
 
 
-def build_library(source: Path, directory: Path | None = None) -> Path:
-    """Compile ``source`` into ``directory`` once per content: the file name holds a hash of source and flags,
-    so an edited source gets a new library; written to a temporary name and renamed (atomic for readers)."""
+def build_library(source: Path, directory: Path | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` (``CXXFLAGS`` + ``flags``) into ``directory`` once per content: the file name holds a hash
+    of source and flags, so an edited source gets a new library; written to a temporary name and renamed (atomic
+    for readers)."""
     code = source.read_bytes()
-    digest = hashlib.sha256(code + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
+    cxxflags = (*CXXFLAGS, *flags)
+    digest = hashlib.sha256(code + " ".join(cxxflags).encode()).hexdigest()[:16]
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / f"{source.stem}-{digest}.so"
     if target.exists():
@@ -33,7 +35,7 @@ def build_library(source: Path, directory: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        subprocess.run(["g++", *CXXFLAGS, "-o", tmp, str(source)], check=True, capture_output=True, text=True)
+        subprocess.run(["g++", *cxxflags, "-o", tmp, str(source)], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -41,14 +43,14 @@ def build_library(source: Path, directory: Path | None = None) -> Path:
     return target
 
 
-def load(source: Path, fallback: str) -> Path | None:
+def load(source: Path, fallback: str, flags: tuple[str, ...] = ()) -> Path | None:
     """The built library of ``source``, or None after a one-line warning that ``fallback`` is used instead
     (no g++, or the build failed)."""
     if shutil.which("g++") is None:
         warnings.warn(f"g++ not found: {fallback}", stacklevel=4)
         return None
     try:
-        return build_library(source)
+        return build_library(source, flags=flags)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         warnings.warn(f"building {source.name} failed, {fallback}: {detail.strip()}", stacklevel=4)
@@ -57,17 +59,18 @@ def load(source: Path, fallback: str) -> Path | None:
 
 class Kernel:
     """The switch of one kernel library for networks built from now on: ``enable(True)`` builds it (cached) or,
-    without g++ or when the build fails, stays off after a warning that ``fallback`` is used."""
+    without g++ or when the build fails, stays off after a warning that ``fallback`` is used. ``flags`` are
+    compiler options this source needs on top of ``CXXFLAGS``."""
 
-    def __init__(self, source: Path, fallback: str) -> None:
-        self.source, self.fallback = source, fallback
+    def __init__(self, source: Path, fallback: str, flags: tuple[str, ...] = ()) -> None:
+        self.source, self.fallback, self.flags = source, fallback, flags
         self.library: Path | None = None
         self.on = False
 
     def enable(self, on: bool) -> bool:
         """Switch on or off; returns whether it is on."""
         if on and self.library is None:
-            self.library = load(self.source, self.fallback)
+            self.library = load(self.source, self.fallback, self.flags)
             on = self.library is not None
         self.on = bool(on)
         return self.on
