@@ -55,6 +55,20 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
                              f"move or copy it there")
 
 
+def run_key_payload(params: Params, model: str, meta: dict, start_files: dict[str, str],
+                    code_sha256: str) -> dict[str, Any]:
+    """What makes two training runs the same run, so that one may resume the other's state: the model's params
+    (not how often the state is saved), the seed, the data, the starting weights, the code, and the runtime
+    settings that change the float rounding of a step - device, graph mode, CPU threads and every ``cpu_*``
+    kernel switch (a run resumed across a kernel switch would keep the old run's weights as the new one's)."""
+    model_key = dataclasses.asdict(getattr(params, model))
+    del model_key["train"]["checkpoint_every_steps"]
+    numerics = {k: v for k, v in dataclasses.asdict(params.runtime).items()
+                if k.startswith("cpu_") or k in ("device_target", "graph_mode")}
+    return {"model": model_key, "runtime_seed": params.runtime.seed, "runtime_numerics": numerics, "meta": meta,
+            "starting_weights_sha256": start_files, "code_sha256": code_sha256}
+
+
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
                 live_dir: str | Path | None = None, stop_after_epochs: int | None = None,
                 progress: bool = True, validate: Callable[[Any, Any], dict[str, float]] | None = None,
@@ -100,10 +114,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
                      make_dataset_from=make_dataset)
     # the starting files' content is part of the run: a replaced file must not resume the old run's state
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
-    model_key = dataclasses.asdict(mcfg)
-    del model_key["train"]["checkpoint_every_steps"]  # how often the state is saved does not change the run
-    payload = {"model": model_key, "runtime_seed": params.runtime.seed, "meta": meta,
-               "starting_weights_sha256": start_files, "code_sha256": code_sha256}
+    payload = run_key_payload(params, model, meta, start_files, code_sha256)
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
                       live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)

@@ -129,3 +129,32 @@ def test_a_point_left_by_other_code_is_not_continued(tmp_path, capsys):
 def test_save_due_skips_epoch_ends_and_zero():
     assert [s for s in range(1, 17) if resume.save_due(s, (s - 1) % 8 + 1, 8, 3)] == [3, 6, 9, 12, 15]
     assert not any(resume.save_due(s, 1, 8, 0) for s in range(1, 9))
+
+
+def test_run_key_changes_with_every_switch_that_changes_the_numerics():
+    """A kernel switch changes a step's float rounding: a state trained with the other setting must not be resumed
+    as this run's (it was, before the switches entered the key, and the rerun kept the old weights)."""
+    from msdet.engine.trainer import run_key
+    from msdet.training import run_key_payload
+    from tests.helpers import project_params
+
+    params = project_params()
+
+    def key(runtime=None, train=None):
+        p = params
+        if runtime:
+            p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, **runtime))
+        if train:
+            p = dataclasses.replace(p, nanodet=dataclasses.replace(
+                p.nanodet, train=dataclasses.replace(p.nanodet.train, **train)))
+        return run_key(run_key_payload(p, "nanodet", {"num_classes": 4}, {}, "code"))
+
+    base = key()
+    kernels = [f.name for f in dataclasses.fields(params.runtime) if f.name.endswith("_kernel")]
+    assert len(kernels) >= 4
+    for name in kernels:
+        assert key(runtime={name: not getattr(params.runtime, name)}) != base, name
+    assert key(runtime={"device_target": "Ascend"}) != base
+    assert key(runtime={"graph_mode": not params.runtime.graph_mode}) != base
+    assert key(runtime={"cpu_threads": 1}) != base
+    assert key(train={"checkpoint_every_steps": 7}) == base     # how often the state is saved: the same run
