@@ -2,6 +2,7 @@
 official state-dict listings, and the toy detector the engine tests train."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -42,6 +43,19 @@ def project_params(profile: str = "default") -> Params:
         overlay = {"default": None, "coco": ROOT / "params_coco.yaml"}[profile]
         _PARAMS[profile] = load_params(ROOT / "params.yaml", overlay=overlay)
     return _PARAMS[profile]
+
+
+@contextlib.contextmanager
+def kernels_on(*modules):
+    """The C++ kernels of ``modules`` (``msdet.ops.dwconv`` ...) switched on for the block, each switch restored
+    after (the libraries are compiled once, in the user's cache)."""
+    saved = [(m.KERNEL.library, m.KERNEL.on) for m in modules]
+    assert all(m.enable(True) for m in modules)
+    try:
+        yield
+    finally:
+        for m, (library, on) in zip(modules, saved):
+            m.KERNEL.library, m.KERNEL.on = library, on
 
 
 def config(section: str, profile: str = "default", **changes):

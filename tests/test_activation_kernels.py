@@ -7,6 +7,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from msdet.ops import activations, native
+from tests.helpers import kernels_on
 
 # the exponential's clamp and the sign select are where a vectorised sigmoid goes wrong
 EXTREMES = [-120.0, -88.0, -87.3, -30.0, -1e-8, -0.0, 0.0, 1e-8, 15.0, 87.3, 88.5, 120.0]
@@ -15,10 +16,8 @@ SE_SHAPES = [(2, 5, 7, 3), (1, 3, 1, 1), (3, 16, 4, 4), (2, 7, 9, 17)]
 
 @pytest.fixture
 def fast():
-    saved = activations.KERNEL.library, activations.KERNEL.on
-    assert activations.enable(True)
-    yield
-    activations.KERNEL.library, activations.KERNEL.on = saved
+    with kernels_on(activations):
+        yield
 
 
 def _sigmoid(x):

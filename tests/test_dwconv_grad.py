@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.ops import activations, dwconv, groupnorm, native, sumsq
-from tests.helpers import config
+from tests.helpers import config, kernels_on
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
 CASES = [
@@ -24,14 +24,10 @@ CASES = [
 
 @pytest.fixture
 def fast():
-    """The switches on for this test only (the libraries are compiled once, in the user's cache); the GroupNorm
-    and activation kernels too, so that the whole-network tests compile every kernel into one graph, as training
-    does."""
-    saved = [(m.KERNEL.library, m.KERNEL.on) for m in (activations, dwconv, groupnorm)]
-    assert dwconv.enable(True) and groupnorm.enable(True) and activations.enable(True)
-    yield
-    for m, (library, on) in zip((activations, dwconv, groupnorm), saved):
-        m.KERNEL.library, m.KERNEL.on = library, on
+    """The switches on for this test only; the GroupNorm and activation kernels too, so that the whole-network
+    tests compile every kernel into one graph, as training does."""
+    with kernels_on(dwconv, groupnorm, activations):
+        yield
 
 
 def _pads(size, k, stride, same):

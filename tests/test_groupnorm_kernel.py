@@ -6,6 +6,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.ops import groupnorm, native
+from tests.helpers import kernels_on
 
 # (batch, channels, height, width, groups)
 CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), (2, 12, 1, 1, 3)]
@@ -13,10 +14,8 @@ CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), 
 
 @pytest.fixture
 def fast():
-    saved = groupnorm.KERNEL.library, groupnorm.KERNEL.on
-    assert groupnorm.enable(True)
-    yield
-    groupnorm.KERNEL.library, groupnorm.KERNEL.on = saved
+    with kernels_on(groupnorm):
+        yield
 
 
 def _reference(x, gamma, beta, groups, eps=1e-5):
