@@ -35,22 +35,30 @@ def enabled() -> bool:
     return KERNEL.on
 
 
-class SwishKernel(nn.Cell):
-    """``x * sigmoid(x)`` (float32) as one ``Custom`` primitive with the C++ gradient as its ``bprop``."""
+class UnaryKernel(nn.Cell):
+    """``forward(x)`` (float32) as one ``Custom`` primitive whose ``bprop`` is the C++ input gradient
+    ``grad(x, dy)``; ``out_shape`` maps x's shape to the output's (default: the same)."""
 
-    def __init__(self, library: Path) -> None:
+    def __init__(self, library: Path, forward: str, grad: str, out_shape=lambda x: x) -> None:
         super().__init__()
-        grad_input = ops.Custom(f"{library}:swish_dx", out_shape=lambda x, dy: x, out_dtype=lambda x, dy: x,
+        grad_input = ops.Custom(f"{library}:{grad}", out_shape=lambda x, dy: x, out_dtype=lambda x, dy: x,
                                 func_type="aot")
 
         def bprop(x, out, dout):
             return (grad_input(x, dout),)
 
-        self.swish = ops.Custom(f"{library}:swish_fwd", out_shape=lambda x: x, out_dtype=lambda x: x,
-                                func_type="aot", bprop=bprop)
+        self.op = ops.Custom(f"{library}:{forward}", out_shape=out_shape, out_dtype=lambda x: x, func_type="aot",
+                             bprop=bprop)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.swish(x)
+        return self.op(x)
+
+
+class SwishKernel(UnaryKernel):
+    """``x * sigmoid(x)`` with its C++ gradient."""
+
+    def __init__(self, library: Path) -> None:
+        super().__init__(library, "swish_fwd", "swish_dx")
 
 
 class Swish(nn.Cell):
@@ -105,22 +113,11 @@ class LeakyReLU(nn.LeakyReLU):
         return super().construct(x)
 
 
-class PlaneMeanKernel(nn.Cell):
-    """Mean over H, W of ``x`` [N, C, H, W] -> [N, C, 1, 1] as one ``Custom`` primitive with a C++ ``bprop``."""
+class PlaneMeanKernel(UnaryKernel):
+    """Mean over H, W of ``x`` [N, C, H, W] -> [N, C, 1, 1] with its C++ gradient."""
 
     def __init__(self, library: Path) -> None:
-        super().__init__()
-        grad_input = ops.Custom(f"{library}:se_mean_dx", out_shape=lambda x, dm: x, out_dtype=lambda x, dm: x,
-                                func_type="aot")
-
-        def bprop(x, out, dout):
-            return (grad_input(x, dout),)
-
-        self.mean = ops.Custom(f"{library}:se_mean", out_shape=lambda x: [x[0], x[1], 1, 1],
-                               out_dtype=lambda x: x, func_type="aot", bprop=bprop)
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.mean(x)
+        super().__init__(library, "se_mean", "se_mean_dx", out_shape=lambda x: [x[0], x[1], 1, 1])
 
 
 class SigmoidGateKernel(nn.Cell):
