@@ -54,6 +54,9 @@ class RuntimeConfig:
     # On CPU, gradient clipping's global norm is one C++ op over all gradients (msdet/ops/sumsq.py) instead of two
     # MindSpore ops per weight tensor.
     cpu_grad_norm_kernel: bool = _f()
+    # On CPU, AdamW and the EMA are one C++ op each over all tensors, updating them in place (msdet/ops/update.py),
+    # instead of one to two MindSpore ops per tensor.
+    cpu_update_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.ops import activations, dwconv, groupnorm, native, sumsq
+from msdet.engine.ema import EMA
+from msdet.ops import activations, dwconv, groupnorm, native, sumsq, update
 from tests.helpers import config, kernels_on
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
@@ -248,11 +249,11 @@ def test_d0_gradient_with_the_kernel_matches_finite_differences(fast, pynative):
     _check_gradient_by_module()
 
 
-@pytest.mark.parametrize("kernel", ["depthwise", "group_norm", "activation", "grad_norm"])
+@pytest.mark.parametrize("kernel", ["depthwise", "group_norm", "activation", "grad_norm", "update"])
 @pytest.mark.parametrize("switch,target,expected", [(True, "CPU", True), (False, "CPU", False), (True, "GPU", False)])
 def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch, kernel, switch, target, expected):
     """``runtime.cpu_depthwise_kernel`` / ``cpu_group_norm_kernel`` / ``cpu_activation_kernel`` /
-    ``cpu_grad_norm_kernel`` on CPU turn them on; GPU and Ascend keep MindSpore's kernels."""
+    ``cpu_grad_norm_kernel`` / ``cpu_update_kernel`` on CPU turn them on; GPU and Ascend keep MindSpore's kernels."""
     import dataclasses
 
     from msdet.engine import runtime
@@ -263,8 +264,9 @@ def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch
         "activation": (activations, lambda: all(cell.fast is not None for cell in (
             activations.Swish(), activations.LeakyReLU(0.1), activations.PlaneMean(), activations.SigmoidGate()))),
         "grad_norm": (sumsq, lambda: sumsq.SquareSum().fast),
+        "update": (update, lambda: EMA(nn.Dense(2, 2), 0.9).fast is not None),
     }[kernel]
-    for m in (activations, dwconv, groupnorm, sumsq):
+    for m in (activations, dwconv, groupnorm, sumsq, update):
         monkeypatch.setattr(m.KERNEL, "on", m.KERNEL.on)
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
     cfg = dataclasses.replace(config("runtime"), device_target=target, **{f"cpu_{kernel}_kernel": switch})

@@ -120,6 +120,30 @@ def test_resume_gives_identical_weights(tmp_path):
         assert read_series(tmp_path / "full" / "live", name) == read_series(tmp_path / "part" / "live", name)
 
 
+def test_update_kernel_trains_like_the_per_tensor_ops(tmp_path, monkeypatch):
+    """The C++ AdamW and EMA (msdet/ops/update.py) in the real step: the weights, moments and EMA shadows of
+    MindSpore's per-tensor ops within float rounding, and every weight moved (the in-place writes reached the
+    Parameters, not copies of them: without ``side_effect_mem`` they do not)."""
+    from msdet.ops import update
+
+    monkeypatch.setattr(update.KERNEL, "on", update.KERNEL.on)
+    runs = {}
+    for on in (False, True):
+        assert update.enable(on) is on
+        trainer, net = fresh_trainer(tmp_path, cfg(epochs=2, weight_decay=0.05), sub=f"kernel{int(on)}", live=False)
+        assert (trainer.optimizer.fast is not None) is on and (trainer.ema.fast is not None) is on
+        start = [p.asnumpy().copy() for p in trainer.optimizer.parameters]
+        trainer.fit()
+        opt = trainer.optimizer
+        runs[on] = [(p.name, p.asnumpy()) for group in (opt.parameters, opt.moments1, opt.moments2, trainer.ema.shadows)
+                    for p in group]
+        for before, p in zip(start, opt.parameters):
+            assert not np.array_equal(before, p.asnumpy()), p.name
+    assert [n for n, _ in runs[False]] == [n for n, _ in runs[True]]
+    for (name, a), (_, b) in zip(runs[False], runs[True]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_changed_params_start_fresh(tmp_path):
     first, _ = fresh_trainer(tmp_path, cfg(), sub="x")
     first.fit(stop_after_epochs=1)

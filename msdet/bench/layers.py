@@ -124,7 +124,8 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
         def construct(self, grads, step):
             if self.clip_norm > 0:
                 grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-            return ops.depend(self.optimizer(grads), self.ema(step))
+            done = self.optimizer(grads)
+            return ops.depend(done, self.ema(ops.depend(step, done)))
 
     return OptimizerEma()
 

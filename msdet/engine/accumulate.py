@@ -93,7 +93,7 @@ class ApplyStep(nn.Cell):
         if self.clip_norm > 0:
             grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
         done = self.optimizer(grads)
-        done = ops.depend(done, self.ema(step))
+        done = ops.depend(done, self.ema(ops.depend(step, done)))
         zeroed = ops.depend(self.hyper_map(_zero, self.buffers), done)
         return ops.depend(ops.assign(self.count, ops.zeros_like(self.count)), zeroed)
 

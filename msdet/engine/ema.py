@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from msdet.ops import update
+
 _update = ops.MultitypeFuncGraph("ema_update")
 _STEP_TOWARDS = ops.ApplyGradientDescent()
 
@@ -35,9 +37,13 @@ class EMA(nn.Cell):
         #: takes them, the other backends' kernels were not tried on them
         self.fused = tuple(p.ndim > 0 for p in self.sources)
         self.hyper_map = ops.HyperMap()
+        self.fast = update.EMAUpdate(update.KERNEL.library) if update.enabled() else None
 
     def construct(self, step: Tensor) -> Tensor:
+        """Update the shadows; ``step`` must depend on the optimizer's update (the weights it reads)."""
         decay = self.decay * (1.0 - ops.exp(-step / self.ramp_steps))
+        if self.fast is not None:
+            return ops.depend(decay, self.fast(1.0 - decay, self.shadows, self.sources))
         self.hyper_map(ops.partial(_update, 1.0 - decay), self.shadows, self.sources, self.fused)
         return decay
 

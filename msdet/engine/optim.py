@@ -8,13 +8,17 @@ step size, epsilon and decay (Loshchilov & Hutter 2019, Algorithm 2; torch.optim
     w * (1 - lr wd) - lr (m / b1) / (sqrt(v / b2) + eps)
       = w - lr' (m / (sqrt(v) + eps') + wd' w),   lr' = lr sqrt(b2) / b1,  eps' = eps sqrt(b2),  wd' = wd lr / lr'
 
-with b1 = 1 - beta1^t, b2 = 1 - beta2^t. 0-d weights keep the element-wise formula.
+with b1 = 1 - beta1^t, b2 = 1 - beta2^t. 0-d weights keep the element-wise formula. In CPU training with
+``runtime.cpu_update_kernel`` the same update runs on every tensor, 0-d ones included, as one C++ op
+(:class:`msdet.ops.update.AdamWUpdate`).
 """
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from msdet.ops import update
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 
@@ -46,7 +50,9 @@ _FUSED = ops.AdamWeightDecay()
 
 
 class AdamW(nn.Cell):
-    """``groups``: [{"params": [...], "weight_decay": float}]; ``lr_per_step`` is indexed by the global step."""
+    """``groups``: [{"params": [...], "weight_decay": float}]; ``lr_per_step`` is indexed by the global step.
+    ``self(gradients)`` returns the incremented step, which depends on every update (order reads of the
+    weights after the step by it: the C++ update writes them unseen by the graph)."""
 
     def __init__(self, groups: list[dict], lr_per_step: np.ndarray, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8) -> None:
@@ -68,6 +74,8 @@ class AdamW(nn.Cell):
         #: MindSpore's fused kernel takes weights of at least one dimension
         self.fused = tuple(p.ndim > 0 for p in params)
         self.hyper_map = ops.HyperMap()
+        self.fast = update.AdamWUpdate(update.KERNEL.library) if update.enabled() else None
+        self.decay_vector = Tensor(np.array([float(d) for d in decays], np.float32))
 
     def construct(self, gradients: tuple) -> Tensor:
         index = ops.minimum(self.global_step, self.last_index)
@@ -79,9 +87,13 @@ class AdamW(nn.Cell):
         lr_f = lr * root2 / bias1
         eps_f = self.eps * root2
         decay_f = bias1 / root2
-        updated = self.hyper_map(
-            ops.partial(_adamw, lr, self.beta1, self.beta2, self.eps, bias1, bias2, lr_f, eps_f, decay_f),
-            self.weight_decays, self.parameters, self.moments1, self.moments2, gradients, self.fused)
+        if self.fast is not None:
+            hyper = ops.stack([lr_f, self.beta1, self.beta2, eps_f, decay_f])
+            updated = self.fast(hyper, self.decay_vector, self.parameters, self.moments1, self.moments2, gradients)
+        else:
+            updated = self.hyper_map(
+                ops.partial(_adamw, lr, self.beta1, self.beta2, self.eps, bias1, bias2, lr_f, eps_f, decay_f),
+                self.weight_decays, self.parameters, self.moments1, self.moments2, gradients, self.fused)
         return ops.depend(ops.assign_add(self.global_step, Tensor(1, ms.int32)), updated)
 
 

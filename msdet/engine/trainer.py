@@ -113,8 +113,8 @@ class TrainStep(nn.Cell):
             grads = self.reducer(grads)
         if self.clip_norm > 0:
             grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-        loss = ops.depend(loss, self.optimizer(grads))
-        loss = ops.depend(loss, self.ema(step))
+        done = self.optimizer(grads)
+        loss = ops.depend(loss, self.ema(ops.depend(step, done)))
         return loss, parts
 
 
