@@ -57,6 +57,12 @@ class RuntimeConfig:
     # On CPU, AdamW and the EMA are one C++ op each over all tensors, updating them in place (msdet/ops/update.py),
     # instead of one to two MindSpore ops per tensor.
     cpu_update_kernel: bool = _f()
+    # On CPU, training graphs run ShuffleNetV2's stem max-pool (3x3, stride 2, padding 1) with the C++ kernel of
+    # msdet/ops/maxpool.py instead of edge padding by Concats plus a valid pool (same values and gradients).
+    cpu_maxpool_kernel: bool = _f()
+    # On CPU, training graphs differentiate BatchNorm with the C++ gradient of msdet/ops/batchnorm.py (the forward
+    # stays MindSpore's; same gradients within float rounding).
+    cpu_batch_norm_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

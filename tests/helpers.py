@@ -24,6 +24,7 @@ from msdet.engine.live import SERIES_DIR
 from msdet.engine.trainer import TrainData
 from msdet.export.verify import Postprocess, Tolerances
 from msdet.models.layers import drop_connect
+from msdet.ops.batchnorm import batch_norm2d
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -145,7 +146,7 @@ class ToyNet(nn.Cell):
     def __init__(self, drop_connect_rate=0.0):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
-        self.bn = nn.BatchNorm2d(4, momentum=0.9)
+        self.bn = batch_norm2d(4, 1e-5, 0.9)  # the C++ gradient when msdet.ops.batchnorm is enabled
         self.fc = nn.Dense(4, 4)
         self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
         self.drop_connect_rate = drop_connect_rate

@@ -228,9 +228,16 @@ def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
     assert same[1].shape == () and float(same[1].asnumpy()) == 4.0
 
 
-def test_recalibrate_batch_norm_sets_mean_of_batch_statistics():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_recalibrate_batch_norm_sets_mean_of_batch_statistics(monkeypatch, kernel):
+    """With MindSpore's BatchNorm and with the C++-gradient one (which holds the training primitive twice)."""
+    from msdet.ops import batchnorm
+
+    monkeypatch.setattr(batchnorm.KERNEL, "on", batchnorm.KERNEL.on)
+    assert batchnorm.enable(kernel) is kernel
     ms.set_seed(0)
     net = ToyNet()
+    assert isinstance(net.bn, batchnorm.FastBatchNorm2d) is kernel
     net.bn.moving_mean.set_data(Tensor(np.full(4, 7.0, np.float32)))
     net.bn.moving_variance.set_data(Tensor(np.full(4, 50.0, np.float32)))
     weights = net.conv.weight.asnumpy().copy()

@@ -21,6 +21,14 @@ def batch_norm_cells(network: nn.Cell) -> list[nn.Cell]:
     return [c for _, c in network.cells_and_names() if isinstance(c, nn.layer.normalization._BatchNorm)]
 
 
+def _set_train_primitive(bn: nn.Cell, primitive: ops.Primitive) -> None:
+    """The training BatchNorm of ``bn`` (``FastBatchNorm2d`` holds it in its gradient cell too)."""
+    if hasattr(bn, "set_train_primitive"):
+        bn.set_train_primitive(primitive)
+    else:
+        bn.bn_train = primitive
+
+
 def recalibrate_batch_norm(network: nn.Cell, images: Iterable[Tensor | np.ndarray]) -> int:
     """Set the moving statistics of every BN of ``network`` to the average of its batch statistics over
     ``images`` (batches of network input), computed in training mode with the current weights.
@@ -35,7 +43,7 @@ def recalibrate_batch_norm(network: nn.Cell, images: Iterable[Tensor | np.ndarra
     saved = [(bn.moving_mean.asnumpy().copy(), bn.moving_variance.asnumpy().copy()) for bn in bns]
     # momentum 1: after each forward a BN's moving statistics are exactly that batch's statistics
     for bn in bns:
-        bn.bn_train = ops.BatchNorm(is_training=True, epsilon=bn.eps, momentum=1.0, data_format=bn.format)
+        _set_train_primitive(bn, ops.BatchNorm(is_training=True, epsilon=bn.eps, momentum=1.0, data_format=bn.format))
     sums = [(np.zeros(m.shape, np.float64), np.zeros(v.shape, np.float64)) for m, v in saved]
     count = 0
     try:
@@ -51,7 +59,7 @@ def recalibrate_batch_norm(network: nn.Cell, images: Iterable[Tensor | np.ndarra
         raise
     finally:
         for bn, prim in zip(bns, originals):
-            bn.bn_train = prim
+            _set_train_primitive(bn, prim)
         network.set_train(False)
     if count:
         _set_statistics(bns, [(mean / count, var / count) for mean, var in sums])

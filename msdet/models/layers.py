@@ -13,6 +13,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.ops.activations import Swish
+from msdet.ops.batchnorm import batch_norm2d
 from msdet.ops.dwconv import conv2d
 
 
@@ -22,7 +23,7 @@ def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> 
     MindSpore's ``momentum`` weights the OLD running value (``new = m * old + (1 - m) * batch``), so
     MindSpore 0.99 == TF 0.99 == PyTorch 0.01.
     """
-    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+    return batch_norm2d(num_features, eps, momentum)
 
 
 class Conv2dSame(nn.Cell):

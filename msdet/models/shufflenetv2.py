@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from msdet.ops import maxpool
 from msdet.ops.activations import LeakyReLU
+from msdet.ops.batchnorm import batch_norm2d
 from msdet.ops.dwconv import conv2d
 
 #: Output channels of conv1 and stages 2-4 per width multiplier.
@@ -37,7 +39,7 @@ def activation_cell(name: str) -> nn.Cell:
 
 def _bn(c: int) -> nn.BatchNorm2d:
     # PyTorch defaults: eps 1e-5, momentum 0.1 (MindSpore weights the old value: 0.9).
-    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.9)
+    return batch_norm2d(c, 1e-5, 0.9)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -52,8 +54,12 @@ class MaxPool3x3s2p1(nn.Cell):
     def __init__(self) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
+        #: CPU training: the C++ kernel (msdet/ops/maxpool.py), one op each way
+        self.fast = maxpool.MaxPoolKernel(maxpool.KERNEL.library) if maxpool.enabled() else None
 
     def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.fast is not None:
+            return self.fast(x)
         x = ops.concat((x[:, :, :1], x, x[:, :, -1:]), axis=2)
         x = ops.concat((x[:, :, :, :1], x, x[:, :, :, -1:]), axis=3)
         return self.pool(x)
