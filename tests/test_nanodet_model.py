@@ -14,7 +14,7 @@ from msdet.detectors.nanodet import NanoDetDetector
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.flops import count_trainable
-from msdet.models.ghostpan import upsample_bilinear2x
+from msdet.models.ghostpan import Upsample2x, upsample_bilinear2x
 from msdet.models.nanodet_plus import NanoDetPlus
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1, channel_shuffle
 from msdet.ops.distance_coder import (
@@ -97,6 +97,26 @@ def _bilinear2x_torch_np(x: np.ndarray) -> np.ndarray:
     top = x[:, :, y0][:, :, :, x0] * (1 - lx) + x[:, :, y0][:, :, :, x1] * lx
     bot = x[:, :, y1][:, :, :, x0] * (1 - lx) + x[:, :, y1][:, :, :, x1] * lx
     return top * (1 - ly) + bot * ly
+
+
+def test_upsample_cell_trains_on_resize_bilinear_with_the_same_values_and_gradients():
+    """Training graphs use ResizeBilinearV2, inference and export the slice form: both are PyTorch's bilinear
+    x2, and their input gradients agree."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 10, 8)).astype(np.float32)
+    cell = Upsample2x()
+    grads = {}
+    for training in (True, False):
+        cell.set_train(training)
+        np.testing.assert_allclose(cell(Tensor(x)).asnumpy(), _bilinear2x_torch_np(x), atol=1e-5)
+
+        def weighted(t, cell=cell):
+            return (cell(t) * Tensor(dy)).sum()
+
+        grads[training] = ms.grad(weighted)(Tensor(x)).asnumpy()
+    assert np.abs(grads[True]).max() > 1.0
+    np.testing.assert_allclose(grads[True], grads[False], atol=1e-5)
 
 
 def test_upsample_and_channel_shuffle_semantics():

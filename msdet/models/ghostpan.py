@@ -15,12 +15,13 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from msdet.models.shufflenetv2 import activation_cell
+from msdet.ops.batchnorm import batch_norm2d
 from msdet.ops.dwconv import conv2d
 from msdet.ops.groupnorm import group_norm
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=1e-5, momentum=0.9)
+    return batch_norm2d(c, 1e-5, 0.9)
 
 
 def kaiming_normal_fan_out(conv: nn.Conv2d) -> None:
@@ -179,6 +180,22 @@ def upsample_bilinear2x(x: Tensor) -> Tensor:
     return ops.reshape(ops.stack((even, odd), axis=4), (b, c, 2 * h, 2 * w))
 
 
+class Upsample2x(nn.Cell):
+    """x2 bilinear upsampling (half-pixel centres, as ``nn.Upsample(scale_factor=2, mode="bilinear")``): in
+    training MindSpore's ``ResizeBilinearV2`` (one op each way; fwd+bwd 1.8 against 3.4 ms at NanoDet's 128 px
+    neck, 9.8 against 14.2 at 320; the same values within 5e-7), in inference and export
+    :func:`upsample_bilinear2x`, which exports to ONNX."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resize = ops.ResizeBilinearV2(align_corners=False, half_pixel_centers=True)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self.resize(x, (x.shape[2] * 2, x.shape[3] * 2))
+        return upsample_bilinear2x(x)
+
+
 class GhostPAN(nn.Cell):
     """Inputs: a tuple of len(in_channels) maps (finest first). Outputs: len(in_channels) + num_extra_level
     maps of ``out_channels`` channels, finest first."""
@@ -211,6 +228,7 @@ class GhostPAN(nn.Cell):
         self.bottom_up_blocks = nn.CellList([ghost() for _ in range(n - 1)])
         self.extra_lvl_in_conv = nn.CellList([down() for _ in range(num_extra_level)])
         self.extra_lvl_out_conv = nn.CellList([down() for _ in range(num_extra_level)])
+        self.upsample = Upsample2x()
 
     def construct(self, inputs: tuple) -> tuple:
         n = self.num_inputs
@@ -222,7 +240,7 @@ class GhostPAN(nn.Cell):
         for j in range(n - 1):
             idx = n - 1 - j
             high = inner[0]
-            up = upsample_bilinear2x(high)
+            up = self.upsample(high)
             fused = self.top_down_blocks[j](ops.concat((up, reduced[idx - 1]), axis=1))
             inner = [fused] + inner
         # bottom-up
@@ -236,4 +254,4 @@ class GhostPAN(nn.Cell):
 
 
 __all__ = ["ConvModule", "DepthwiseConvModule", "GhostModule", "GhostBottleneck", "GhostBlocks", "GhostPAN",
-           "upsample_bilinear2x", "kaiming_normal_fan_out", "normal_init"]
+           "Upsample2x", "upsample_bilinear2x", "kaiming_normal_fan_out", "normal_init"]
