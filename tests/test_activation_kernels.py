@@ -80,6 +80,20 @@ def test_swish_output_and_gradient_equal_the_reference_and_mindspore(fast):
     np.testing.assert_allclose(dx, dx_ms, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [activations.Swish, lambda: activations.LeakyReLU(0.1)])
+def test_threaded_result_is_the_single_threaded_one(fast, make):
+    """8 x 64 x 48 x 48 (1.2M values) runs on both cores (parallel.h), one sample (147K) on one: the same bits."""
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(8, 64, 48, 48)) * 4).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    out, (dx,) = _run(make(), [x], dy)
+    parts = [_run(make(), [x[i:i + 1]], dy[i:i + 1]) for i in range(8)]
+    np.testing.assert_array_equal(out, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(dx, np.concatenate([p[1][0] for p in parts]))
+    if not isinstance(make(), activations.Swish):  # LeakyReLU: PyTorch's definition to the bit
+        np.testing.assert_array_equal(out, np.where(x > 0, x, np.float32(0.1) * x))
+
+
 def test_swish_gradient_equals_finite_differences(fast):
     x, dy = _swish_input(seed=1)
     x = x[:, :, 2:, :]          # no extremes: their finite differences are 0 / 1 to rounding

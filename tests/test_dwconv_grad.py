@@ -130,17 +130,21 @@ def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
     assert type(dwconv.conv2d(4, 4, 5, stride=2, group=4)) is dwconv.FastDepthwiseConv2d
 
 
-def test_library_is_rebuilt_when_the_source_changes(tmp_path):
-    source = tmp_path / "kernel.cc"
+def test_library_is_rebuilt_when_the_source_or_its_header_changes(tmp_path):
+    source, header = tmp_path / "kernel.cc", tmp_path / "parallel.h"
     source.write_text(dwconv.KERNEL.source.read_text())
+    header.write_text(dwconv.KERNEL.source.with_name("parallel.h").read_text())
+    assert native.local_includes(source) == [header]
     first = native.build_library(source, tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
     assert native.build_library(source, tmp_path / "cache") == first
     assert first.stat().st_mtime_ns == stamp                  # cached: not compiled again
     source.write_text(dwconv.KERNEL.source.read_text() + "\n// edited\n")
     second = native.build_library(source, tmp_path / "cache")
-    assert second != first and second.exists()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
+    header.write_text(header.read_text() + "\n// edited\n")
+    third = native.build_library(source, tmp_path / "cache")
+    assert len({first, second, third}) == 3 and third.exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(p.name for p in (first, second, third))
 
 
 def test_without_gxx_the_standard_conv_is_used(monkeypatch):

@@ -61,17 +61,21 @@ def test_closure_follows_lazy_and_relative_imports_only_into_the_project(tmp_pat
 
 
 def test_a_modules_compiled_companion_source_is_part_of_its_code(tmp_path):
-    """msdet/ops/dwconv.py compiles dwconv.cc at run time: editing the kernel must make training stale."""
+    """msdet/ops/dwconv.py compiles dwconv.cc, which includes parallel.h, at run time: editing either must make
+    training stale."""
     pkg = tmp_path / "msdet"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from msdet import kernel\n")
     (pkg / "kernel.py").write_text("")
-    (pkg / "kernel.cc").write_text("int f() { return 1; }\n")
+    (pkg / "kernel.cc").write_text('#include <cstdint>\n#include "shared.h"\nint f() { return 1; }\n')
+    (pkg / "shared.h").write_text("")
     (pkg / "other.cc").write_text("")
+    (pkg / "other.h").write_text("")
     got = {p.as_posix() for p in closure(tmp_path, [Path("msdet/a.py")])}
-    assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/kernel.py", "msdet/kernel.cc"}
-    assert "msdet/ops/dwconv.cc" in expected_code_deps("python -m stages.train --model d0", ROOT)
+    assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/kernel.py", "msdet/kernel.cc", "msdet/shared.h"}
+    deps = expected_code_deps("python -m stages.train --model d0", ROOT)
+    assert {"msdet/ops/dwconv.cc", "msdet/ops/parallel.h"} <= set(deps)
 
 
 def test_code_fingerprint_follows_exactly_the_imported_files(tmp_path):

@@ -22,6 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from msdet.ops.native import local_includes
+
 #: top-level packages of this project: imports of anything else (mindspore, numpy, ...) are not followed
 PROJECT_PACKAGES = ("msdet", "stages")
 REGISTRY_FILE = "msdet/detectors/__init__.py"
@@ -98,7 +100,10 @@ def closure(root: Path, start: list[Path]) -> set[Path]:
         if path in seen:
             continue
         seen.add(path)
-        seen.update(n for n in (path.with_suffix(s) for s in NATIVE_SUFFIXES) if n.is_file())
+        for native in (path.with_suffix(s) for s in NATIVE_SUFFIXES):
+            if native.is_file():
+                seen.add(native)
+                seen.update(h for h in local_includes(native) if h.is_file())
         for module in imported_modules(path, root):
             parts = module.split(".")
             if parts[0] not in PROJECT_PACKAGES:

@@ -1,1 +1,1 @@
-"""Box operations: anchors/priors, box coders, IoU, NMS."""
+"""Box operations (anchors/priors, coders, IoU, NMS) and the C++ kernels of CPU training (native.py)."""

@@ -10,43 +10,22 @@
 //                   (the correlation of x with dy, per channel, summed over the batch).
 // All three visit the same (tap, output row) pairs (for_each_tap_row); the forward and the input gradient share
 // one loop nest (apply_kernel). Every (n, c) plane is independent: the planes are shared out over the CPU's
-// threads (for_each_plane); the inner loops run along a row (SIMD). Plain std::threads per call, not OpenMP:
-// libgomp's workers busy-wait after each parallel region (OMP_WAIT_POLICY is read once, when MindSpore loads
-// libgomp) and took the cores from MindSpore's own kernels: D0's step was 1.3x slower with OpenMP, 0.93x with
-// OMP_WAIT_POLICY=passive.
+// threads (parallel_for, parallel.h; below ~2M multiply-adds, NanoDet's 3x3 convs at 128 px, one thread); the
+// inner loops run along a row (SIMD).
 // Padding: SAME = TensorFlow's "same" (pt = total / 2, the extra pixel at the bottom/right), else (K - 1) / 2 on
 // every side.
 // Entry points: the aot signature; the forward takes (x, w), the gradients (x, dy, w), then the output. x is
 // read by the weight gradient and gives the input's shape to the input gradient.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "parallel.h"
 
 namespace {
 
-// fn(i) for i in [0, count) on this thread and up to hardware_concurrency - 1 helpers, which take planes in
-// small chunks from a shared counter: a helper that the (shared, busy) machine schedules late gets less work
-// instead of holding up the call. Below ~2M multiply-adds (NanoDet's 3x3 convs at 128 px) one thread does it all:
-// starting and joining a helper costs more than it saves there.
-template <class Fn>
-void for_each_plane(int64_t count, int64_t macs, Fn fn) {
-  constexpr int64_t kChunk = 4, kMacsPerThread = int64_t{1} << 21;
-  const int64_t threads = std::min<int64_t>({std::max(1u, std::thread::hardware_concurrency()),
-                                             count / kChunk + 1, macs / kMacsPerThread + 1});
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t i = next.fetch_add(kChunk); i < count; i = next.fetch_add(kChunk)) {
-      for (int64_t j = i; j < std::min(i + kChunk, count); ++j) fn(j);
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back(work);
-  work();
-  for (std::thread &h : helpers) h.join();
-}
+constexpr int64_t kMacsPerThread = int64_t{1} << 21;
 
 struct Geometry {
   int64_t n, c, h, w, ho, wo, pt, pl;
@@ -103,7 +82,7 @@ template <int K, int S, bool SCATTER>
 void apply_kernel(const Geometry &g, const float *src, const float *w, float *dst) {
   const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
   const int64_t src_plane = SCATTER ? out_plane : in_plane, dst_plane = SCATTER ? in_plane : out_plane;
-  for_each_plane(g.n * g.c, g.n * g.c * out_plane * K * K, [&](int64_t nc) {
+  parallel_for(g.n * g.c, g.n * g.c * out_plane * K * K, kMacsPerThread, [&](int64_t nc) {
     const float *k = w + (nc % g.c) * K * K;
     const float *ps = src + nc * src_plane;
     float *pd = dst + nc * dst_plane;
@@ -149,7 +128,7 @@ int grad_weight(int nparam, void **params, int64_t **shapes, const char **dtypes
   const float *dy = static_cast<const float *>(params[1]);
   float *dw = static_cast<float *>(params[3]);
   std::vector<float> part(g.n * g.c * K * K, 0.0f);  // per (n, c) sums, added over n in a fixed order below
-  for_each_plane(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, [&](int64_t nc) {
+  parallel_for(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, kMacsPerThread, [&](int64_t nc) {
     const float *px = x + nc * g.h * g.w;
     const float *gy = dy + nc * g.ho * g.wo;
     float *sums = part.data() + nc * K * K;

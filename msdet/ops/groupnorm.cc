@@ -6,14 +6,18 @@
 //   xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),  y = xhat * gamma[c] + beta[c]
 //   dx   = rstd * (gy - mean(gy) - xhat * mean(gy * xhat)),  gy = dy * gamma[c]   (means over the group)
 //   dgamma[c] = sum_{n,h,w} dy * xhat,  dbeta[c] = sum_{n,h,w} dy
-// Each channel's plane is summed in float (SIMD), the planes in double, in a fixed order (deterministic). One thread: at these sizes the
-// whole op takes about a millisecond. Entry points: the aot signature; cfg = [groups, eps] (float32) is the last
-// input. gn_fwd(x, gamma, beta, cfg) -> y; gn_dx(x, dy, gamma, cfg) -> dx; gn_dgb(x, dy, cfg) -> [dgamma; dbeta]
-// as one [2, C] output.
+// Each channel's plane is summed in float (SIMD), the planes in double, in a fixed order (deterministic). The
+// (sample, group) pairs - the groups, for the affine gradient, whose sums run over the samples - are shared out
+// over the threads above ~1M values (parallel_for, parallel.h): the same result on any number of threads.
+// Entry points: the aot signature; cfg = [groups, eps] (float32) is the last input.
+// gn_fwd(x, gamma, beta, cfg) -> y; gn_dx(x, dy, gamma, cfg) -> dx; gn_dgb(x, dy, cfg) -> [dgamma; dbeta] as one
+// [2, C] output.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "parallel.h"
 
 namespace {
 
@@ -77,14 +81,16 @@ void plane_grad_sums(const float *x, const float *dy, int64_t hw, float mean, do
   *sx = b;
 }
 
-// fn(ng, mean, rstd) for every (sample, group) ng, in order
+constexpr int64_t kValuesPerThread = int64_t{1} << 20;
+
+// fn(ng, mean, rstd) for every (sample, group) ng; each call writes only its own (sample, group)
 template <class Fn>
 void for_each_group(const Layout &l, const float *x, Fn fn) {
-  for (int64_t ng = 0; ng < l.n * l.groups; ++ng) {
+  parallel_for(l.n * l.groups, l.n * l.c * l.hw, kValuesPerThread, [&](int64_t ng) {
     double mean, rstd;
     moments(x + ng * l.per_group * l.hw, l, &mean, &rstd);
     fn(ng, mean, rstd);
-  }
+  });
 }
 
 int forward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
@@ -151,13 +157,19 @@ int grad_affine(int nparam, void **params, int64_t **shapes, const char **dtypes
   float *out = static_cast<float *>(params[3]);  // [2, C]: dgamma, dbeta
   std::vector<double> dgamma(l.c, 0.0), dbeta(l.c, 0.0);
   const int64_t d = l.per_group * l.hw;
-  for_each_group(l, x, [&](int64_t ng, double mean, double rstd) {
-    for (int64_t j = 0; j < l.per_group; ++j) {
-      const int64_t c = (ng % l.groups) * l.per_group + j;
-      double s, sx;
-      plane_grad_sums(x + ng * d + j * l.hw, dy + ng * d + j * l.hw, l.hw, static_cast<float>(mean), &s, &sx);
-      dgamma[c] += sx * rstd;
-      dbeta[c] += s;
+  // one group's channels per call, summed over the samples in order
+  parallel_for(l.groups, l.n * l.c * l.hw, kValuesPerThread, [&](int64_t g) {
+    for (int64_t n = 0; n < l.n; ++n) {
+      const int64_t ng = n * l.groups + g;
+      double mean, rstd;
+      moments(x + ng * d, l, &mean, &rstd);
+      for (int64_t j = 0; j < l.per_group; ++j) {
+        const int64_t c = g * l.per_group + j;
+        double s, sx;
+        plane_grad_sums(x + ng * d + j * l.hw, dy + ng * d + j * l.hw, l.hw, static_cast<float>(mean), &s, &sx);
+        dgamma[c] += sx * rstd;
+        dbeta[c] += s;
+      }
     }
   });
   for (int64_t c = 0; c < l.c; ++c) {

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
+
 namespace {
 
 bool float32_args(int nparam, int expected, const char **dtypes) {
@@ -20,6 +22,8 @@ bool float32_args(int nparam, int expected, const char **dtypes) {
   }
   return true;
 }
+
+constexpr int64_t kValuesPerThread = int64_t{1} << 20;  // planes over the threads above (parallel.h)
 
 int64_t out_size(int64_t n) { return (n + 1) / 2; }
 
@@ -71,7 +75,8 @@ extern "C" int mp_fwd(int nparam, void **params, int *ndims, int64_t **shapes, c
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t out_plane = out_size(h) * out_size(w);
-  for (int64_t p = 0; p < planes; ++p) forward_plane(x + p * h * w, h, w, y + p * out_plane);
+  parallel_for(planes, planes * h * w, kValuesPerThread,
+               [&](int64_t p) { forward_plane(x + p * h * w, h, w, y + p * out_plane); });
   return 0;
 }
 
@@ -83,6 +88,7 @@ extern "C" int mp_dx(int nparam, void **params, int *ndims, int64_t **shapes, co
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t out_plane = out_size(h) * out_size(w);
-  for (int64_t p = 0; p < planes; ++p) grad_plane(x + p * h * w, dy + p * out_plane, h, w, dx + p * h * w);
+  parallel_for(planes, planes * h * w, kValuesPerThread,
+               [&](int64_t p) { grad_plane(x + p * h * w, dy + p * out_plane, h, w, dx + p * h * w); });
   return 0;
 }

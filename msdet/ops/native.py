@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,11 +22,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "msdet"
 
 
+def local_includes(source: Path) -> list[Path]:
+    """The headers next to ``source`` that it includes with quotes (``#include "parallel.h"``): part of its code."""
+    names = re.findall(r'^\s*#include\s+"([^"]+)"', source.read_text(), flags=re.MULTILINE)
+    return [source.with_name(n) for n in names]
+
+
 def build_library(source: Path, directory: Path | None = None, flags: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` (``CXXFLAGS`` + ``flags``) into ``directory`` once per content: the file name holds a hash
-    of source and flags, so an edited source gets a new library; written to a temporary name and renamed (atomic
-    for readers)."""
-    code = source.read_bytes()
+    of source, its local headers and flags, so an edited source or header gets a new library; written to a temporary
+    name and renamed (atomic for readers)."""
+    code = b"".join(p.read_bytes() for p in (source, *local_includes(source)))
     cxxflags = (*CXXFLAGS, *flags)
     digest = hashlib.sha256(code + " ".join(cxxflags).encode()).hexdigest()[:16]
     directory = Path(directory) if directory is not None else cache_dir()
