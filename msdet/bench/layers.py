@@ -188,7 +188,7 @@ def d0_cases(params: Params, num_classes: int) -> list[LayerCase]:
                            rng.standard_normal((b, n_anchor, num_classes)).astype(np.float32) - 4.0],
                           {"num_classes": num_classes})
     network = detector.build_network()
-    grads = tuple(_tensor(rng.standard_normal(p.shape).astype(np.float32) * 1e-3)
+    grads = tuple(_tensor((rng.standard_normal(p.shape) * 1e-3).astype(np.float32))  # 0-d too: float32 scalar
                   for p in network.trainable_params())
     step = ms.Tensor(10.0, ms.float32)
     return [
@@ -284,7 +284,7 @@ def nanodet_cases(params: Params, num_classes: int) -> list[LayerCase]:
     stub = _fixed_outputs(head_out, {"num_classes": num_classes, "reg_max": cfg.reg_max,
                                      "head": DistributionProject()})
     network = detector.build_network()
-    grads = tuple(_tensor(rng.standard_normal(p.shape).astype(np.float32) * 1e-3)
+    grads = tuple(_tensor((rng.standard_normal(p.shape) * 1e-3).astype(np.float32))  # 0-d too: float32 scalar
                   for p in network.trainable_params())
     step = ms.Tensor(10.0, ms.float32)
     maps = [x(b, width, h, h) for h in levels] + [x(b, spec.aux_channels, h, h) for h in levels]
