@@ -59,6 +59,18 @@ def kernels_on(*modules):
             m.KERNEL.library, m.KERNEL.on = library, on
 
 
+class Weighted(nn.Cell):
+    """sum(dy * cell(*inputs)): its gradient with respect to each input is that input's vector-Jacobian product
+    with dy (the kernel tests' way to check a backward pass against a reference)."""
+
+    def __init__(self, cell, dy):
+        super().__init__()
+        self.cell, self.dy = cell, Tensor(dy)
+
+    def construct(self, *inputs):
+        return (self.cell(*inputs) * self.dy).sum()
+
+
 def config(section: str, profile: str = "default", **changes):
     """The params block at dotted ``section`` ("d0", "nanodet.augment", "data.synthetic", ...) with ``changes``."""
     block = project_params(profile)

@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 
 from msdet.ops import activations, native
-from tests.helpers import kernels_on
+from tests.helpers import Weighted, kernels_on
 
 # the exponential's clamp and the sign select are where a vectorised sigmoid goes wrong
 EXTREMES = [-120.0, -88.0, -87.3, -30.0, -1e-8, -0.0, 0.0, 1e-8, 15.0, 87.3, 88.5, 120.0]
@@ -39,24 +39,13 @@ def _se_ref(x, s):
     return x * _sigmoid(s)
 
 
-class _Weighted(nn.Cell):
-    """sum(dy * cell(*inputs)), so that the gradient of each input is its vector-Jacobian product with dy."""
-
-    def __init__(self, cell, dy):
-        super().__init__()
-        self.cell, self.dy = cell, Tensor(dy)
-
-    def construct(self, *inputs):
-        return (self.cell(*inputs) * self.dy).sum()
-
-
 def _run(cell, inputs, dy, training=True):
     """(output, gradients of every input) of ``cell`` compiled in graph mode."""
     ms.set_context(mode=ms.GRAPH_MODE)
     cell.set_train(training)
     tensors = [Tensor(a) for a in inputs]
     out = cell(*tensors).asnumpy()
-    grads = ms.jit(ms.grad(_Weighted(cell, dy), tuple(range(len(inputs)))))(*tensors)
+    grads = ms.jit(ms.grad(Weighted(cell, dy), tuple(range(len(inputs)))))(*tensors)
     grads = grads if isinstance(grads, tuple) else (grads,)   # one input: a tensor, not a tuple
     return out, [g.asnumpy() for g in grads]
 

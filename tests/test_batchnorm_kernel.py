@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.ops import batchnorm
-from tests.helpers import kernels_on
+from tests.helpers import Weighted, kernels_on
 
 EPS = 1e-3
 
@@ -21,15 +21,6 @@ def _reference(x, dy, gamma):
     g = gamma.reshape(1, -1, 1, 1) / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
     dx = g * (dy - dbeta.reshape(1, -1, 1, 1) / m - xhat * dgamma.reshape(1, -1, 1, 1) / m)
     return dx, dgamma, dbeta
-
-
-class _Weighted(nn.Cell):
-    def __init__(self, cell, dy):
-        super().__init__()
-        self.cell, self.dy = cell, Tensor(dy)
-
-    def construct(self, x):
-        return (self.cell(x) * self.dy).sum()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (8, 16, 96, 96)])  # one thread / two (over 2^20 values)
@@ -46,7 +37,7 @@ def test_batch_norm_kernel_gradients_and_statistics(shape):
                 nn.BatchNorm2d(shape[1], eps=EPS, momentum=0.9)
         bn.gamma.set_data(Tensor(gamma))
         bn.set_train(True)
-        weighted = _Weighted(bn, dy)
+        weighted = Weighted(bn, dy)
         dx, (dgamma, dbeta) = ms.grad(weighted, 0, weighted.trainable_params())(Tensor(x))
         y = bn(Tensor(x)).asnumpy()  # a second training forward: the moving statistics move twice
         results[kernel] = (y, dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy(), bn.moving_mean.asnumpy(),

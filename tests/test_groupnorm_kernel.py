@@ -6,7 +6,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.ops import groupnorm, native
-from tests.helpers import kernels_on
+from tests.helpers import Weighted, kernels_on
 
 # (batch, channels, height, width, groups)
 CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), (2, 12, 1, 1, 3)]
@@ -41,21 +41,12 @@ def _finite_differences(x, gamma, beta, dy, groups, h=1e-6):
     return grads
 
 
-class _Weighted(nn.Cell):
-    def __init__(self, cell, dy):
-        super().__init__()
-        self.cell, self.dy = cell, Tensor(dy)
-
-    def construct(self, x):
-        return (self.cell(x) * self.dy).sum()
-
-
 def _run(cell, x, dy):
     """(output, dx, dgamma, dbeta) of ``cell`` compiled in graph mode, gradient of sum(dy * y)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     cell.set_train(True)
     y = cell(Tensor(x))
-    dx, (dgamma, dbeta) = ms.jit(ms.grad(_Weighted(cell, dy), 0, [cell.gamma, cell.beta]))(Tensor(x))
+    dx, (dgamma, dbeta) = ms.jit(ms.grad(Weighted(cell, dy), 0, [cell.gamma, cell.beta]))(Tensor(x))
     return [a.asnumpy() for a in (y, dx, dgamma, dbeta)]
 
 

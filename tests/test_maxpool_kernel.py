@@ -4,11 +4,11 @@ NumPy reference, and the network's exportable form in inference."""
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
 from msdet.ops import maxpool
-from tests.helpers import kernels_on
+from tests.helpers import Weighted, kernels_on
 
 SHAPES = [(2, 3, 8, 6), (1, 2, 7, 5), (1, 1, 1, 1), (2, 4, 2, 9)]
 
@@ -31,15 +31,6 @@ def _reference(x, dy):
     return y, dx
 
 
-class _Weighted(nn.Cell):
-    def __init__(self, cell, dy):
-        super().__init__()
-        self.cell, self.dy = cell, Tensor(dy)
-
-    def construct(self, x):
-        return (self.cell(x) * self.dy).sum()
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_maxpool_kernel_is_pytorchs_pool_and_gradient(shape, ties):
@@ -54,7 +45,7 @@ def test_maxpool_kernel_is_pytorchs_pool_and_gradient(shape, ties):
     cell.set_train(True)
     y_ref, dx_ref = _reference(x.astype(np.float64), dy.astype(np.float64))
     np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), y_ref.astype(np.float32))
-    dx = ms.grad(_Weighted(cell, dy))(Tensor(x)).asnumpy()
+    dx = ms.grad(Weighted(cell, dy))(Tensor(x)).asnumpy()
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
     cell.set_train(False)  # inference and export: the edge-padded valid pool, the same values
     np.testing.assert_array_equal(cell(Tensor(x)).asnumpy(), y_ref.astype(np.float32))
