@@ -131,10 +131,11 @@ def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
 
 
 def test_library_is_rebuilt_when_the_source_or_its_header_changes(tmp_path):
-    source, header = tmp_path / "kernel.cc", tmp_path / "parallel.h"
+    source, checks, header = tmp_path / "kernel.cc", tmp_path / "aot.h", tmp_path / "parallel.h"
     source.write_text(dwconv.KERNEL.source.read_text())
-    header.write_text(dwconv.KERNEL.source.with_name("parallel.h").read_text())
-    assert native.local_includes(source) == [header]
+    for copy in (checks, header):
+        copy.write_text(dwconv.KERNEL.source.with_name(copy.name).read_text())
+    assert native.local_includes(source) == [checks, header]
     first = native.build_library(source, tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
     assert native.build_library(source, tmp_path / "cache") == first

@@ -30,17 +30,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
-
-bool float32_args(int nparam, int expected, const char **dtypes) {
-  if (nparam != expected) return false;
-  for (int i = 0; i < expected; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
-  return true;
-}
 
 int64_t numel(int ndim, const int64_t *shape) {
   int64_t n = 1;

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
@@ -65,14 +66,6 @@ void for_each_tap_row(const Geometry &g, Fn fn) {
       }
     }
   }
-}
-
-bool float32_args(int nparam, int expected, const char **dtypes) {
-  if (nparam != expected) return false;
-  for (int i = 0; i < expected; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
-  return true;
 }
 
 // The forward and the input gradient are one loop nest: the forward gathers y[row] += w * x[strided row]

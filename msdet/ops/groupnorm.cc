@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
@@ -25,14 +26,6 @@ struct Layout {
   int64_t n, c, groups, per_group, hw;  // per_group: channels per group
   float eps;
 };
-
-bool float32_args(int nparam, int expected, const char **dtypes) {
-  if (nparam != expected) return false;
-  for (int i = 0; i < expected; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
-  return true;
-}
 
 // false when the channels do not split into the groups
 bool layout(const int64_t *x, const float *cfg, Layout *out) {

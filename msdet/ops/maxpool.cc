@@ -11,17 +11,10 @@
 #include <cstring>
 #include <vector>
 
+#include "aot.h"
 #include "parallel.h"
 
 namespace {
-
-bool float32_args(int nparam, int expected, const char **dtypes) {
-  if (nparam != expected) return false;
-  for (int i = 0; i < expected; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0) return false;
-  }
-  return true;
-}
 
 constexpr int64_t kValuesPerThread = int64_t{1} << 20;  // planes over the threads above (parallel.h)
 

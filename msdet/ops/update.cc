@@ -18,19 +18,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "aot.h"
+
 namespace {
-
-int64_t numel(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int d = 0; d < ndim; ++d) n *= shape[d];
-  return n;
-}
-
-bool all_float32(int nparam, const char **dtypes) {
-  for (int k = 0; k < nparam; ++k)
-    if (std::strcmp(dtypes[k], "float32") != 0) return false;
-  return true;
-}
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void adamw_one(float *p, float *m, float *v, const float *g, int64_t n, float lr, float beta1_minus,
@@ -56,7 +46,7 @@ void ema_one(float *s, const float *x, int64_t n, float rate) {
 extern "C" int adamw_update(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                             void *) {
   const int k = (nparam - 3) / 4;
-  if (k < 1 || nparam != 4 * k + 3 || !all_float32(nparam, dtypes) || numel(ndims[0], shapes[0]) != 5 ||
+  if (k < 1 || nparam != 4 * k + 3 || !float32_args(nparam, nparam, dtypes) || numel(ndims[0], shapes[0]) != 5 ||
       numel(ndims[1], shapes[1]) != k)
     return 1;
   const float *hyper = static_cast<const float *>(params[0]);
@@ -77,7 +67,8 @@ extern "C" int adamw_update(int nparam, void **params, int *ndims, int64_t **sha
 extern "C" int ema_update(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                           void *) {
   const int k = (nparam - 2) / 2;
-  if (k < 1 || nparam != 2 * k + 2 || !all_float32(nparam, dtypes) || numel(ndims[0], shapes[0]) != 1) return 1;
+  if (k < 1 || nparam != 2 * k + 2 || !float32_args(nparam, nparam, dtypes) || numel(ndims[0], shapes[0]) != 1)
+    return 1;
   const float rate = *static_cast<const float *>(params[0]);
   for (int t = 0; t < k; ++t) {
     const int64_t n = numel(ndims[1 + t], shapes[1 + t]);
