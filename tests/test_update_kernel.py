@@ -25,12 +25,16 @@ def _tensors(seed, shapes=SHAPES, positive=False):
     return [np.asarray(np.abs(a)) for a in arrays] if positive else arrays
 
 
+def _parameters(prefix, arrays):
+    return ParameterTuple(Parameter(Tensor(a), name=f"{prefix}{i}") for i, a in enumerate(arrays))
+
+
 class _KernelAdamW(nn.Cell):
     def __init__(self, p, m, v):
         super().__init__()
-        self.p = ParameterTuple(Parameter(Tensor(a), name=f"p{i}") for i, a in enumerate(p))
-        self.m = ParameterTuple(Parameter(Tensor(a), name=f"m{i}") for i, a in enumerate(m))
-        self.v = ParameterTuple(Parameter(Tensor(a), name=f"v{i}") for i, a in enumerate(v))
+        self.p = _parameters("p", p)
+        self.m = _parameters("m", m)
+        self.v = _parameters("v", v)
         self.op = update.AdamWUpdate(update.KERNEL.library)
 
     def construct(self, hyper, decays, grads):
@@ -42,9 +46,9 @@ class _MindSporeAdamW(nn.Cell):
 
     def __init__(self, p, m, v):
         super().__init__()
-        self.p = ParameterTuple(Parameter(Tensor(a), name=f"p{i}") for i, a in enumerate(p))
-        self.m = ParameterTuple(Parameter(Tensor(a), name=f"m{i}") for i, a in enumerate(m))
-        self.v = ParameterTuple(Parameter(Tensor(a), name=f"v{i}") for i, a in enumerate(v))
+        self.p = _parameters("p", p)
+        self.m = _parameters("m", m)
+        self.v = _parameters("v", v)
         self.adam = ops.AdamWeightDecay()
 
     def construct(self, lr, beta1, beta2, eps, decays, grads):
@@ -94,7 +98,7 @@ def test_adamw_update_is_mindsporess_kernel_and_the_float64_formula(fast):
 class _KernelEMA(nn.Cell):
     def __init__(self, shadows):
         super().__init__()
-        self.shadows = ParameterTuple(Parameter(Tensor(a), name=f"s{i}") for i, a in enumerate(shadows))
+        self.shadows = _parameters("s", shadows)
         self.op = update.EMAUpdate(update.KERNEL.library)
 
     def construct(self, rate, sources):
@@ -104,7 +108,7 @@ class _KernelEMA(nn.Cell):
 class _MindSporeEMA(nn.Cell):
     def __init__(self, shadows):
         super().__init__()
-        self.shadows = ParameterTuple(Parameter(Tensor(a), name=f"s{i}") for i, a in enumerate(shadows))
+        self.shadows = _parameters("s", shadows)
         self.step = ops.ApplyGradientDescent()
 
     def construct(self, rate, sources):
