@@ -63,6 +63,10 @@ class RuntimeConfig:
     # On CPU, training graphs differentiate BatchNorm with the C++ gradient of msdet/ops/batchnorm.py (the forward
     # stays MindSpore's; same gradients within float rounding).
     cpu_batch_norm_kernel: bool = _f()
+    # On CPU, training graphs run dense k x k convs (k > 1: NanoDet-Plus's aux head and output convs, the stems) on
+    # oneDNN 3's blocked kernels (msdet/ops/denseconv.py, pip's onednn-cpu-gomp) instead of MindSpore's im2col +
+    # GEMM path (same results within float rounding).
+    cpu_dense_conv_kernel: bool = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

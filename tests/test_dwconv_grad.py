@@ -8,7 +8,7 @@ from mindspore import Tensor, nn
 
 from msdet.engine.ema import EMA
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
-from msdet.ops import activations, batchnorm, dwconv, groupnorm, maxpool, native, sumsq, update
+from msdet.ops import activations, batchnorm, conv, denseconv, dwconv, groupnorm, maxpool, native, sumsq, update
 from tests.helpers import config, kernels_on
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
@@ -26,9 +26,9 @@ CASES = [
 
 @pytest.fixture
 def fast():
-    """The switches on for this test only; the GroupNorm, activation, BatchNorm and max-pool kernels too, so that
-    the whole-network tests compile every kernel of the network into one graph, as training does."""
-    with kernels_on(dwconv, groupnorm, activations, batchnorm, maxpool):
+    """The switches on for this test only; the GroupNorm, activation, BatchNorm, max-pool and dense conv kernels
+    too, so that the whole-network tests compile every kernel of the network into one graph, as training does."""
+    with kernels_on(dwconv, groupnorm, activations, batchnorm, maxpool, denseconv):
         yield
 
 
@@ -190,7 +190,8 @@ def _network_gradients(model, kernel, graph):
     from msdet.detectors.nanodet import NanoDetDetector
 
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
-    dwconv.KERNEL.on = groupnorm.KERNEL.on = activations.KERNEL.on = batchnorm.KERNEL.on = maxpool.KERNEL.on = kernel
+    for module in (dwconv, groupnorm, activations, batchnorm, maxpool, denseconv):
+        module.KERNEL.on = kernel
     ms.set_seed(0)
     if model == "d0":
         net = D0Detector(config("d0", input_size=128, drop_connect_rate=0.0), 3).build_network()
@@ -199,7 +200,7 @@ def _network_gradients(model, kernel, graph):
     net.set_train(True)
     fast_cells = (dwconv.FastDepthwiseConv2d, groupnorm.FastGroupNorm, activations.SwishKernel,
                   activations.LeakyReLUKernel, activations.PlaneMeanKernel, activations.SigmoidGateKernel,
-                  batchnorm.FastBatchNorm2d, maxpool.MaxPoolKernel)
+                  batchnorm.FastBatchNorm2d, maxpool.MaxPoolKernel, denseconv.FastDenseConv2d)
     replaced = sum(isinstance(c, fast_cells) for _, c in net.cells_and_names())
     rng = np.random.default_rng(0)
     x = Tensor(rng.normal(size=(2, 3, 128, 128)).astype(np.float32))
@@ -257,12 +258,12 @@ def test_d0_gradient_with_the_kernel_matches_finite_differences(fast, pynative):
 
 
 @pytest.mark.parametrize("kernel", ["depthwise", "group_norm", "activation", "grad_norm", "update", "maxpool",
-                                    "batch_norm"])
+                                    "batch_norm", "dense_conv"])
 @pytest.mark.parametrize("switch,target,expected", [(True, "CPU", True), (False, "CPU", False), (True, "GPU", False)])
 def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch, kernel, switch, target, expected):
     """``runtime.cpu_depthwise_kernel`` / ``cpu_group_norm_kernel`` / ``cpu_activation_kernel`` /
-    ``cpu_grad_norm_kernel`` / ``cpu_update_kernel`` / ``cpu_maxpool_kernel`` / ``cpu_batch_norm_kernel`` on CPU
-    turn them on; GPU and Ascend keep MindSpore's kernels."""
+    ``cpu_grad_norm_kernel`` / ``cpu_update_kernel`` / ``cpu_maxpool_kernel`` / ``cpu_batch_norm_kernel`` /
+    ``cpu_dense_conv_kernel`` on CPU turn them on; GPU and Ascend keep MindSpore's kernels."""
     import dataclasses
 
     from msdet.engine import runtime
@@ -276,8 +277,9 @@ def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch
         "update": (update, lambda: EMA(nn.Dense(2, 2), 0.9).fast is not None),
         "maxpool": (maxpool, lambda: MaxPool3x3s2p1().fast is not None),
         "batch_norm": (batchnorm, lambda: isinstance(batchnorm.batch_norm2d(4, 1e-5, 0.9), batchnorm.FastBatchNorm2d)),
+        "dense_conv": (denseconv, lambda: isinstance(conv.conv2d(4, 8, 3), denseconv.FastDenseConv2d)),
     }[kernel]
-    for m in (activations, batchnorm, dwconv, groupnorm, maxpool, sumsq, update):
+    for m in (activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update):
         monkeypatch.setattr(m.KERNEL, "on", m.KERNEL.on)
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
     cfg = dataclasses.replace(config("runtime"), device_target=target, **{f"cpu_{kernel}_kernel": switch})

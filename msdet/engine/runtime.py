@@ -14,7 +14,7 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
-    from msdet.ops import activations, batchnorm, dwconv, groupnorm, maxpool, sumsq, update
+    from msdet.ops import activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
     ms.set_device(cfg.device_target)
@@ -27,6 +27,7 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     update.enable(cfg.cpu_update_kernel and cfg.device_target == "CPU")
     maxpool.enable(cfg.cpu_maxpool_kernel and cfg.device_target == "CPU")
     batchnorm.enable(cfg.cpu_batch_norm_kernel and cfg.device_target == "CPU")
+    denseconv.enable(cfg.cpu_dense_conv_kernel and cfg.device_target == "CPU")
     seed = cfg.seed + seed_offset
     ms.set_seed(seed)
     np.random.seed(seed)

@@ -16,7 +16,7 @@ from mindspore.common import initializer as init
 
 from msdet.models.shufflenetv2 import activation_cell
 from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.dwconv import conv2d
+from msdet.ops.conv import conv2d
 from msdet.ops.groupnorm import group_norm
 
 
@@ -48,8 +48,8 @@ class ConvModule(nn.Cell):
                  padding: int = 0, groups: int = 1, norm: str | None = "BN",
                  activation: str | None = "LeakyReLU", num_groups: int = 32) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                              padding=padding, has_bias=norm is None, group=groups)
+        self.conv = conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                           padding=padding, has_bias=norm is None, group=groups)
         self.norm_name = None
         if norm == "BN":
             self.bn = _bn(out_channels)

@@ -14,7 +14,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.ops.activations import Swish
 from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.dwconv import conv2d
+from msdet.ops.conv import conv2d
 
 
 def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> nn.BatchNorm2d:
@@ -28,7 +28,7 @@ def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> 
 
 class Conv2dSame(nn.Cell):
     """Conv2d with TF "same" padding; the wrapped conv is ``.conv`` as in zylo117's Conv2dStaticSamePadding
-    (a depthwise 3x3/5x5 one trains with the C++ backward of :mod:`msdet.ops.dwconv` when that is enabled)."""
+    (built by :func:`msdet.ops.conv.conv2d`: on a C++ kernel in CPU training where one fits)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  bias: bool = True, groups: int = 1) -> None:

@@ -16,6 +16,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.models.ghostpan import ConvModule, DepthwiseConvModule, GhostPAN, normal_init
 from msdet.models.shufflenetv2 import ShuffleNetV2
+from msdet.ops.conv import conv2d
 from msdet.ops.distance_coder import Integral
 
 #: class-logit bias of every output conv: sigmoid(-4.595) = 0.01.
@@ -113,8 +114,8 @@ class SimpleConvHead(nn.Cell):
         self.reg_convs = nn.CellList([ConvModule(input_channel if i == 0 else feat_channels, feat_channels, 3,
                                                  padding=1, norm="GN", activation=activation)
                                       for i in range(stacked_convs)])
-        self.gfl_cls = nn.Conv2d(feat_channels, num_classes, 3, pad_mode="pad", padding=1, has_bias=True)
-        self.gfl_reg = nn.Conv2d(feat_channels, 4 * (reg_max + 1), 3, pad_mode="pad", padding=1, has_bias=True)
+        self.gfl_cls = conv2d(feat_channels, num_classes, 3, pad_mode="pad", padding=1, has_bias=True)
+        self.gfl_reg = conv2d(feat_channels, 4 * (reg_max + 1), 3, pad_mode="pad", padding=1, has_bias=True)
         self.scales = nn.CellList([Scale(1.0) for _ in strides])
         for m in list(self.cls_convs) + list(self.reg_convs):
             normal_init(m.conv, 0.01)

@@ -16,7 +16,7 @@ from mindspore.common import initializer as init
 from msdet.ops import maxpool
 from msdet.ops.activations import LeakyReLU
 from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.dwconv import conv2d
+from msdet.ops.conv import conv2d
 
 #: Output channels of conv1 and stages 2-4 per width multiplier.
 STAGE_OUT_CHANNELS = {

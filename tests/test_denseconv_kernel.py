@@ -1,0 +1,144 @@
+"""Dense k x k convs on oneDNN 3 (msdet/ops/denseconv.py): output and both gradients equal an independent float64
+NumPy reference and MindSpore's conv, also when the batch is split over threads; the factory picks the kernel only
+where it fits; eval mode exports the plain conv."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from msdet.ops import conv, denseconv, dwconv
+from tests.helpers import kernels_on
+
+# (batch, in, out, height, width, kernel, stride, TF "same" padding or (k - 1) / 2, bias)
+CASES = [
+    (2, 3, 5, 7, 10, 3, 1, False, False),
+    (2, 4, 6, 8, 6, 3, 2, True, True),     # even sizes: "same" pads 0 before, 1 after
+    (1, 5, 3, 9, 7, 3, 2, True, False),    # odd sizes: 1 before, 1 after
+    (2, 3, 24, 16, 16, 3, 2, False, False),  # a stem: stride 2, padding 1
+    (2, 6, 4, 8, 7, 5, 2, True, True),     # 8: "same" pads 1 before, 2 after; 7: 2 and 2
+    (1, 2, 3, 6, 10, 5, 1, False, True),
+    (4, 64, 48, 24, 24, 3, 1, False, True),  # 127M multiply-adds: the batch is split in two pieces
+]
+
+
+@pytest.fixture
+def fast():
+    with kernels_on(denseconv):
+        yield
+
+
+def _pads(size, k, stride, same):
+    if not same:
+        return (k - 1) // 2, (k - 1) // 2
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def _reference(x, w, b, dy, stride, same):
+    """NumPy float64 forward and both gradients of ``sum(conv(x, w) * dy)``, tap by tap on the padded input."""
+    k = w.shape[-1]
+    (pt, pb), (pl, pr) = _pads(x.shape[2], k, stride, same), _pads(x.shape[3], k, stride, same)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    w64, dy64 = w.astype(np.float64), dy.astype(np.float64)
+    ho, wo = dy.shape[2:]
+    y = np.zeros(dy.shape) + (0.0 if b is None else b[None, :, None, None])
+    dxp = np.zeros(xp.shape)
+    dw = np.zeros(w.shape)
+    for kh in range(k):
+        for kw in range(k):
+            window = (slice(None), slice(None), slice(kh, kh + stride * ho, stride),
+                      slice(kw, kw + stride * wo, stride))
+            y += np.einsum("oc,nchw->nohw", w64[:, :, kh, kw], xp[window])
+            dxp[window] += np.einsum("oc,nohw->nchw", w64[:, :, kh, kw], dy64)
+            dw[:, :, kh, kw] = np.einsum("nohw,nchw->oc", dy64, xp[window])
+    return y, dxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]], dw
+
+
+def _grads(cell, x, dy):
+    cell.set_train(True)
+
+    def loss(inputs):
+        return (cell(inputs) * Tensor(dy)).sum()
+
+    out = cell(Tensor(x)).asnumpy()
+    _, (gx, grads) = ms.jit(ms.value_and_grad(loss, 0, cell.trainable_params()))(Tensor(x))
+    return out, gx.asnumpy(), grads[0].asnumpy()
+
+
+@pytest.mark.parametrize("batch,cin,cout,height,width,kernel,stride,same,bias", CASES)
+def test_output_and_gradients_equal_numpy_and_mindspore(fast, batch, cin, cout, height, width, kernel, stride, same,
+                                                        bias):
+    rng = np.random.default_rng(cin * 10 + stride)
+    pad_mode, padding = ("same", 0) if same else ("pad", (kernel - 1) // 2)
+    custom = conv.conv2d(cin, cout, kernel, stride=stride, pad_mode=pad_mode, padding=padding, has_bias=bias)
+    plain = nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode=pad_mode, padding=padding, has_bias=bias)
+    assert isinstance(custom, denseconv.FastDenseConv2d)
+    x = rng.normal(size=(batch, cin, height, width)).astype(np.float32)
+    w = rng.normal(size=(cout, cin, kernel, kernel)).astype(np.float32)
+    b = rng.normal(size=cout).astype(np.float32) if bias else None
+    for cell in (custom, plain):
+        cell.weight.set_data(Tensor(w))
+        if bias:
+            cell.bias.set_data(Tensor(b))
+    out_shape = (batch, cout, -(-height // stride), -(-width // stride))
+    dy = rng.normal(size=out_shape).astype(np.float32)
+
+    y, gx, gw = _grads(custom, x, dy)
+    y_ms, gx_ms, gw_ms = _grads(plain, x, dy)
+    y_np, gx_np, gw_np = _reference(x, w, b, dy, stride, same)
+    assert y.shape == y_np.shape == out_shape
+    scale = np.sqrt(cin * kernel * kernel)   # the sums' size: float32 rounding grows with it
+    for got, ms_got, ref, name in ((y, y_ms, y_np, "y"), (gx, gx_ms, gx_np, "dx"), (gw, gw_ms, gw_np, "dw")):
+        tol = 2e-6 * scale * np.abs(ref).max()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=name)
+        np.testing.assert_allclose(got, ms_got, rtol=0, atol=tol, err_msg=name)
+
+
+def test_the_factory_uses_the_kernel_only_where_it_fits(fast):
+    """Dense odd k > 1, stride 1/2, "same" or (k - 1) / 2 padding; 1x1 convs (MindSpore's GEMM is as fast) and the
+    rest keep nn.Conv2d; depthwise convs go to their own kernel when it is on."""
+    assert type(conv.conv2d(4, 8, 3, pad_mode="pad", padding=1)) is denseconv.FastDenseConv2d
+    assert type(conv.conv2d(4, 8, 5, stride=2)) is denseconv.FastDenseConv2d
+    assert type(conv.conv2d(4, 8, 3, has_bias=True)) is denseconv.FastDenseConv2d
+    assert type(conv.conv2d(4, 8, 1)) is nn.Conv2d
+    assert type(conv.conv2d(4, 8, 4)) is nn.Conv2d
+    assert type(conv.conv2d(4, 8, 3, stride=3)) is nn.Conv2d
+    assert type(conv.conv2d(4, 8, 3, pad_mode="pad", padding=2)) is nn.Conv2d
+    assert type(conv.conv2d(4, 8, 3, pad_mode="valid")) is nn.Conv2d
+    assert type(conv.conv2d(4, 8, 3, group=2)) is nn.Conv2d
+    assert type(conv.conv2d(4, 4, 3, group=4)) is (dwconv.FastDepthwiseConv2d if dwconv.enabled() else nn.Conv2d)
+    denseconv.KERNEL.on = False
+    assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d
+
+
+def test_eval_mode_is_the_plain_conv_and_exports(fast, tmp_path):
+    """Inference and export graphs hold MindSpore's Conv2D only: ONNX (which has no Custom op) exports and
+    onnxruntime gives the reference output."""
+    import onnxruntime as ort
+
+    cell = conv.conv2d(3, 4, 3, stride=2, pad_mode="same", has_bias=True)
+    assert isinstance(cell, denseconv.FastDenseConv2d)
+    cell.set_train(False)
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    ms.export(cell, Tensor(x), file_name=str(tmp_path / "conv"), file_format="ONNX")
+    session = ort.InferenceSession(str(tmp_path / "conv.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    y_np, _, _ = _reference(x, cell.weight.asnumpy(), cell.bias.asnumpy(), np.zeros((1, 4, 4, 4)), 2, True)
+    np.testing.assert_allclose(got, y_np, rtol=1e-5, atol=1e-5)
+
+
+def test_without_onednn_headers_the_standard_conv_is_used(monkeypatch, tmp_path):
+    """A machine without pip's onednn-devel-cpu-gomp: the build fails, a one-line warning names the fallback, and
+    networks keep nn.Conv2d."""
+    monkeypatch.setattr(denseconv.KERNEL, "library", None)
+    monkeypatch.setattr(denseconv.KERNEL, "on", False)
+    monkeypatch.setenv("MSDET_CACHE", str(tmp_path))
+    for header in ("aot.h", "parallel.h"):
+        (tmp_path / header).write_text(denseconv.KERNEL.source.with_name(header).read_text())
+    source = tmp_path / "denseconv.cc"
+    source.write_text(denseconv.KERNEL.source.read_text().replace("<oneapi/dnnl/dnnl.hpp>", "<oneapi/missing.hpp>"))
+    monkeypatch.setattr(denseconv.KERNEL, "source", source)
+    with pytest.warns(UserWarning, match="dense convs keep MindSpore's CPU kernels"):
+        assert denseconv.enable(True) is False
+    assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d
