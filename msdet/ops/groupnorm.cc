@@ -7,11 +7,12 @@
 //   dx   = rstd * (gy - mean(gy) - xhat * mean(gy * xhat)),  gy = dy * gamma[c]   (means over the group)
 //   dgamma[c] = sum_{n,h,w} dy * xhat,  dbeta[c] = sum_{n,h,w} dy
 // Each channel's plane is summed in float (SIMD), the planes in double, in a fixed order (deterministic). The
-// (sample, group) pairs - the groups, for the affine gradient, whose sums run over the samples - are shared out
-// over the threads above ~1M values (parallel_for, parallel.h): the same result on any number of threads.
+// (sample, group) pairs are shared out over the threads above ~1M values (parallel_for, parallel.h); the affine
+// gradient's per-sample terms are added over the samples in order afterwards: the same result on any number of
+// threads.
 // Entry points: the aot signature; cfg = [groups, eps] (float32) is the last input.
-// gn_fwd(x, gamma, beta, cfg) -> y; gn_dx(x, dy, gamma, cfg) -> dx; gn_dgb(x, dy, cfg) -> [dgamma; dbeta] as one
-// [2, C] output.
+// gn_fwd(x, gamma, beta, cfg) -> y; gn_bwd(x, dy, gamma, cfg) -> dx, dgamma, dbeta (one pass for all three: a
+// first version's two ops and the slices of their [2, C] output were 4 kernels per GroupNorm).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -108,66 +109,51 @@ int forward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   return 0;
 }
 
-int grad_input(int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (!float32_args(nparam, 5, dtypes)) return 1;
+// dx = rstd * (gy - mean(gy) - xhat * mean(gy * xhat)), and dgamma[c] = sum_n sum(dy * (x - mean)) * rstd, dbeta[c] = sum_n sum(dy), from the same
+// per-(sample, group) moments and plane sums; the per-sample terms are kept and added over the samples in order.
+int backward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (!float32_args(nparam, 7, dtypes)) return 1;
   Layout l;
   if (!layout(shapes[0], static_cast<const float *>(params[3]), &l)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *dy = static_cast<const float *>(params[1]);
   const float *gamma = static_cast<const float *>(params[2]);
-  float *dx = static_cast<float *>(params[4]);
+  float *dx = static_cast<float *>(params[4]), *dgamma = static_cast<float *>(params[5]);
+  float *dbeta = static_cast<float *>(params[6]);
+  std::vector<double> sum_dy(l.n * l.c), sum_dy_xhat(l.n * l.c);  // per (sample, channel)
   const int64_t d = l.per_group * l.hw;
   for_each_group(l, x, [&](int64_t ng, double mean, double rstd) {
+    const int64_t c0 = (ng % l.groups) * l.per_group, nc0 = (ng / l.groups) * l.c + c0;
     double sum_gy = 0.0, sum_gy_xhat = 0.0;
     for (int64_t j = 0; j < l.per_group; ++j) {
-      const double g = gamma[(ng % l.groups) * l.per_group + j];
+      const double g = gamma[c0 + j];
       double s, sx;
       plane_grad_sums(x + ng * d + j * l.hw, dy + ng * d + j * l.hw, l.hw, static_cast<float>(mean), &s, &sx);
       sum_gy += g * s;
       sum_gy_xhat += g * sx * rstd;
+      sum_dy[nc0 + j] = s;
+      sum_dy_xhat[nc0 + j] = sx * rstd;
     }
     const double mean_gy = sum_gy / d, mean_gy_xhat = sum_gy_xhat / d;
     for (int64_t j = 0; j < l.per_group; ++j) {
-      const double g = gamma[(ng % l.groups) * l.per_group + j];
-      // dx = a * dy + b * x + c0, folded per channel
+      const double g = gamma[c0 + j];
+      // dx = a * dy + b * x + c, folded per channel
       const float a = static_cast<float>(rstd * g);
       const float b = static_cast<float>(-rstd * rstd * mean_gy_xhat);
-      const float c0 = static_cast<float>(rstd * (rstd * mean_gy_xhat * mean - mean_gy));
+      const float c = static_cast<float>(rstd * (rstd * mean_gy_xhat * mean - mean_gy));
       const float *px = x + ng * d + j * l.hw, *pdy = dy + ng * d + j * l.hw;
       float *pdx = dx + ng * d + j * l.hw;
-      for (int64_t i = 0; i < l.hw; ++i) pdx[i] = a * pdy[i] + b * px[i] + c0;
-    }
-  });
-  return 0;
-}
-
-int grad_affine(int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (!float32_args(nparam, 4, dtypes)) return 1;
-  Layout l;
-  if (!layout(shapes[0], static_cast<const float *>(params[2]), &l)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *dy = static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[3]);  // [2, C]: dgamma, dbeta
-  std::vector<double> dgamma(l.c, 0.0), dbeta(l.c, 0.0);
-  const int64_t d = l.per_group * l.hw;
-  // one group's channels per call, summed over the samples in order
-  parallel_for(l.groups, l.n * l.c * l.hw, kValuesPerThread, [&](int64_t g) {
-    for (int64_t n = 0; n < l.n; ++n) {
-      const int64_t ng = n * l.groups + g;
-      double mean, rstd;
-      moments(x + ng * d, l, &mean, &rstd);
-      for (int64_t j = 0; j < l.per_group; ++j) {
-        const int64_t c = g * l.per_group + j;
-        double s, sx;
-        plane_grad_sums(x + ng * d + j * l.hw, dy + ng * d + j * l.hw, l.hw, static_cast<float>(mean), &s, &sx);
-        dgamma[c] += sx * rstd;
-        dbeta[c] += s;
-      }
+      for (int64_t i = 0; i < l.hw; ++i) pdx[i] = a * pdy[i] + b * px[i] + c;
     }
   });
   for (int64_t c = 0; c < l.c; ++c) {
-    out[c] = static_cast<float>(dgamma[c]);
-    out[l.c + c] = static_cast<float>(dbeta[c]);
+    double dg = 0.0, db = 0.0;
+    for (int64_t n = 0; n < l.n; ++n) {
+      dg += sum_dy_xhat[n * l.c + c];
+      db += sum_dy[n * l.c + c];
+    }
+    dgamma[c] = static_cast<float>(dg);
+    dbeta[c] = static_cast<float>(db);
   }
   return 0;
 }
@@ -178,10 +164,6 @@ extern "C" int gn_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   return forward(nparam, params, shapes, dtypes);
 }
 
-extern "C" int gn_dx(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  return grad_input(nparam, params, shapes, dtypes);
-}
-
-extern "C" int gn_dgb(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  return grad_affine(nparam, params, shapes, dtypes);
+extern "C" int gn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **dtypes, void *, void *) {
+  return backward(nparam, params, shapes, dtypes);
 }

@@ -35,14 +35,12 @@ class GroupNormKernel(nn.Cell):
     def __init__(self, num_groups: int, eps: float, library: Path) -> None:
         super().__init__()
         self.cfg = Tensor([float(num_groups), eps], ms.float32)
-        grad_input = ops.Custom(f"{library}:gn_dx", out_shape=lambda x, dy, g, cfg: x,
-                                out_dtype=lambda x, dy, g, cfg: x, func_type="aot")
-        grad_affine = ops.Custom(f"{library}:gn_dgb", out_shape=lambda x, dy, cfg: [2, x[1]],
-                                 out_dtype=lambda x, dy, cfg: x, func_type="aot")
+        grad = ops.Custom(f"{library}:gn_bwd", out_shape=lambda x, dy, g, cfg: (x, g, g),
+                          out_dtype=lambda x, dy, g, cfg: (x, x, x), func_type="aot")
 
         def bprop(x, gamma, beta, cfg, out, dout):
-            affine = grad_affine(x, dout, cfg)
-            return grad_input(x, dout, gamma, cfg), affine[0], affine[1], ops.zeros_like(cfg)
+            dx, dgamma, dbeta = grad(x, dout, gamma, cfg)
+            return dx, dgamma, dbeta, ops.zeros_like(cfg)
 
         self.norm = ops.Custom(f"{library}:gn_fwd", out_shape=lambda x, g, b, cfg: x,
                                out_dtype=lambda x, g, b, cfg: x, func_type="aot", bprop=bprop)
