@@ -8,14 +8,13 @@
 //                   (for s = 1: the full correlation of dy with the flipped kernel), written here as a scatter;
 //   dw[c,kh,kw]   = sum_{n,oh,ow} dy[n,c,oh,ow] * x[n,c, oh*s - pt + kh, ow*s - pl + kw]
 //                   (the correlation of x with dy, per channel, summed over the batch).
-// All three visit the same (tap, output row) pairs (for_each_tap_row); the forward and the input gradient share
-// one loop nest (apply_kernel). Every (n, c) plane is independent: the planes are shared out over the CPU's
-// threads (parallel_for, parallel.h; below ~2M multiply-adds, NanoDet's 3x3 convs at 128 px, one thread); the
-// inner loops run along a row (SIMD).
+// All three visit the same (tap, output row) pairs (for_each_tap_row); the two gradients in one loop, which reads
+// dy once for both (one op with two outputs: a kernel fewer per conv). Every (n, c) plane is independent: the
+// planes are shared out over the CPU's threads (parallel_for, parallel.h; below ~2M multiply-adds, NanoDet's 3x3
+// convs at 128 px, one thread); the inner loops run along a row (SIMD).
 // Padding: SAME = TensorFlow's "same" (pt = total / 2, the extra pixel at the bottom/right), else (K - 1) / 2 on
 // every side.
-// Entry points: the aot signature; the forward takes (x, w), the gradients (x, dy, w), then the output. x is
-// read by the weight gradient and gives the input's shape to the input gradient.
+// Entry points: the aot signature; dw_fwd(x, w) -> y, dw_bwd(x, dy, w) -> dx, dw.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -68,68 +67,58 @@ void for_each_tap_row(const Geometry &g, Fn fn) {
   }
 }
 
-// The forward and the input gradient are one loop nest: the forward gathers y[row] += w * x[strided row]
-// (SCATTER = false; src = x, dst = y), the input gradient scatters dx[strided row] += w * dy[row] (SCATTER = true;
-// src = dy, dst = dx).
-template <int K, int S, bool SCATTER>
-void apply_kernel(const Geometry &g, const float *src, const float *w, float *dst) {
-  const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
-  const int64_t src_plane = SCATTER ? out_plane : in_plane, dst_plane = SCATTER ? in_plane : out_plane;
-  parallel_for(g.n * g.c, g.n * g.c * out_plane * K * K, kMacsPerThread, [&](int64_t nc) {
-    const float *k = w + (nc % g.c) * K * K;
-    const float *ps = src + nc * src_plane;
-    float *pd = dst + nc * dst_plane;
-    std::memset(pd, 0, sizeof(float) * dst_plane);
-    for_each_tap_row<K, S>(g, [&](int64_t tap, int64_t xoff, int64_t yoff, int64_t ow0, int64_t ow1) {
-      const float wk = k[tap];
-      if (SCATTER) {
-        const float *grow = ps + yoff;
-        float *row = pd + xoff;
-#pragma omp simd
-        for (int64_t ow = ow0; ow < ow1; ++ow) row[ow * S] += wk * grow[ow];
-      } else {
-        const float *xrow = ps + xoff;
-        float *yrow = pd + yoff;
-#pragma omp simd
-        for (int64_t ow = ow0; ow < ow1; ++ow) yrow[ow] += wk * xrow[ow * S];
-      }
-    });
-  });
-}
-
+// The forward gathers y[row] += w * x[strided row].
 template <int K, int S, bool SAME>
 int forward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   if (!float32_args(nparam, 3, dtypes)) return 1;
-  apply_kernel<K, S, false>(geometry(shapes[0], shapes[2], K, S, SAME), static_cast<const float *>(params[0]),
-                            static_cast<const float *>(params[1]), static_cast<float *>(params[2]));
+  const Geometry g = geometry(shapes[0], shapes[2], K, S, SAME);
+  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
+  parallel_for(g.n * g.c, g.n * g.c * out_plane * K * K, kMacsPerThread, [&](int64_t nc) {
+    const float *k = w + (nc % g.c) * K * K;
+    const float *px = x + nc * in_plane;
+    float *py = y + nc * out_plane;
+    std::memset(py, 0, sizeof(float) * out_plane);
+    for_each_tap_row<K, S>(g, [&](int64_t tap, int64_t xoff, int64_t yoff, int64_t ow0, int64_t ow1) {
+      const float wk = k[tap];
+      const float *xrow = px + xoff;
+      float *yrow = py + yoff;
+#pragma omp simd
+      for (int64_t ow = ow0; ow < ow1; ++ow) yrow[ow] += wk * xrow[ow * S];
+    });
+  });
   return 0;
 }
 
+// Both gradients in one visit of each plane: the input gradient scatters dx[strided row] += w * dy[row], and the
+// tap's sum of dy * x accumulates per (n, c); those sums are added over n in a fixed order below (the same result
+// on any number of threads).
 template <int K, int S, bool SAME>
-int grad_input(int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (!float32_args(nparam, 4, dtypes)) return 1;
-  apply_kernel<K, S, true>(geometry(shapes[0], shapes[1], K, S, SAME), static_cast<const float *>(params[1]),
-                           static_cast<const float *>(params[2]), static_cast<float *>(params[3]));
-  return 0;
-}
-
-template <int K, int S, bool SAME>
-int grad_weight(int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (!float32_args(nparam, 4, dtypes)) return 1;
+int backward(int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (!float32_args(nparam, 5, dtypes)) return 1;
   const Geometry g = geometry(shapes[0], shapes[1], K, S, SAME);
   const float *x = static_cast<const float *>(params[0]);
   const float *dy = static_cast<const float *>(params[1]);
-  float *dw = static_cast<float *>(params[3]);
-  std::vector<float> part(g.n * g.c * K * K, 0.0f);  // per (n, c) sums, added over n in a fixed order below
-  parallel_for(g.n * g.c, g.n * g.c * g.ho * g.wo * K * K, kMacsPerThread, [&](int64_t nc) {
-    const float *px = x + nc * g.h * g.w;
-    const float *gy = dy + nc * g.ho * g.wo;
-    float *sums = part.data() + nc * K * K;
+  const float *w = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]), *dw = static_cast<float *>(params[4]);
+  const int64_t in_plane = g.h * g.w, out_plane = g.ho * g.wo;
+  std::vector<float> part(g.n * g.c * K * K, 0.0f);  // per (n, c) sums
+  parallel_for(g.n * g.c, 2 * g.n * g.c * out_plane * K * K, kMacsPerThread, [&](int64_t nc) {
+    const float *k = w + (nc % g.c) * K * K;
+    const float *px = x + nc * in_plane, *gy = dy + nc * out_plane;
+    float *pdx = dx + nc * in_plane, *sums = part.data() + nc * K * K;
+    std::memset(pdx, 0, sizeof(float) * in_plane);
     for_each_tap_row<K, S>(g, [&](int64_t tap, int64_t xoff, int64_t yoff, int64_t ow0, int64_t ow1) {
-      const float *xrow = px + xoff, *grow = gy + yoff;
+      const float wk = k[tap];
+      const float *grow = gy + yoff, *xrow = px + xoff;
+      float *dxrow = pdx + xoff;
       float acc = sums[tap];
 #pragma omp simd reduction(+ : acc)
-      for (int64_t ow = ow0; ow < ow1; ++ow) acc += grow[ow] * xrow[ow * S];
+      for (int64_t ow = ow0; ow < ow1; ++ow) {
+        dxrow[ow * S] += wk * grow[ow];
+        acc += grow[ow] * xrow[ow * S];
+      }
       sums[tap] = acc;
     });
   });
@@ -150,13 +139,9 @@ int grad_weight(int nparam, void **params, int64_t **shapes, const char **dtypes
                                void *, void *) {                                                        \
     return forward<K, S, SAME>(nparam, params, shapes, dtypes);                                         \
   }                                                                                                     \
-  extern "C" int dw_dx_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,   \
-                              void *, void *) {                                                         \
-    return grad_input<K, S, SAME>(nparam, params, shapes, dtypes);                                     \
-  }                                                                                                     \
-  extern "C" int dw_dw_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,   \
-                              void *, void *) {                                                         \
-    return grad_weight<K, S, SAME>(nparam, params, shapes, dtypes);                                    \
+  extern "C" int dw_bwd_##name(int nparam, void **params, int *, int64_t **shapes, const char **dtypes,  \
+                               void *, void *) {                                                        \
+    return backward<K, S, SAME>(nparam, params, shapes, dtypes);                                        \
   }
 
 // k{K}_s{stride}_{same: TF "same" padding | half: (K - 1) / 2 on every side}

@@ -40,13 +40,11 @@ class DepthwiseConv(nn.Cell):
         if kernel_size not in KERNEL_SIZES or stride not in (1, 2):
             raise ValueError(f"depthwise kernel: size must be 3 or 5 and stride 1 or 2, got {kernel_size}, {stride}")
         name = f"k{kernel_size}_s{stride}_{'same' if same else 'half'}"
-        grad_input = ops.Custom(f"{library}:dw_dx_{name}", out_shape=lambda x, dy, w: x,
-                                out_dtype=lambda x, dy, w: x, func_type="aot")
-        grad_weight = ops.Custom(f"{library}:dw_dw_{name}", out_shape=lambda x, dy, w: w,
-                                 out_dtype=lambda x, dy, w: w, func_type="aot")
+        grad = ops.Custom(f"{library}:dw_bwd_{name}", out_shape=lambda x, dy, w: (x, w),
+                          out_dtype=lambda x, dy, w: (x, w), func_type="aot")
 
         def bprop(x, w, out, dout):
-            return grad_input(x, dout, w), grad_weight(x, dout, w)
+            return grad(x, dout, w)
 
         def out_shape(x, w):
             return [x[0], x[1], -(-x[2] // stride), -(-x[3] // stride)]
