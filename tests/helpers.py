@@ -59,6 +59,28 @@ def kernels_on(*modules):
             m.KERNEL.library, m.KERNEL.on = library, on
 
 
+def conv_pads(size: int, k: int, stride: int, same: bool) -> tuple[int, int]:
+    """(before, after) padding of a k x k conv along one axis: TF "same" (the extra pixel after), else (k - 1) / 2."""
+    if not same:
+        return (k - 1) // 2, (k - 1) // 2
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv_output_and_grads(cell, x, dy):
+    """A conv cell's training-mode output and the gradients of ``sum(cell(x) * dy)`` for x and its weight, compiled
+    as one graph (the kernel tests' way to compare a conv kernel with MindSpore's and a reference)."""
+    cell.set_train(True)
+
+    def loss(inputs):
+        return (cell(inputs) * Tensor(dy)).sum()
+
+    out = cell(Tensor(x)).asnumpy()
+    _, (gx, grads) = ms.jit(ms.value_and_grad(loss, 0, cell.trainable_params()))(Tensor(x))
+    return out, gx.asnumpy(), grads[0].asnumpy()
+
+
 class Weighted(nn.Cell):
     """sum(dy * cell(*inputs)): its gradient with respect to each input is that input's vector-Jacobian product
     with dy (the kernel tests' way to check a backward pass against a reference)."""

@@ -7,7 +7,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from msdet.ops import conv, denseconv, dwconv
-from tests.helpers import kernels_on
+from tests.helpers import conv_output_and_grads, conv_pads, kernels_on
 
 # (batch, in, out, height, width, kernel, stride, TF "same" padding or (k - 1) / 2, bias)
 CASES = [
@@ -27,18 +27,10 @@ def fast():
         yield
 
 
-def _pads(size, k, stride, same):
-    if not same:
-        return (k - 1) // 2, (k - 1) // 2
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
-
-
 def _reference(x, w, b, dy, stride, same):
     """NumPy float64 forward and both gradients of ``sum(conv(x, w) * dy)``, tap by tap on the padded input."""
     k = w.shape[-1]
-    (pt, pb), (pl, pr) = _pads(x.shape[2], k, stride, same), _pads(x.shape[3], k, stride, same)
+    (pt, pb), (pl, pr) = conv_pads(x.shape[2], k, stride, same), conv_pads(x.shape[3], k, stride, same)
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     w64, dy64 = w.astype(np.float64), dy.astype(np.float64)
     ho, wo = dy.shape[2:]
@@ -53,17 +45,6 @@ def _reference(x, w, b, dy, stride, same):
             dxp[window] += np.einsum("oc,nohw->nchw", w64[:, :, kh, kw], dy64)
             dw[:, :, kh, kw] = np.einsum("nohw,nchw->oc", dy64, xp[window])
     return y, dxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]], dw
-
-
-def _grads(cell, x, dy):
-    cell.set_train(True)
-
-    def loss(inputs):
-        return (cell(inputs) * Tensor(dy)).sum()
-
-    out = cell(Tensor(x)).asnumpy()
-    _, (gx, grads) = ms.jit(ms.value_and_grad(loss, 0, cell.trainable_params()))(Tensor(x))
-    return out, gx.asnumpy(), grads[0].asnumpy()
 
 
 @pytest.mark.parametrize("batch,cin,cout,height,width,kernel,stride,same,bias", CASES)
@@ -84,8 +65,8 @@ def test_output_and_gradients_equal_numpy_and_mindspore(fast, batch, cin, cout, 
     out_shape = (batch, cout, -(-height // stride), -(-width // stride))
     dy = rng.normal(size=out_shape).astype(np.float32)
 
-    y, gx, gw = _grads(custom, x, dy)
-    y_ms, gx_ms, gw_ms = _grads(plain, x, dy)
+    y, gx, gw = conv_output_and_grads(custom, x, dy)
+    y_ms, gx_ms, gw_ms = conv_output_and_grads(plain, x, dy)
     y_np, gx_np, gw_np = _reference(x, w, b, dy, stride, same)
     assert y.shape == y_np.shape == out_shape
     scale = np.sqrt(cin * kernel * kernel)   # the sums' size: float32 rounding grows with it

@@ -9,7 +9,7 @@ from mindspore import Tensor, nn
 from msdet.engine.ema import EMA
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
 from msdet.ops import activations, batchnorm, conv, denseconv, dwconv, groupnorm, maxpool, native, sumsq, update
-from tests.helpers import config, kernels_on
+from tests.helpers import config, conv_output_and_grads, conv_pads, kernels_on
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
 CASES = [
@@ -32,18 +32,10 @@ def fast():
         yield
 
 
-def _pads(size, k, stride, same):
-    if not same:
-        return (k - 1) // 2, (k - 1) // 2
-    out = -(-size // stride)
-    total = max((out - 1) * stride + k - size, 0)
-    return total // 2, total - total // 2
-
-
 def _reference(x, w, dy, stride, same):
     """NumPy forward and both gradients of ``sum(conv(x, w) * dy)`` from the definition on the padded input."""
     k = w.shape[-1]
-    (pt, pb), (pl, pr) = _pads(x.shape[2], k, stride, same), _pads(x.shape[3], k, stride, same)
+    (pt, pb), (pl, pr) = conv_pads(x.shape[2], k, stride, same), conv_pads(x.shape[3], k, stride, same)
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     ho, wo = dy.shape[2:]
     y = np.zeros(dy.shape)
@@ -58,17 +50,6 @@ def _reference(x, w, dy, stride, same):
             dxp[window] += tap * dy
             dw[:, 0, kh, kw] = (dy * xp[window]).sum(axis=(0, 2, 3))
     return y, dxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]], dw
-
-
-def _grads(conv, x, dy):
-    conv.set_train(True)
-
-    def loss(inputs):
-        return (conv(inputs) * Tensor(dy)).sum()
-
-    out = conv(Tensor(x)).asnumpy()
-    _, (gx, (gw,)) = ms.jit(ms.value_and_grad(loss, 0, conv.trainable_params()))(Tensor(x))
-    return out, gx.asnumpy(), gw.asnumpy()
 
 
 @pytest.mark.parametrize("batch,channels,height,width,kernel,stride,same", CASES)
@@ -87,8 +68,8 @@ def test_gradients_equal_mindspore_and_numpy(fast, batch, channels, height, widt
     out_shape = (batch, channels, -(-height // stride), -(-width // stride))
     dy = rng.normal(size=out_shape).astype(np.float32)
 
-    y, gx, gw = _grads(custom, x, dy)
-    y_ms, gx_ms, gw_ms = _grads(plain, x, dy)
+    y, gx, gw = conv_output_and_grads(custom, x, dy)
+    y_ms, gx_ms, gw_ms = conv_output_and_grads(plain, x, dy)
     y_np, gx_np, gw_np = _reference(x, w, dy, stride, same)
     assert y.shape == y_np.shape == out_shape
     np.testing.assert_allclose(y, y_np, rtol=1e-5, atol=1e-5)
