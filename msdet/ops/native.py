@@ -1,6 +1,6 @@
 """C++ kernels for MindSpore's CPU "aot" ``Custom`` ops (``dwconv.cc``, ``groupnorm.cc``, ``activations.cc``,
-``sumsq.cc``, ``update.cc``, ``maxpool.cc``, ``batchnorm.cc``): compiled with g++ at first use into a cache
-directory, one library per source content, so an edited source is rebuilt."""
+``sumsq.cc``, ``update.cc``, ``maxpool.cc``, ``batchnorm.cc``, ``denseconv.cc``): compiled with g++ at first use
+into a cache directory, one library per source content and flags, so an edited source is rebuilt."""
 from __future__ import annotations
 
 import hashlib
