@@ -14,9 +14,11 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import cv2
 import mindspore as ms
 import mindspore.dataset as mds
 import numpy as np
+import yaml
 from mindspore import Tensor, nn, ops
 
 from msdet.config import Params, load_params
@@ -426,6 +428,45 @@ class SwappedOutputs(_WrappedExport):
         if isinstance(out, tuple):
             return (out[1], out[0]) + out[2:]
         return ops.concat((out[..., 4:], out[..., :4]), axis=-1)
+
+
+# ---------------------------------------------------------------- photos as users bring them
+
+#: (width, height, suffix): camera and phone sizes, portrait and landscape, JPEG and PNG
+PHOTO_SIZES = ((320, 240, ".jpg"), (4000, 3000, ".jpg"), (640, 480, ".png"), (1080, 1920, ".jpg"),
+               (1024, 768, ".jpg"), (1600, 1200, ".png"), (800, 600, ".jpg"), (500, 500, ".png"))
+PHOTO_COLORS = ((40, 40, 220), (40, 200, 40), (220, 90, 30))  # BGR, one per class
+
+
+def write_photo_set(root: Path, names: list[str], split_sizes: dict[str, int], seed: int = 0) -> dict[str, int]:
+    """A YOLO data set (``data.yaml``, ``images/<split>/``, ``labels/<split>/``) of photos whose sizes and
+    formats cycle through :data:`PHOTO_SIZES`: a blocky textured background with 1-3 boxes filled in their
+    class colour. Returns the boxes written per split."""
+    rng = np.random.default_rng(seed)
+    boxes, k = {}, 0
+    for split, n in split_sizes.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        boxes[split] = 0
+        for i in range(n):
+            w, h, suffix = PHOTO_SIZES[k % len(PHOTO_SIZES)]
+            k += 1
+            blocks = rng.integers(70, 160, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            img = np.ascontiguousarray(blocks.repeat(16, 0).repeat(16, 1)[:h, :w])
+            lines = []
+            for _ in range(1 + i % 3):
+                c = int(rng.integers(len(names)))
+                bw, bh = int(w * rng.uniform(0.15, 0.4)), int(h * rng.uniform(0.15, 0.4))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                img[y:y + bh, x:x + bw] = PHOTO_COLORS[c]
+                lines.append(f"{c} {(x + bw / 2) / w:.6f} {(y + bh / 2) / h:.6f} {bw / w:.6f} {bh / h:.6f}\n")
+            stem = f"{split}_{i:03d}"
+            assert cv2.imwrite(str(root / "images" / split / f"{stem}{suffix}"), img)
+            (root / "labels" / split / f"{stem}.txt").write_text("".join(lines))
+            boxes[split] += len(lines)
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/val",
+                                                    "names": dict(enumerate(names))}))
+    return boxes
 
 
 # ---------------------------------------------------------------- throw-away DVC repos (end-to-end tests)

@@ -10,6 +10,9 @@ Worker processes read and check the image files; one writer writes. Each shard i
 ``FileWriter`` (MindRecord's multi-shard writer distributes rows at random), so the files are
 byte-identical from run to run and the sample order never changes. Shards are independent MindRecord
 files: pass the whole list from :func:`msdet.data.meta.mindrecord_files` to ``mindspore.dataset.MindDataset``.
+``MindDataset`` refuses shards whose headers differ, so every shard of a split gets the same page and header
+size (from the split's largest image and shard), and each split is opened as one ``MindDataset`` and its rows
+counted before the output is published.
 Everything goes to a temporary directory that replaces ``out_dir`` only when all of it succeeded.
 """
 from __future__ import annotations
@@ -50,6 +53,10 @@ _MAX_LISTED_SKIPS = 50
 
 class BadImageError(UserError):
     """An image file is missing, truncated, undecodable or not the size its annotation states."""
+
+
+class UnreadableSplitError(UserError):
+    """The shards written for a split do not open together as one ``MindDataset``, or hold other rows."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,10 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
     max_boxes = max(len(b) for b in targets.boxes)
     num_shards = min(cfg.train_shards if split == "train" else cfg.val_shards, len(rows))
     shard_of = np.repeat(np.arange(num_shards), [len(c) for c in np.array_split(np.arange(len(rows)), num_shards)])
+    # MindDataset refuses shards whose headers differ: one page and header size for the whole split
+    page, header = writer_sizes(int(sizes.max()) + 20 * max_boxes + 256,
+                                int(np.bincount(shard_of, weights=sizes).max()),
+                                int(np.bincount(shard_of).max()))
 
     tasks = [(p, int(ann.widths[r]), int(ann.heights[r])) for p, r in zip(paths, rows)]
     results = pool.imap(_read_image, tasks, chunksize=8) if pool is not None else map(_read_image, tasks)
@@ -216,11 +227,7 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
             skipped.append(f"{ann.file_names[rows[i]]}: {problem}")
             continue
         if writer is None:
-            k = int(shard_of[i])
-            in_shard = shard_of == k
-            page, header = writer_sizes(int(sizes[in_shard].max()) + 20 * max_boxes + 256,
-                                        int(sizes[in_shard].sum()), int(in_shard.sum()))
-            writer = _ShardWriter(out_dir / shard_name(split, k, num_shards), page, header)
+            writer = _ShardWriter(out_dir / shard_name(split, int(shard_of[i]), num_shards), page, header)
             files.append(writer.path.name)
         r = rows[i]
         writer.add({"image": data, "image_id": int(ann.image_ids[r]), "height": int(ann.heights[r]),
@@ -243,6 +250,23 @@ def convert_split(ann: CocoAnnotations, image_dir: Path, out_dir: Path, split: s
         "files": files,
         "boxes_per_image": np.array(boxes_per_image, dtype=np.int64),
     }
+
+
+def check_split_readable(folder: Path, split: str, files: list[str], rows: int, final: Path) -> None:
+    """Open the split's shards as training and evaluation do (one ``MindDataset``) and count the rows, so that
+    shards MindSpore refuses to read together fail here, named, and not in a later stage."""
+    import mindspore.dataset as ds
+
+    try:
+        found = ds.MindDataset([str(folder / f) for f in files], columns_list=["image_id"],
+                               shuffle=False).get_dataset_size()
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if line.startswith("[ERROR]")),
+                      " ".join(str(exc).split())[:300])
+        raise UnreadableSplitError(f"{final}: the {len(files)} {split} shard(s) do not read as one MindDataset: "
+                                   f"{detail.replace(str(folder), str(final))}") from None
+    if found != rows:
+        raise UnreadableSplitError(f"{final}: the {split} shards hold {found} rows, {rows} were written")
 
 
 def gt_padding_report(boxes_per_image: np.ndarray, caps: dict[str, int]) -> dict[str, Any]:
@@ -279,6 +303,7 @@ def convert_tree(tree: CocoTree, out_dir: str | Path, cfg: MindrecordConfig,
         try:
             for split in SPLITS:
                 stats[split] = convert_split(anns[split], tree[split].image_dir, tmp, split, cfg, pool)
+                check_split_readable(tmp, split, stats[split]["files"], stats[split]["images"], Path(out_dir))
         finally:
             if pool is not None:
                 pool.terminate()
