@@ -8,7 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from msdet.data.coco import CategoryMap, CocoFormatError, load_annotations, resolve_tree, validate_tree, write_pointer
+from msdet.data.coco import (
+    CategoryMap,
+    CocoFormatError,
+    load_annotations,
+    relative_below,
+    resolve_tree,
+    validate_tree,
+    write_pointer,
+)
 
 CATS = [{"id": 9, "name": "dog", "supercategory": "animal"}, {"id": 2, "name": "cat", "supercategory": "animal"},
         {"id": 40, "name": "car", "supercategory": "vehicle"}]
@@ -182,3 +190,29 @@ def test_bad_annotation_files(tmp_path, content, message):
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(CocoFormatError, match="annotation file not found"):
         load_annotations(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("entry, clean", [("a.jpg", "a.jpg"), ("./sub//b.jpg", "sub/b.jpg"),
+                                          ("sub/../c.jpg", "c.jpg"), (".", ".")])
+def test_relative_below_cleans_paths_that_stay_inside(entry, clean):
+    assert relative_below(entry) == clean
+
+
+@pytest.mark.parametrize("entry, why", [("../a.jpg", "leads outside its folder"), ("sub/../../a.jpg", "leads outside"),
+                                        ("..", "leads outside"), ("/etc/a.jpg", "is an absolute path"),
+                                        ("C:/data/a.jpg", "is an absolute path"), ("sub\\a.jpg", "backslash"),
+                                        ("", "is empty"), ("a\0.jpg", "NUL")])
+def test_relative_below_refuses_paths_that_leave(entry, why):
+    with pytest.raises(ValueError, match=why):
+        relative_below(entry)
+
+
+def test_file_name_leaving_the_image_folder_is_refused_by_id(tmp_path):
+    """A local COCO tree used in place is read by the MindRecord stage: its file names are checked too."""
+    data = coco_dict()
+    data["images"][1]["file_name"] = "../../../etc/passwd"
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(CocoFormatError, match=r"instances.json: image id 107: file_name '../../../etc/passwd' leads "
+                                              r"outside its folder"):
+        load_annotations(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -466,3 +467,119 @@ def test_download_stage_converts_or_prints_one_line(pool, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "g.txt:1: class index 7" in err and err.count("\n") == 1
     assert validate_tree(resolve_tree(tmp_path / "coco"))["val"] == {"images": 2, "annotations": 3}  # untouched
+
+
+# --------------------------------------------------------------------------------------------------
+# paths from annotation files stay inside their data set's folder
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry below ``root``: a file's bytes, a link's target, a folder's marker."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = f"-> {p.readlink()}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def _stage_params(tmp_path: Path, cfg: OwnDataConfig) -> Path:
+    own = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ("format", "path", "train", "val", "names")}
+    return write_params(tmp_path / "p.yaml", {"data": {"source": "own", "root": str(tmp_path / "repo/data/coco"),
+                                                       "own": {**own, "workers": 1}}})
+
+
+def _run_download(params: Path, capsys) -> tuple[int, str]:
+    from stages.download import main
+
+    code = main(["--params", str(params)])
+    return code, capsys.readouterr().err
+
+
+def _edit_coco(pool, src, name):
+    return _coco_with(pool, src, lambda c: c["images"][0].update(file_name=name))
+
+
+def _edit_voc(pool, src, name):
+    cfg = write_voc(pool, src)
+    xml = src / "Annotations/a.xml"
+    xml.write_text(xml.read_text().replace("<filename>a.jpg</filename>", f"<filename>{name}</filename>"))
+    return cfg
+
+
+def _edit_yolo_yaml(pool, src, name):
+    cfg = write_yolo(pool, src)
+    spec = yaml.safe_load((src / "data.yaml").read_text())
+    (src / "data.yaml").write_text(yaml.safe_dump({**spec, "train": name}))
+    return cfg
+
+
+def _edit_yolo_list(pool, src, name):
+    cfg = write_yolo(pool, src)
+    (src / "train.txt").write_text(f"images/train/a.jpg\n{name}\n")
+    spec = yaml.safe_load((src / "data.yaml").read_text())
+    (src / "data.yaml").write_text(yaml.safe_dump({**spec, "train": "train.txt"}))
+    return cfg
+
+
+# (writer, the hostile entry relative to the data set, the message); {victim} is an image outside it
+TRAVERSALS = {
+    "coco-dotdot": (_edit_coco, "../../victim.jpg",
+                    r"_annotations.coco.json: image id 1: file_name '../../victim.jpg' leads outside its folder"),
+    "coco-absolute": (_edit_coco, "{victim}", r"image id 1: file_name '/.*/victim.jpg' is an absolute path"),
+    "voc-dotdot": (_edit_voc, "../../victim.jpg",
+                   r"Annotations/a.xml: <filename>: '../../victim.jpg' leads outside its folder"),
+    "voc-absolute": (_edit_voc, "{victim}", r"Annotations/a.xml: <filename>: '/.*/victim.jpg' is an absolute path"),
+    "yolo-yaml-dotdot": (_edit_yolo_yaml, "../../outside/images",
+                         r"data.yaml: train: '../../outside/images' leads outside its folder"),
+    "yolo-yaml-absolute": (_edit_yolo_yaml, "{outside}", r"data.yaml: train: '/.*/outside/images' leads outside"),
+    "yolo-list-dotdot": (_edit_yolo_list, "../victim.jpg", r"train.txt:2: '../victim.jpg' leads outside its folder"),
+    "yolo-list-absolute": (_edit_yolo_list, "{victim}", r"train.txt:2: '/.*/victim.jpg' leads outside its folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAVERSALS))
+def test_annotation_path_leaving_the_data_set_is_refused(pool, tmp_path, capsys, case):
+    writer, entry, pattern = TRAVERSALS[case]
+    shutil.copy(pool / "a.jpg", tmp_path / "victim.jpg")
+    (tmp_path / "outside/images").mkdir(parents=True)
+    shutil.copy(pool / "a.jpg", tmp_path / "outside/images/x.jpg")
+    src = tmp_path / "ds" / "set"
+    cfg = writer(pool, src, entry.format(victim=tmp_path / "victim.jpg", outside=tmp_path / "outside/images"))
+    params = _stage_params(tmp_path, cfg)
+    before = snapshot(tmp_path)
+    code, err = _run_download(params, capsys)
+    assert code == 1 and err.count("\n") == 1 and re.search(pattern, err), err
+    assert snapshot(tmp_path) == before  # nothing written or changed anywhere, data.root not created
+
+
+@pytest.mark.parametrize("fmt, writer, image", [("coco", write_coco, "train/a.jpg"), ("voc", write_voc,
+                         "JPEGImages/a.jpg"), ("yolo", write_yolo, "images/train/a.jpg")])
+def test_symlinked_image_is_read_and_never_written_through(pool, tmp_path, capsys, fmt, writer, image):
+    """A data set may link its images to a shared store: read through the link, write a file of our own."""
+    src = tmp_path / "ds"
+    cfg = writer(pool, src)
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.move(src / image, store / "a.jpg")
+    (src / image).symlink_to(store / "a.jpg")
+    params = _stage_params(tmp_path, cfg)
+    before = {k: v for k, v in snapshot(tmp_path).items() if k.split("/")[0] != "repo"}
+    code, err = _run_download(params, capsys)
+    assert code == 0, err
+    out = tmp_path / "repo/data/coco/train/a.jpg"
+    assert not out.is_symlink() and out.read_bytes() == (pool / "a.jpg").read_bytes()
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.split("/")[0] != "repo"} == before
+
+
+def test_roboflow_data_yaml_beside_its_splits(pool, tmp_path):
+    """Roboflow's YOLO export: data.yaml beside train/ and valid/, entries '../train/images' (as ultralytics)."""
+    src = tmp_path / "export"
+    write_yolo(pool, src)
+    for split, folder in (("train", "train"), ("val", "valid")):
+        (src / folder).mkdir()
+        shutil.move(src / "images" / split, src / folder / "images")
+        shutil.move(src / "labels" / split, src / folder / "labels")
+    (src / "data.yaml").write_text(yaml.safe_dump({"train": "../train/images", "val": "../valid/images",
+                                                   "names": NAMES}))
+    report = convert_own(config("data.own", format="yolo", path=str(src), workers=1), tmp_path / "coco")
+    assert (report["counts"]["train_images"], report["counts"]["val_images"]) == (5, 2)

@@ -5,11 +5,18 @@ Two layouts are recognised under a root: the synthetic one (``train/``, ``val/``
 ``annotations/instances_{train,val}2017.json``). A root may instead hold a pointer file ``source.json``
 naming a tree elsewhere, which is then used in place (a local COCO copy is never duplicated).
 Problems are reported by file name and, for annotations, by the offending annotation or image id.
+
+A path read from a data set file (a COCO ``file_name``, a VOC ``<filename>``, a YOLO ``data.yaml`` entry or
+list-file line) is untrusted: :func:`relative_below` admits it only as a relative path that stays below the
+folder it is relative to, checked on the text before anything is read or written. Symbolic links below that
+folder are followed when reading (data sets often link their images to a shared store); outputs are always
+written into fresh temporary folders under names derived from these checked paths, never through a link.
 """
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,23 @@ LAYOUTS = {
 
 class CocoFormatError(ValueError):
     """A COCO tree or annotation file is missing, malformed or inconsistent; the message names it."""
+
+
+def relative_below(entry: str) -> str:
+    """``entry`` as a clean relative POSIX path that stays below the folder it is joined to ("." for the
+    folder itself); ``ValueError`` saying why otherwise (absolute, ``..`` leaving the folder, empty, ...)."""
+    if not entry.strip():
+        raise ValueError("is empty")
+    if "\0" in entry:
+        raise ValueError("contains a NUL character")
+    if "\\" in entry:
+        raise ValueError("contains a backslash (write the path with /)")
+    if entry.startswith("/") or (len(entry) > 1 and entry[1] == ":" and entry[0].isalpha()):
+        raise ValueError("is an absolute path (it must be relative to its folder)")
+    clean = posixpath.normpath(entry)
+    if clean == ".." or clean.startswith("../"):
+        raise ValueError("leads outside its folder (..)")
+    return clean
 
 
 @dataclass(frozen=True)
@@ -223,6 +247,12 @@ def load_annotations(path: str | Path) -> CocoAnnotations:
     widths = _int_array(_column(images, "width", "image", path), "width", "image", path)
     heights = _int_array(_column(images, "height", "image", path), "height", "image", path)
     file_names = [str(n) for n in _column(images, "file_name", "image", path)]
+    for k, name in enumerate(file_names):
+        try:
+            file_names[k] = relative_below(name)
+        except ValueError as exc:
+            ident = images[k].get("id", f"#{k}")
+            raise CocoFormatError(f"{path}: image id {ident}: file_name {name!r} {exc}") from None
     if np.any(widths <= 0) or np.any(heights <= 0):
         bad = int(np.flatnonzero((widths <= 0) | (heights <= 0))[0])
         raise CocoFormatError(f"{path}: image id {image_ids[bad]} has a non-positive size "

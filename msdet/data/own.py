@@ -26,8 +26,11 @@ report, replaces ``data.root`` atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import posixpath
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -39,7 +42,7 @@ import yaml
 
 from msdet.atomic import atomic_path
 from msdet.config import OwnDataConfig
-from msdet.data.coco import CONVERSION_FILE, LAYOUTS, SPLITS, CocoFormatError, load_annotations
+from msdet.data.coco import CONVERSION_FILE, LAYOUTS, SPLITS, CocoFormatError, load_annotations, relative_below
 from msdet.data.images import IMAGE_SUFFIXES, ImageFileError, plan_image, probe, write_image_task
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,14 @@ def _list_file(path: Path) -> list[tuple[int, str]]:
     return [(i, line.split()[0]) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
 
 
+def _below(entry: str, where: str) -> str:
+    """:func:`relative_below`, with the error naming the file and the entry."""
+    try:
+        return relative_below(entry)
+    except ValueError as exc:
+        raise DatasetError(f"{where}: {entry!r} {exc}") from None
+
+
 def read_voc(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
     root = Path(cfg.path)
     ann_dir, img_dir, sets = root / "Annotations", root / "JPEGImages", root / "ImageSets" / "Main"
@@ -150,6 +161,7 @@ def read_voc(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
             if not lst.is_file():
                 continue
             for line, stem in _list_file(lst):
+                stem = _below(stem, f"{lst}:{line}")
                 if stem in listed:
                     raise DatasetError(f"{lst}:{line}: {stem} is already listed ({listed[stem][1]})")
                 if not (ann_dir / f"{stem}.xml").is_file():
@@ -166,7 +178,8 @@ def read_voc(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
             node = ET.parse(xml).getroot()
         except ET.ParseError as exc:
             raise DatasetError(f"{xml}: not valid XML ({exc})") from exc
-        filename = _text(node, "filename", xml, "the annotation")
+        # <path> (often an absolute path on the annotator's machine) is not read: images are in JPEGImages/
+        filename = _below(_text(node, "filename", xml, "the annotation"), f"{xml}: <filename>")
         size = node.find("size")
         ann_size = None
         if size is not None and size.findtext("width") and size.findtext("height"):
@@ -197,8 +210,24 @@ def read_voc(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
     return [{"id": i, "name": n} for n, i in ids.items()], items
 
 
-def _yolo_layout(cfg: OwnDataConfig) -> tuple[dict[str | None, list[Path]], list[str], str]:
-    """Image folders (or list files) per split (None = to be split) and the class names."""
+def _yaml_path(folder: Path, root: str, entry: str, where: str, yaml_entry: bool = True) -> str:
+    """A YOLO path (``root``-relative, or absolute) as a path below the data set ``folder``.
+
+    A ``data.yaml`` entry ``../x`` that would leave the folder is read as ``x``, as ultralytics reads it:
+    Roboflow's exports hold ``train: ../train/images`` in a data.yaml that sits beside ``train/``.
+    """
+    rel = os.path.relpath(entry, folder) if entry.startswith("/") else posixpath.join(root, entry)
+    try:
+        return relative_below(rel)
+    except ValueError as exc:
+        if yaml_entry and entry.startswith("../"):
+            with contextlib.suppress(ValueError):
+                return relative_below(posixpath.join(root, entry[3:]))
+        raise DatasetError(f"{where}: {entry!r} {exc} (the data set folder is {folder})") from None
+
+
+def _yolo_layout(cfg: OwnDataConfig) -> tuple[Path, dict[str | None, list[Path]], list[str], str]:
+    """The data set folder, image folders (or list files) per split (None = to be split), the class names."""
     path = Path(cfg.path)
     spec = path if path.is_file() else path / "data.yaml"
     if spec.is_file():
@@ -208,7 +237,8 @@ def _yolo_layout(cfg: OwnDataConfig) -> tuple[dict[str | None, list[Path]], list
             raise DatasetError(f"{spec}: not valid YAML ({exc})") from exc
         if not isinstance(data, dict) or "train" not in data:
             raise DatasetError(f"{spec}: needs at least 'train' (and 'names' unless data.own.names is set)")
-        root = spec.parent / str(data.get("path") or ".")
+        folder = spec.parent
+        root = _yaml_path(folder, ".", str(data.get("path") or "."), f"{spec}: path")
         raw = data.get("names", [])
         names = [raw[k] for k in sorted(raw)] if isinstance(raw, dict) else list(raw or [])
         splits: dict[str | None, list[Path]] = {}
@@ -216,10 +246,11 @@ def _yolo_layout(cfg: OwnDataConfig) -> tuple[dict[str | None, list[Path]], list
             entries = data.get(split)
             if entries:
                 key = split if data.get("val") else None
-                splits[key] = [root / e for e in (entries if isinstance(entries, list) else [entries])]
+                splits[key] = [folder / _yaml_path(folder, root, str(e), f"{spec}: {split}")
+                               for e in (entries if isinstance(entries, list) else [entries])]
         where = str(spec)
     else:
-        images = path / "images"
+        folder, images = path, path / "images"
         if not images.is_dir():
             raise DatasetError(f"data.own.path = {cfg.path}: neither a data.yaml nor a folder with images/")
         split_dirs = {s: images / s for s in SPLITS if (images / s).is_dir()}
@@ -228,7 +259,7 @@ def _yolo_layout(cfg: OwnDataConfig) -> tuple[dict[str | None, list[Path]], list
     names = [str(n) for n in (cfg.names or names)]
     if not names:
         raise DatasetError(f"{cfg.path}: no class names: give them in a data.yaml 'names' or in data.own.names")
-    return splits, names, where
+    return folder, splits, names, where
 
 
 def _label_path(image: Path) -> Path:
@@ -239,14 +270,16 @@ def _label_path(image: Path) -> Path:
     return Path(*parts[:k], "labels", *parts[k + 1:]).with_suffix(".txt")
 
 
-def _yolo_images(entry: Path) -> list[tuple[Path, Path]]:
-    """(image, image folder it is relative to) for a folder or a list file of image paths."""
+def _yolo_images(entry: Path, folder: Path) -> list[tuple[Path, Path]]:
+    """(image, image folder it is relative to) for a folder or a list file of image paths (each relative to
+    the list file, or absolute, and below the data set ``folder``)."""
     if entry.is_dir():
         return [(p, entry) for p in sorted(entry.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     if entry.is_file():
         out = []
+        here = os.path.relpath(entry.parent, folder)
         for line, rel in _list_file(entry):
-            p = entry.parent / rel
+            p = folder / _yaml_path(folder, here, rel, f"{entry}:{line}", yaml_entry=False)
             if not p.is_file():
                 raise DatasetError(f"{entry}:{line}: image {rel} not found")
             out.append((p, p.parent))
@@ -277,11 +310,11 @@ def _read_label_file(path: Path, num_names: int, names_from: str) -> tuple[np.nd
 
 
 def read_yolo(cfg: OwnDataConfig) -> tuple[list[dict[str, Any]], list[Item]]:
-    splits, names, names_from = _yolo_layout(cfg)
+    folder, splits, names, names_from = _yolo_layout(cfg)
     items, label_dirs, used_labels = [], set(), {}
     for split, entries in splits.items():
         for entry in entries:
-            for image, base in _yolo_images(entry):
+            for image, base in _yolo_images(entry, folder):
                 label = _label_path(image)
                 if label in used_labels:
                     raise DatasetError(f"{image} and {used_labels[label]} share the label file {label}")
