@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     root, source = Path(params.data.root), params.data.source
+    what = f"own ({params.data.own.format})" if source == "own" else source
+    done = ""
     if source == "coco2017":
         from msdet.data.download import fetch_coco2017
 
@@ -40,17 +42,20 @@ def main(argv: list[str] | None = None) -> int:
             from msdet.data.own import convert_own
 
             try:
-                report = convert_own(params.data.own, root)
+                counts = convert_own(params.data.own, root)["counts"]
             except CocoFormatError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            print(f"[download] {params.data.own.format} -> {root}: {report['counts']}")
+            changed = {k: counts[k] for k in ("dropped_degenerate", "dropped_outside_image", "clipped_boxes",
+                                              "size_mismatch", "reencoded", "downscaled") if counts[k]}
+            done = "; " + ", ".join(f"{k} {v}" for k, v in changed.items()) if changed else ""
         else:
             write_pointer(root, source)
+            what = f"{source} (used in place)"
     tree = resolve_tree(root)
     summary = validate_tree(tree)
-    print(f"[download] {source}: {tree.layout} tree at {tree.root}: "
-          + ", ".join(f"{s} {v['images']} images / {v['annotations']} annotations" for s, v in summary.items()))
+    print(f"[download] {what} -> {root}: "
+          + ", ".join(f"{s} {v['images']} images / {v['annotations']} annotations" for s, v in summary.items()) + done)
     return 0
 
 
