@@ -144,3 +144,31 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file(stage, kind, tmp_path, cap
     assert len(err) == 1 and err[0].startswith(f"error: {ckpt}"), err
     assert re.search(re.escape(str(ckpt)) + tail, err[0]), err[0]
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.detector
+@pytest.mark.parametrize("stage, split", [("train", "train"), ("eval", "val")])
+def test_a_truncated_shard_is_one_line_naming_it(stage, split, tmp_path, capsys, monkeypatch):
+    from msdet.detectors import build_detector
+    from msdet.engine.checkpoint import save_weights
+    from tests.helpers import project_params, write_params
+    from tests.test_pipeline import write_split
+
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records").mkdir()
+    write_split(tmp_path / "records", "train", 4, shards=2)
+    write_split(tmp_path / "records", "val", 3, shards=1)
+    shard = Path("records") / ("train.mindrecord1" if split == "train" else "val.mindrecord")
+    os.truncate(shard, shard.stat().st_size - 100)
+    save_weights(tmp_path / "ema.ckpt", build_detector(project_params(), "d0", 1).build_network())
+    write_params(tmp_path / "params.yaml", {"runtime": KERNELS_OFF, "mindrecord": {"out_dir": "records"},
+                                            "d0": {"train": {"eval_every_epochs": 0}}})
+    before = snapshot(tmp_path)
+    module = importlib.import_module(f"stages.{stage}")
+    capsys.readouterr()
+    assert run(module.main, ["--model", "d0"] + (["--ckpt", "ema.ckpt"] if stage == "eval" else [])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: {shard}: truncated MindRecord shard of the {split} split ("), err
+    assert snapshot(tmp_path) == before
