@@ -172,3 +172,23 @@ def test_a_truncated_shard_is_one_line_naming_it(stage, split, tmp_path, capsys,
     assert len(err) == 1, err
     assert err[0].startswith(f"error: {shard}: truncated MindRecord shard of the {split} split ("), err
     assert snapshot(tmp_path) == before
+
+
+def test_a_200000_deep_pickle_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    from stages import convert
+    from tests.helpers import pkl_str, write_params, zip_checkpoint
+
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    depth = 200_000
+    src = zip_checkpoint(tmp_path / "deep.pth", pickle.PROTO + b"\x02" + (pickle.EMPTY_DICT + pkl_str("k")) * depth
+                         + pickle.EMPTY_DICT + pickle.SETITEM * depth + pickle.STOP)
+    write_params(tmp_path / "params.yaml", {"runtime": KERNELS_OFF})
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert run(convert.main, ["--model", "d0", "--src", str(src), "--out", "out.ckpt"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {src}: containers nested deeper than 100 levels, not a checkpoint PyTorch writes"]
+    assert snapshot(tmp_path) == before
