@@ -12,6 +12,7 @@ its ``metadata``: ``range=(lo, hi)`` (inclusive, ``None`` for open), ``choices=(
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -299,8 +300,13 @@ class EvalConfig:
     checkpoint: str = _f(choices=("ema", "best"))
 
 
+#: the export formats, in upper case; the first is the primary one (msdet/export/exporter.py)
+EXPORT_FORMATS = ("MINDIR", "ONNX")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
+    # Any of EXPORT_FORMATS, in any case.
     formats: list = _f()
     # MINDIR failing its check always fails the stage; strict: a failing ONNX too (else recorded, warned).
     strict: bool = _f()
@@ -351,6 +357,8 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range comparison; .inf would pass an open bound
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
@@ -421,6 +429,11 @@ def _check_cross(obj: Any, source: str, prefix: str) -> None:
         if hasattr(obj, lo) and hasattr(obj, hi) and getattr(obj, lo) > getattr(obj, hi):
             raise ConfigError(f"{source}: '{prefix}{lo}' ({getattr(obj, lo)}) must not exceed "
                               f"'{prefix}{hi}' ({getattr(obj, hi)})")
+    if isinstance(obj, ExportConfig):
+        bad = [f for f in obj.formats if not isinstance(f, str) or f.upper() not in EXPORT_FORMATS]
+        if bad or not obj.formats:
+            raise ConfigError(f"{source}: '{prefix}formats' = {obj.formats!r} must be a non-empty list of "
+                              f"{', '.join(EXPORT_FORMATS)}" + (f"; unknown: {bad!r}" if bad else ""))
     if isinstance(obj, RuntimeConfig):
         if obj.node_rank >= obj.nodes:
             raise ConfigError(f"{source}: '{prefix}node_rank' ({obj.node_rank}) must be below "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,114 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(TypeError):
         run(main, [])
+
+
+# --- a bad checkpoint through eval and train (<model>.init): one line naming the file, nothing written ---
+
+#: kernel switches off: setup_runtime then leaves the process's kernel state as the other tests expect
+KERNELS_OFF = {k: False for k in ("cpu_depthwise_kernel", "cpu_group_norm_kernel", "cpu_activation_kernel",
+                                  "cpu_grad_norm_kernel", "cpu_update_kernel", "cpu_maxpool_kernel",
+                                  "cpu_batch_norm_kernel", "cpu_dense_conv_kernel")}
+
+
+def bad_checkpoint(path: Path, kind: str) -> str:
+    """Write a checkpoint ``kind`` to ``path``; returns what the error line says after the path."""
+    from mindspore import nn
+
+    from msdet.detectors import build_detector
+    from msdet.engine.checkpoint import save_weights
+    from tests.helpers import project_params
+
+    if kind == "other_model":  # a NanoDet-Plus checkpoint where a D0 one is expected
+        net = build_detector(project_params(), "nanodet", 2).build_network()
+        save_weights(path, net, {"model": "nanodet"})
+        return r": \d+ network tensors missing, e.g. \[.*\]; the file was saved for model 'nanodet'$"
+    save_weights(path, nn.Dense(8, 8), {"model": "d0"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if kind == "truncated" else bytes(range(256)) * 8)
+    return r": not a readable MindSpore checkpoint \(Failed to read the checkpoint file"
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("stage, kind", [
+    ("eval", "truncated"),
+    ("eval", "garbage"),
+    pytest.param("eval", "other_model", marks=pytest.mark.detector),
+    pytest.param("train", "truncated", marks=pytest.mark.detector),
+    pytest.param("train", "garbage", marks=pytest.mark.detector),
+    pytest.param("train", "other_model", marks=pytest.mark.detector),
+])
+def test_a_bad_checkpoint_is_one_line_naming_the_file(stage, kind, tmp_path, capsys, monkeypatch):
+    from msdet.data.meta import write_meta
+    from tests.helpers import write_params
+
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records").mkdir()
+    write_meta(tmp_path / "records", {"num_classes": 2, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+                                      "splits": {}})
+    (tmp_path / "weights").mkdir()
+    ckpt = Path("weights") / "bad.ckpt"
+    tail = bad_checkpoint(ckpt, kind)
+    write_params(tmp_path / "params.yaml", {"runtime": KERNELS_OFF, "mindrecord": {"out_dir": "records"},
+                                            "d0": {"init": str(ckpt), "train": {"eval_every_epochs": 0}}})
+    before = snapshot(tmp_path)
+    module = importlib.import_module(f"stages.{stage}")
+    argv = ["--model", "d0"] + (["--ckpt", str(ckpt)] if stage == "eval" else [])
+    capsys.readouterr()
+    assert run(module.main, argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {ckpt}"), err
+    assert re.search(re.escape(str(ckpt)) + tail, err[0]), err[0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.detector
+@pytest.mark.parametrize("stage, split", [("train", "train"), ("eval", "val")])
+def test_a_truncated_shard_is_one_line_naming_it(stage, split, tmp_path, capsys, monkeypatch):
+    from msdet.detectors import build_detector
+    from msdet.engine.checkpoint import save_weights
+    from tests.helpers import project_params, write_params
+    from tests.test_pipeline import write_split
+
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records").mkdir()
+    write_split(tmp_path / "records", "train", 4, shards=2)
+    write_split(tmp_path / "records", "val", 3, shards=1)
+    shard = Path("records") / ("train.mindrecord1" if split == "train" else "val.mindrecord")
+    os.truncate(shard, shard.stat().st_size - 100)
+    save_weights(tmp_path / "ema.ckpt", build_detector(project_params(), "d0", 1).build_network())
+    write_params(tmp_path / "params.yaml", {"runtime": KERNELS_OFF, "mindrecord": {"out_dir": "records"},
+                                            "d0": {"train": {"eval_every_epochs": 0}}})
+    before = snapshot(tmp_path)
+    module = importlib.import_module(f"stages.{stage}")
+    capsys.readouterr()
+    assert run(module.main, ["--model", "d0"] + (["--ckpt", "ema.ckpt"] if stage == "eval" else [])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: {shard}: truncated MindRecord shard of the {split} split ("), err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_200000_deep_pickle_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    from stages import convert
+    from tests.helpers import pkl_str, write_params, zip_checkpoint
+
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    depth = 200_000
+    src = zip_checkpoint(tmp_path / "deep.pth", pickle.PROTO + b"\x02" + (pickle.EMPTY_DICT + pkl_str("k")) * depth
+                         + pickle.EMPTY_DICT + pickle.SETITEM * depth + pickle.STOP)
+    write_params(tmp_path / "params.yaml", {"runtime": KERNELS_OFF})
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert run(convert.main, ["--model", "d0", "--src", str(src), "--out", "out.ckpt"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {src}: containers nested deeper than 100 levels, not a checkpoint PyTorch writes"]
+    assert snapshot(tmp_path) == before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -40,10 +41,56 @@ def test_repo_params_load_and_cover_every_field():
     ({"export": {"box_atol_px": "half"}}, r"'export.box_atol_px' must be a number"),
     ({"export": {"strict": "yes"}}, r"'export.strict' must be true or false"),
     ({"export": {"tolerance": 1e-4}}, r"unknown key\(s\) export.tolerance"),
+    ({"d0": {"train": {"lr": float("nan")}}}, r"'d0.train.lr' = nan must be a finite number"),
+    ({"nanodet": {"train": {"grad_clip_norm": float("inf")}}}, r"'nanodet.train.grad_clip_norm' = inf must be"),
+    ({"export": {"formats": ["MINDIR", "FOO"]}}, r"'export.formats' = \['MINDIR', 'FOO'\] must be a non-empty "
+                                                 r"list of MINDIR, ONNX; unknown: \['FOO'\]"),
+    ({"export": {"formats": []}}, r"'export.formats' = \[\] must be a non-empty list of MINDIR, ONNX$"),
+    ({"export": {"formats": [1]}}, r"'export.formats' = \[1\] must be .* unknown: \[1\]"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
         load_params(write_params(tmp_path / "params.yaml", raw))
+
+
+def float_keys(cls: type = Params, prefix: str = "") -> list[str]:
+    """The dotted key of every float field of the params."""
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += float_keys(tp, f"{prefix}{name}.")
+        elif tp is float:
+            out.append(prefix + name)
+    return out
+
+
+def nested(key: str, value) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_refuses_nan_and_inf_by_key(value):
+    keys = float_keys()
+    assert len(keys) > 50 and {"d0.train.lr", "export.atol", "data.own.val_fraction"} <= set(keys)
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"'{re.escape(key)}' = {value!r} must be a finite number"):
+            load_params(ROOT / "params.yaml", overrides=nested(key, value))
+
+
+def test_nan_written_as_yaml_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = (ROOT / "params.yaml").read_text()
+    assert text.count("\n  anchor_scale: 2.0 ") == 1
+    path.write_text(text.replace("\n  anchor_scale: 2.0 ", "\n  anchor_scale: .nan "))
+    with pytest.raises(ConfigError, match=r"'d0.anchor_scale' = nan must be a finite number"):
+        load_params(path)
+
+
+def test_export_formats_in_any_case():
+    params = load_params(ROOT / "params.yaml", overrides={"export": {"formats": ["onnx", "Mindir"]}})
+    assert params.export.formats == ["onnx", "Mindir"]
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

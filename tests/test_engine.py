@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
+from msdet.cli import run
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint
 from msdet.engine.ema import EMA
@@ -151,11 +152,19 @@ def test_changed_params_start_fresh(tmp_path):
     assert second.fit().resumed_from_epoch == 0
 
 
-def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path, capsys, monkeypatch):
     trainer, _ = fresh_trainer(tmp_path, cfg(), scale=float("nan"))
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 "):
         trainer.fit()
     assert not (tmp_path / "run" / "state" / "last.ckpt").exists()
+    # a command reports it in one line, exit status 1
+    monkeypatch.delenv("MSDET_TRACEBACK", raising=False)
+    trainer, _ = fresh_trainer(tmp_path, cfg(), scale=float("nan"), sub="cli")
+    capsys.readouterr()
+    assert run(lambda argv: trainer.fit(), []) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: toy: non-finite loss at epoch 1, step 1 (loss=nan"), err
+    assert not (tmp_path / "cli" / "state" / "last.ckpt").exists()
 
 
 def test_adamw_matches_torch_formula():

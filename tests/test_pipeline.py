@@ -1,6 +1,8 @@
 """mindspore.dataset pipelines over small hand-written MindRecord files (schema as in PREAMBLE)."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -10,6 +12,7 @@ import pytest
 from msdet.data import pipeline as P
 from msdet.data.meta import meta_path, mindrecord_files, read_meta, write_meta
 from msdet.data.mindrecord import SCHEMA
+from msdet.errors import UserError
 from tests.helpers import config
 
 SIZES = [(48, 96), (96, 48), (64, 64)]  # (h, w), cycled over the images
@@ -225,3 +228,34 @@ def test_record_size_mismatch_is_reported(tmp_path):
     write_split(tmp_path, "val", 3, shards=1, wrong_size_id=image_id(1))
     with pytest.raises(RuntimeError, match=f"image_id {image_id(1)}: decoded image is 96x48 .* record says 97x48"):
         batches(P.create_eval_dataset(tmp_path, "nanodet", S, batch_size=1))
+
+
+def test_truncated_train_shard_is_named_before_reading(tmp_path):
+    write_split(tmp_path, "train", 8, shards=2)
+    shard = tmp_path / "train.mindrecord1"
+    size = shard.stat().st_size
+    os.truncate(shard, size - 1)
+    message = (rf"^{re.escape(str(shard))}: truncated MindRecord shard of the train split \({size - 1} bytes, its "
+               rf"header lists pages up to byte {size}\); rerun the mindrecord stage$")
+    for read in (lambda: P.num_samples(tmp_path, "train"), lambda: P.resolve_max_gt_boxes(0, tmp_path),
+                 lambda: train(tmp_path, "d0")):
+        with pytest.raises(UserError, match=message):
+            read()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("half", r"truncated MindRecord shard of the val split \(\d+ bytes, its header lists pages up to byte \d+\)"),
+    ("header", r"not a MindRecord shard of the val split \(unreadable header: ValueError\)"),
+    ("json", r"not a MindRecord shard of the val split \(unreadable header: JSONDecodeError\)"),
+])
+def test_damaged_val_shard_is_named(tmp_path, damage, message):
+    write_split(tmp_path, "val", 5, shards=1)
+    shard = tmp_path / "val.mindrecord"
+    if damage == "half":
+        os.truncate(shard, shard.stat().st_size // 2)
+    else:
+        with open(shard, "r+b") as fh:
+            fh.seek(0 if damage == "header" else 8)  # the header's length, or its first JSON bytes
+            fh.write(b"\xff" * 8 if damage == "header" else b"!" * 8)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(shard))}: {message}; rerun the mindrecord stage$"):
+        P.create_eval_dataset(tmp_path, "d0", S, batch_size=2)

@@ -302,10 +302,11 @@ def test_download_is_verified_before_it_enters_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
     data = np.random.default_rng(6).bytes(3 << 20)
     published = _published(tmp_path, data)
-    path = pretrained.cached_download(published, "d0.pretrained_backbone")
+    path, digest = pretrained.cached_download(published, "d0.pretrained_backbone")
     assert path == tmp_path / "cache" / "efficientnet_b0-x.ckpt" and path.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest() and len(digest) == 64  # the full digest, to pin the file
     (tmp_path / "served" / "efficientnet_b0-x.ckpt").unlink()  # the second call does not download
-    assert pretrained.cached_download(published, "d0.pretrained_backbone") == path
+    assert pretrained.cached_download(published, "d0.pretrained_backbone") == (path, digest)
     # a cached file that no longer matches is refused, not used
     path.write_bytes(data[:-1])
     with pytest.raises(pretrained.IntegrityError, match=r"efficientnet_b0-x\.ckpt.*SHA-256 .* pinned .*delete it"):
@@ -336,5 +337,7 @@ def test_d0_mindcv_spec_downloads_verifies_and_loads(tmp_path, monkeypatch):
     dst = EfficientDet(2, seed=8)
     load = D0Detector(config("d0", input_size=128), 2).load_pretrained_backbone(dst, "mindcv")
     assert load.layout == "mindcv" and load.source == str(tmp_path / "cache" / "efficientnet_b0-x.ckpt")
+    # the model card carries the full SHA-256 of the verified file, not only the pinned 8 hex digits
+    assert load.card()["sha256"] == hashlib.sha256(blob.read_bytes()).hexdigest()
     np.testing.assert_array_equal(dst.backbone_net.model._blocks[3]._project_conv.conv.weight.asnumpy(),
                                   src.backbone_net.model._blocks[3]._project_conv.conv.weight.asnumpy())

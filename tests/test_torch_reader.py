@@ -4,8 +4,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import subprocess
+import tracemalloc
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from msdet.conversion import torch_reader
 from msdet.conversion.torch_reader import (
     CheckpointFormatError,
     LegacyCheckpointError,
@@ -21,7 +24,7 @@ from msdet.conversion.torch_reader import (
     load_torch_pickle,
     load_torch_state,
 )
-from tests.helpers import pkl_dict, pkl_int, pkl_ints, pkl_str, pkl_tensor, zip_checkpoint
+from tests.helpers import pkl_dict, pkl_int, pkl_ints, pkl_str, pkl_tensor, write_torch_state, zip_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 MARKER = Path("/tmp/PWNED_msdet_3f9c2a71d4")  # what fixture (e) would create if it were executed
@@ -251,7 +254,8 @@ def test_byteorder_record_is_honoured(tmp_path, byteorder):
                  "storage record some_name/data/0 is missing", id="missing-record"),
     pytest.param(pkl_tensor("FloatStorage", "../x", 4, 0, (4,), (1,)), {}, "bad storage key", id="path-key"),
     pytest.param(pkl_tensor("FloatStorage", "0", 1, 0, (1 << 20, 1 << 20), (0, 0)), {"0": bytes(4)},
-                 "implausible tensor", id="huge-expand"),
+                 r"a tensor of size \(1048576, 1048576\) over storage '0' \(1 elements\) would bring .* over its cap",
+                 id="huge-expand"),
 ])
 def test_inconsistent_tensor_records_are_rejected(tmp_path, tensor, records, message):
     path = zip_checkpoint(tmp_path / "bad.pth", pkl_dict({"w": tensor}), records)
@@ -375,3 +379,141 @@ def test_pre_0_4_tar_checkpoints_are_rejected_with_how_to_resave(tmp_path):
     with pytest.raises(LegacyCheckpointError) as err:
         load_torch_pickle(path)
     assert str(path) in str(err.value) and "_use_new_zipfile_serialization=True" in str(err.value)
+
+
+# --- what a file may make the reader do: allocate within a cap, change nothing shared, nest within a limit ---
+
+def test_expanded_tensors_are_capped_relative_to_the_file(tmp_path):
+    """Two stride-0 tensors of 128 MiB each over a 4-byte storage: refused before either is allocated."""
+    big = pkl_tensor("FloatStorage", "0", 1, 0, (1 << 15, 1 << 10), (0, 0))
+    path = zip_checkpoint(tmp_path / "expand.pth", pkl_dict({"a": big, "b": big}), {"0": bytes(4)})
+    assert path.stat().st_size < 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: a tensor of size \(32768, 1024\) "
+                                                        r"over storage '0' \(1 elements\) would bring what reading "
+                                                        r"this checkpoint allocates to 1342\d{5} bytes, over its cap "
+                                                        r"of 167\d{5} \(8 x the file size \+ 16 MiB"):
+            load_torch_pickle(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def _deflated_zeros(zf: zipfile.ZipFile, name: str, mib: int) -> None:
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zf.open(info, "w") as out:
+        for _ in range(mib):
+            out.write(bytes(1 << 20))
+
+
+@pytest.mark.parametrize("bomb", ["storage", "data.pkl"])
+def test_zip_bomb_is_refused_before_inflating(tmp_path, bomb):
+    path = tmp_path / "bomb.pth"
+    numel = 256 << 18  # 256 MiB of float32
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        if bomb == "storage":
+            zf.writestr("b/data.pkl", pkl_dict({"w": pkl_tensor("FloatStorage", "0", numel, 0, (numel,), (1,))}))
+            _deflated_zeros(zf, "b/data/0", 256)
+        else:
+            _deflated_zeros(zf, "b/data.pkl", 256)
+    assert path.stat().st_size < 1 << 20
+    record = "b/data/0" if bomb == "storage" else "b/data.pkl"
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: record {record} \(268435456 "
+                                                        r"bytes uncompressed\) would bring .* over its cap"):
+            load_torch_pickle(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
+def test_absolute_cap_holds_for_any_file_size(tmp_path, monkeypatch):
+    path = write_torch_state(tmp_path / "w.pth", {"w": np.ones((1 << 19,), np.float32)})  # 2 MiB
+    assert load_torch_state(path)["w"].shape == (1 << 19,)
+    monkeypatch.setattr(torch_reader, "_MAX_BUDGET", 3 << 20)  # the file itself (2 MiB) fits, its copy does not
+    with pytest.raises(CheckpointFormatError, match=r"over its cap of 3145728 \(8 x the file size \+ 16 MiB, "
+                                                    r"at most 3 MiB\)"):
+        load_torch_state(path)
+
+
+def _allow_list_state() -> dict:
+    """Everything a BUILD could change on the allow-listed objects."""
+    out = {}
+    for key, obj in torch_reader._ALLOWED_GLOBALS.items():
+        if isinstance(obj, type):
+            out[key] = sorted(vars(obj))
+        else:
+            out[key] = (dict(getattr(obj, "__dict__", {})), getattr(obj, "__defaults__", None),
+                        getattr(obj, "__kwdefaults__", None))
+    return out
+
+
+@pytest.mark.parametrize("state", [
+    pkl_dict_body := (pickle.EMPTY_DICT + pkl_str("dtype") + pkl_str("float64") + pickle.SETITEM),
+    pickle.NONE + pickle.EMPTY_DICT + pkl_str("__defaults__") + pkl_ints([7]) + pickle.SETITEM + pickle.TUPLE2,
+], ids=["dict-state", "slot-state"])
+@pytest.mark.parametrize("module, name", sorted(torch_reader._ALLOWED_GLOBALS))
+def test_build_on_an_allowed_global_is_refused_and_changes_nothing(tmp_path, module, name, state):
+    before = _allow_list_state()
+    payload = (pickle.PROTO + b"\x02" + pickle.GLOBAL + f"{module}\n{name}\n".encode() + state + pickle.BUILD
+               + pickle.STOP)
+    with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(tmp_path))}.*build\.pth: "):
+        load_torch_pickle(zip_checkpoint(tmp_path / "build.pth", payload))
+    assert _allow_list_state() == before
+    assert torch_reader._ALLOWED_GLOBALS[("torch", "FloatStorage")].dtype == "float32"
+    values = np.arange(4, dtype=np.float32)
+    got = load_torch_state(write_torch_state(tmp_path / "after.pth", {"w": values}))["w"]
+    assert got.dtype == np.float32 and np.array_equal(got, values)
+
+
+def test_build_on_a_storage_type_names_it(tmp_path):
+    payload = (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"torch\nFloatStorage\n" + pkl_dict_body + pickle.BUILD
+               + pickle.STOP)
+    with pytest.raises(CheckpointFormatError, match=r"the pickle tries to modify the allow-listed global "
+                                                    r"_StorageType\(name='FloatStorage'.*\(BUILD\)"):
+        load_torch_pickle(zip_checkpoint(tmp_path / "build.pth", payload))
+
+
+DEPTH = 200_000
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * DEPTH + pickle.APPEND * (DEPTH - 1) + pickle.STOP,
+    pickle.PROTO + b"\x02" + pickle.MARK * DEPTH + pickle.TUPLE * DEPTH + pickle.STOP,
+    pickle.PROTO + b"\x02" + (pickle.EMPTY_DICT + pkl_str("k")) * DEPTH + pickle.EMPTY_DICT + pickle.SETITEM * DEPTH
+    + pickle.STOP,
+], ids=["list", "tuple", "dict"])
+def test_deep_nesting_is_the_readers_own_error(tmp_path, payload):
+    path = zip_checkpoint(tmp_path / "deep.pth", payload)
+    for load in (load_torch_pickle, load_torch_state):
+        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: containers nested deeper than "
+                                                        r"100 levels, not a checkpoint PyTorch writes$"):
+            load(path)
+
+
+def _nested(depth: int) -> dict:
+    tree: dict = {"w": 1.0}
+    for _ in range(depth - 1):
+        tree = {"k": tree}
+    return tree
+
+
+def test_nesting_limit_is_exact_and_counts_shared_containers_once(tmp_path):
+    assert load_torch_pickle(zip_checkpoint(tmp_path / "a.pth", pickle.dumps(_nested(100), protocol=2)))
+    with pytest.raises(CheckpointFormatError, match="nested deeper than 100 levels"):
+        load_torch_pickle(zip_checkpoint(tmp_path / "b.pth", pickle.dumps(_nested(101), protocol=2)))
+    # each chain link is also a direct child of the root: only the longest path finds the depth
+    links = [[] for _ in range(101)]
+    for a, b in zip(links, links[1:]):
+        a.append(b)
+    with pytest.raises(CheckpointFormatError, match="nested deeper than 100 levels"):
+        load_torch_pickle(zip_checkpoint(tmp_path / "c.pth", pickle.dumps(links[::-1], protocol=2)))
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(CheckpointFormatError, match="a container in the checkpoint contains itself"):
+        load_torch_pickle(zip_checkpoint(tmp_path / "d.pth", pickle.dumps(cycle, protocol=2)))

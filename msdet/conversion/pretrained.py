@@ -24,7 +24,8 @@ pin and check as the prefix of the file's SHA-256 (the torchvision/OpenMMLab nam
 file enters the cache and before every use. That is a 32-bit check: it catches truncated, corrupted, or other
 files, not a deliberate forgery. mindcv does not document how the fragment is made; if its files turn out not
 to follow the convention, the download is refused with both values named and the file can still be checked
-by hand and given as a local path.
+by hand and given as a local path. The model card records the full SHA-256 of the file that was read
+(``pretrained_backbone_load.sha256``), so a user can pin that file with all 256 bits.
 """
 from __future__ import annotations
 
@@ -80,17 +81,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MSDET_CACHE", Path.home() / ".cache" / "msdet"))
 
 
-def verify_sha256(path: Path, sha256_prefix: str, url: str) -> None:
-    """Raise :class:`IntegrityError` naming the file and both digests unless its SHA-256 starts with the pin."""
+def verify_sha256(path: Path, sha256_prefix: str, url: str) -> str:
+    """The file's full SHA-256; raise :class:`IntegrityError` naming the file and both digests unless it starts
+    with the pin."""
     digest = sha256_file(path)
     if not digest.startswith(sha256_prefix.lower()):
         raise IntegrityError(f"pretrained_backbone 'mindcv': {path} (from {url}) has SHA-256 {digest}, expected one "
                              f"starting with the pinned {sha256_prefix}; the file is corrupt or not the published one")
+    return digest
 
 
-def cached_download(published: PublishedCheckpoint, param_key: str, timeout: float = 60.0) -> Path:
+def cached_download(published: PublishedCheckpoint, param_key: str, timeout: float = 60.0) -> tuple[Path, str]:
     """The published file, downloaded once into the cache (``$MSDET_CACHE``, default ~/.cache/msdet) and its
-    SHA-256 checked against the pin before it enters the cache and on every use.
+    SHA-256 checked against the pin before it enters the cache and on every use; returns its path and full
+    SHA-256.
 
     Offline: an error telling how to provide the file through ``param_key`` (e.g. ``d0.pretrained_backbone``).
     A download that fails the check never reaches the cache; a cached file that fails it is refused.
@@ -102,22 +106,21 @@ def cached_download(published: PublishedCheckpoint, param_key: str, timeout: flo
     dest = cache_dir() / Path(url).name
     if dest.is_file():
         try:
-            verify_sha256(dest, published.sha256_prefix, url)
+            return dest, verify_sha256(dest, published.sha256_prefix, url)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (cached copy: delete it to download again)") from None
-        return dest
     try:
         with atomic_path(dest) as tmp:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
                 while chunk := resp.read(1 << 20):
                     fh.write(chunk)
-            verify_sha256(tmp, published.sha256_prefix, url)
+            digest = verify_sha256(tmp, published.sha256_prefix, url)
     except (urllib.error.URLError, OSError) as exc:
         raise RuntimeError(
             f"pretrained_backbone 'mindcv': cannot download {url} ({exc}). Offline? Fetch that file on a "
             f"connected machine and set {param_key} to its local path (or place it at {dest})."
         ) from exc
-    return dest
+    return dest, digest
 
 
 #: file suffixes read as ``torch.save`` files (NumPy-only reader, no code from the file run)
@@ -154,13 +157,16 @@ class BackboneLoad:
 
     source: str
     layout: str
+    #: full SHA-256 of the file read (for "mindcv": the one verified against the pin)
+    sha256: str
     loaded: list[str] = field(default_factory=list)
     kept_initialisation: list[str] = field(default_factory=list)
     adaptations: list[str] = field(default_factory=list)
 
     def card(self) -> dict[str, Any]:
-        return {"source": self.source, "layout": self.layout, "tensors_loaded": len(self.loaded),
-                "kept_initialisation": self.kept_initialisation, "adaptations": self.adaptations}
+        return {"source": self.source, "sha256": self.sha256, "layout": self.layout,
+                "tensors_loaded": len(self.loaded), "kept_initialisation": self.kept_initialisation,
+                "adaptations": self.adaptations}
 
 
 def fold_bn_eps(gamma: np.ndarray, variance: np.ndarray, eps_file: float, eps_net: float) -> np.ndarray:
@@ -169,12 +175,20 @@ def fold_bn_eps(gamma: np.ndarray, variance: np.ndarray, eps_file: float, eps_ne
     return (gamma.astype(np.float64) * np.sqrt((var + eps_net) / (var + eps_file))).astype(np.float32)
 
 
-def _load(model: nn.Cell, path: Path, layout: str, ckpt: dict[str, np.ndarray],
+def _source(spec: str, published: PublishedCheckpoint, param_key: str) -> tuple[Path, str]:
+    """The file ``spec`` names and its full SHA-256 (for "mindcv": the download, verified against the pin)."""
+    if spec == "mindcv":
+        return cached_download(published, param_key)
+    path = Path(spec)
+    return path, sha256_file(path) if path.is_file() else ""
+
+
+def _load(model: nn.Cell, path: Path, digest: str, layout: str, ckpt: dict[str, np.ndarray],
           candidates: Callable[[str, nn.Cell], list[str]], eps_file: float | None,
           may_keep_init: Callable[[str], bool] = lambda local: False) -> BackboneLoad:
     """Copy every parameter of ``model`` from ``ckpt`` (keys from ``candidates``), with shape checks; fold the
     BatchNorm eps difference when the file was trained with ``eps_file`` (None: the network's own eps)."""
-    report = BackboneLoad(str(path), layout)
+    report = BackboneLoad(str(path), layout, digest)
     values: dict[str, np.ndarray] = {}
     params = relative_parameters(model)
     for local, param, cell in params:
@@ -221,13 +235,14 @@ def load_efficientnet_b0(model: nn.Cell, spec: str, param_key: str = "d0.pretrai
     see the module docstring). Every backbone tensor must be present with our shape; extra tensors (ImageNet
     head, optimiser state) are ignored.
     """
-    path = cached_download(MINDCV_EFFICIENTNET_B0, param_key) if spec == "mindcv" else Path(spec)
+    path, digest = _source(spec, MINDCV_EFFICIENTNET_B0, param_key)
     ckpt = read_pretrained(path)
     if any(k.startswith("features.") for k in ckpt):
         names = mindcv_efficientnet_b0_map(model)
-        return _load(model, path, "mindcv", ckpt, lambda local, cell: [names[local]], MINDCV_EFFICIENTNET_B0.bn_eps)
+        return _load(model, path, digest, "mindcv", ckpt, lambda local, cell: [names[local]],
+                     MINDCV_EFFICIENTNET_B0.bn_eps)
     prefixes = ("", "backbone_net.model.", "model.")
-    return _load(model, path, "msdet", ckpt, lambda local, cell: [p + local for p in prefixes], None)
+    return _load(model, path, digest, "msdet", ckpt, lambda local, cell: [p + local for p in prefixes], None)
 
 
 def load_shufflenet_v2(backbone: nn.Cell, spec: str, param_key: str = "nanodet.pretrained_backbone") -> BackboneLoad:
@@ -247,10 +262,10 @@ def load_shufflenet_v2(backbone: nn.Cell, spec: str, param_key: str = "nanodet.p
     shapes differ (``branch1.2``, ``branch1.3``, ``branch2.5``, ``branch2.6``) keep their initialisation: a
     mindcv start is an approximate ImageNet start (README: the measured feature differences).
     """
-    path = cached_download(MINDCV_SHUFFLENET_V2_X1_0, param_key) if spec == "mindcv" else Path(spec)
+    path, digest = _source(spec, MINDCV_SHUFFLENET_V2_X1_0, param_key)
     ckpt = read_pretrained(path)
     if any(k.startswith(("first_conv.", "features.")) for k in ckpt):
-        report = _load(backbone, path, "mindcv", ckpt, lambda local, cell: [mindcv_shufflenet_v2_key(local)],
+        report = _load(backbone, path, digest, "mindcv", ckpt, lambda local, cell: [mindcv_shufflenet_v2_key(local)],
                        MINDCV_SHUFFLENET_V2_X1_0.bn_eps, lambda local: local.startswith("stage2.0."))
         if report.kept_initialisation:
             print(f"pretrained_backbone: {path.name}: {len(report.loaded)} tensors loaded; "
@@ -267,7 +282,7 @@ def load_shufflenet_v2(backbone: nn.Cell, spec: str, param_key: str = "nanodet.p
             names.append(f"{head}.{torch_leaf[leaf]}")
         return [pre + name for name in names for pre in ("", "backbone.")]
 
-    return _load(backbone, path, layout, ckpt, candidates, TORCH_BN_EPS)
+    return _load(backbone, path, digest, layout, ckpt, candidates, TORCH_BN_EPS)
 
 
 __all__ = ["BackboneLoad", "PublishedCheckpoint", "IntegrityError", "MINDCV_EFFICIENTNET_B0",

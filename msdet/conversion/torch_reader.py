@@ -24,6 +24,12 @@ Supported layouts:
   switched off to learn each storage's type and size, then for real once the records are read.
 
 The pre-0.4 tar format, TorchScript archives and anything else are rejected with an error naming the file.
+
+The file is untrusted in its size too: what one load allocates for records, storages and tensors is capped
+relative to the file's size and absolutely (so a zip bomb or a tensor expanded far beyond its storage stops
+before allocating); the allow-listed objects refuse the BUILD opcode, so a file cannot change them for the
+rest of the process; and containers nested deeper than :data:`_MAX_NESTING` are refused, since whoever walks
+the result recursively would hit Python's recursion limit.
 """
 from __future__ import annotations
 
@@ -73,12 +79,54 @@ class UnsafeCheckpointError(CheckpointError):
         self.global_name = global_name
 
 
+def _refuse_build(self: Any, state: Any) -> None:
+    """``__setstate__`` of the allow-listed objects: the BUILD opcode would change them for the whole process."""
+    raise CheckpointFormatError(f"the pickle tries to modify the allow-listed global {self!r:.80} (BUILD)")
+
+
 @dataclass(frozen=True)
 class _StorageType:
     """Stand-in for a torch storage class: only its element dtype matters."""
 
     name: str
     dtype: str  # NumPy dtype of one element as stored; "bfloat16" is read as uint16 bits
+
+    __setstate__ = _refuse_build
+
+
+class _Function:
+    """An allow-listed function as the unpickler hands it out: the pickle may call it, never modify it (a
+    plain function's ``__dict__`` and ``__defaults__`` are writable). ``budget`` is passed first when set."""
+
+    __slots__ = ("_fn", "_budget")
+
+    def __init__(self, fn: Callable[..., Any], budget: _Budget | None = None) -> None:
+        self._fn, self._budget = fn, budget
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args) if self._budget is None else self._fn(self._budget, *args)
+
+    def __repr__(self) -> str:
+        return self._fn.__name__
+
+    __setstate__ = _refuse_build
+
+
+class _Budget:
+    """Bytes one load may allocate for records, storages and tensors: ``_BYTES_PER_FILE_BYTE`` times the file's
+    size plus ``_MIN_BUDGET``, and never more than ``_MAX_BUDGET``."""
+
+    def __init__(self, file_size: int) -> None:
+        self.limit = min(_MAX_BUDGET, _BYTES_PER_FILE_BYTE * file_size + _MIN_BUDGET)
+        self.used = 0
+
+    def take(self, nbytes: int, what: str) -> None:
+        self.used += int(nbytes)
+        if self.used > self.limit:
+            raise CheckpointFormatError(
+                f"{what} would bring what reading this checkpoint allocates to {self.used} bytes, over its cap of "
+                f"{self.limit} ({_BYTES_PER_FILE_BYTE} x the file size + {_MIN_BUDGET >> 20} MiB, at most "
+                f"{_MAX_BUDGET >> 20} MiB)")
 
 
 @dataclass(frozen=True)
@@ -109,8 +157,13 @@ _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_MAGIC = _LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
 _LEGACY_PROTOCOL_VERSION = 1001
 _STORAGE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# A stride-0 (expanded) tensor may legitimately be larger than its storage, but not absurdly so.
-_MAX_EXPANDED_BYTES = 1 << 30
+# The allocation cap of one load (see _Budget): a sound file needs about 2x its size (records and tensor
+# copies), 5x with bfloat16 storages (widened to float32); tied or expanded tensors add their copies.
+_BYTES_PER_FILE_BYTE = 8
+_MIN_BUDGET = 16 << 20
+_MAX_BUDGET = 16 << 30
+#: deepest container nesting a loaded checkpoint may have (a state dict of an optimizer state is about 5)
+_MAX_NESTING = 100
 
 
 def _as_index(value: Any, what: str) -> int:
@@ -119,8 +172,8 @@ def _as_index(value: Any, what: str) -> int:
     return value
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                       backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
+def _rebuild_tensor_v2(budget: _Budget, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                       requires_grad: Any = False, backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
     """NumPy version of torch._utils._rebuild_tensor_v2: a C-contiguous copy of the strided view."""
     if not isinstance(storage, _Storage):
         raise CheckpointFormatError(f"tensor record without a storage (got {type(storage).__name__})")
@@ -138,17 +191,16 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
             f"tensor of size {shape} stride {steps} offset {offset} reads past the end of storage "
             f"{storage.key!r} ({flat.size} elements)")
     nbytes = int(np.prod(shape, dtype=np.float64) * flat.itemsize)
-    if nbytes > max(flat.nbytes, _MAX_EXPANDED_BYTES):
-        raise CheckpointFormatError(f"implausible tensor of size {shape} over storage {storage.key!r}")
+    budget.take(nbytes, f"a tensor of size {shape} over storage {storage.key!r} ({flat.size} elements)")
     base = flat[offset:]
     view = np.lib.stride_tricks.as_strided(base, shape=shape, strides=tuple(s * flat.itemsize for s in steps),
                                            writeable=False)
     return np.array(view, copy=True, order="C")
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+def _rebuild_tensor(budget: _Budget, storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
     """torch._utils._rebuild_tensor, used by files from PyTorch 0.4."""
-    return _rebuild_tensor_v2(storage, storage_offset, size, stride)
+    return _rebuild_tensor_v2(budget, storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = True, backward_hooks: Any = None) -> np.ndarray:
@@ -192,6 +244,8 @@ def _skip_tensor(*args: Any, **kwargs: Any) -> None:
 #: the allow-listed globals that build tensors; replaced by ``_skip_tensor`` while probing
 _TENSOR_BUILDERS = (("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
                     ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"))
+#: the allow-listed globals that allocate: they are handed the load's budget
+_ALLOCATING = (("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"))
 
 #: load_storage(key, storage type, element count, view metadata or None) -> storage
 LoadStorage = Callable[[str, _StorageType, int, Any], _Storage]
@@ -202,12 +256,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     ``pid_length`` is 5 for zip archives and 6 for the legacy format (which adds view metadata); with no
     ``load_storage`` any persistent id is an error. ``probe`` keeps the allow-list but builds no tensors.
+    Functions are handed out as :class:`_Function` wrappers; the classes (OrderedDict, set, frozenset) are
+    immutable built-in types and the storage types refuse BUILD themselves.
     """
 
-    def __init__(self, data: bytes, source: str, load_storage: LoadStorage | None = None, pid_length: int = 5,
-                 probe: bool = False):
+    def __init__(self, data: bytes, source: str, budget: _Budget, load_storage: LoadStorage | None = None,
+                 pid_length: int = 5, probe: bool = False):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._source = source
+        self._budget = budget
         self._load_storage = load_storage
         self._pid_length = pid_length
         self._probe = probe
@@ -224,8 +281,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "only tensor state-dict globals are allowed: torch rebuild functions and storage types, "
                 "collections.OrderedDict, set, frozenset and bytes", f"{module}.{name}")
         if self._probe and (module, name) in _TENSOR_BUILDERS:
-            return _skip_tensor
-        return allowed
+            return _Function(_skip_tensor)
+        if isinstance(allowed, (type, _StorageType)):
+            return allowed
+        return _Function(allowed, self._budget if (module, name) in _ALLOCATING else None)
 
     def persistent_load(self, pid: Any) -> _Storage:
         if (self._load_storage is None or not isinstance(pid, tuple) or len(pid) != self._pid_length
@@ -250,12 +309,17 @@ def _ascii(value: Any) -> Any:
     return value
 
 
-def _decode_storage(raw: bytes, storage_type: _StorageType, byteorder: str, what: str, numel: int) -> np.ndarray:
+def _decode_storage(raw: bytes | memoryview, storage_type: _StorageType, byteorder: str, what: str, numel: int,
+                    budget: _Budget) -> np.ndarray:
     """Raw storage bytes -> flat native-endian array (bfloat16 widened to float32)."""
     raw_dtype = np.dtype("uint16" if storage_type.dtype == "bfloat16" else storage_type.dtype)
     raw_dtype = raw_dtype.newbyteorder("<" if byteorder == "little" else ">")
     if len(raw) != numel * raw_dtype.itemsize:
         raise CheckpointFormatError(f"{what} has {len(raw)} bytes, expected {numel} x {raw_dtype.itemsize}")
+    if storage_type.dtype == "bfloat16":
+        budget.take(4 * numel, f"{what} widened from bfloat16")
+    elif not raw_dtype.isnative:
+        budget.take(len(raw), f"{what} swapped to native byte order")
     flat = np.frombuffer(raw, dtype=raw_dtype)
     if storage_type.dtype == "bfloat16":
         return (flat.astype(np.uint32) << 16).view(np.float32)
@@ -316,19 +380,70 @@ def load_torch_pickle(path: str | Path) -> Any:
     """
     path = Path(path)
     archive = _open_archive(path)
+    budget = _Budget(path.stat().st_size)
     if archive is None:
-        return _load_legacy(path)
-    with archive as zf:
-        return _load_zip(path, zf)
+        obj = _load_legacy(path, budget)
+    else:
+        with archive as zf:
+            obj = _load_zip(path, zf, budget)
+    _check_nesting(obj, path)
+    return obj
 
 
-def _load_zip(path: Path, zf: zipfile.ZipFile) -> Any:
+def _containers(obj: Any) -> list | None:
+    """The objects inside ``obj`` (keys too: tuples can nest), or None when it is not a container."""
+    if isinstance(obj, Mapping):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    return None
+
+
+def _check_nesting(root: Any, path: Path) -> None:
+    """Refuse containers nested deeper than ``_MAX_NESTING`` levels, or in a cycle, before anyone walks them
+    recursively. Iterative; a container shared by several parents is walked once (its height is kept)."""
+    if _containers(root) is None:
+        return
+    height: dict[int, int] = {}  # id -> levels of containers from it down, once walked
+    stack = [[root, iter(_containers(root)), 0]]  # container, its contents still to see, highest content so far
+    on_path = {id(root)}
+    while stack:
+        frame = stack[-1]
+        child = next(frame[1], _END)
+        if child is _END:
+            stack.pop()
+            on_path.discard(id(frame[0]))
+            height[id(frame[0])] = frame[2] + 1
+            if stack:
+                stack[-1][2] = max(stack[-1][2], frame[2] + 1)
+            continue
+        below = height.get(id(child))
+        if below is not None:
+            frame[2] = max(frame[2], below)
+        else:
+            inner = _containers(child)
+            if inner is None:
+                continue
+            if id(child) in on_path:
+                raise CheckpointFormatError(f"{path}: a container in the checkpoint contains itself")
+            stack.append([child, iter(inner), 0])
+            on_path.add(id(child))
+            below = 0
+        if len(stack) + below > _MAX_NESTING:
+            raise CheckpointFormatError(f"{path}: containers nested deeper than {_MAX_NESTING} levels, not a "
+                                        "checkpoint PyTorch writes")
+
+
+_END = object()
+
+
+def _load_zip(path: Path, zf: zipfile.ZipFile, budget: _Budget) -> Any:
     names = zf.namelist()
     folder = _archive_folder(path, names)
     member = f"{folder}/data.pkl"
     byteorder = "little"
     if f"{folder}/byteorder" in names:
-        byteorder = zf.read(f"{folder}/byteorder").decode("ascii", "replace").strip()
+        byteorder = _read_record(zf, f"{folder}/byteorder", budget).decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise CheckpointFormatError(f"{path}: unknown byteorder record {byteorder!r:.40}")
     storages: dict[str, _Storage] = {}
@@ -340,12 +455,20 @@ def _load_zip(path: Path, zf: zipfile.ZipFile) -> Any:
         record = f"{folder}/data/{key}"
         if record not in names:
             raise CheckpointFormatError(f"storage record {record} is missing")
-        flat = _decode_storage(zf.read(record), storage_type, byteorder, f"storage record {record}", numel)
+        flat = _decode_storage(_read_record(zf, record, budget), storage_type, byteorder, f"storage record {record}",
+                               numel, budget)
         storages[key] = _Storage(key, flat)
         return storages[key]
 
     with _format_errors(path, member):
-        return _RestrictedUnpickler(zf.read(member), f"{path}", load_storage).load()
+        return _RestrictedUnpickler(_read_record(zf, member, budget), f"{path}", budget, load_storage).load()
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, budget: _Budget) -> bytes:
+    """A zip record, charged to the budget at its stated size before it is inflated (zipfile reads no more)."""
+    size = zf.getinfo(name).file_size
+    budget.take(size, f"record {name} ({size} bytes uncompressed)")
+    return zf.read(name)
 
 
 @contextlib.contextmanager
@@ -375,20 +498,21 @@ def _next_pickle(data: bytes, start: int, path: Path, what: str) -> int:
     raise CheckpointFormatError(f"{path}: truncated legacy checkpoint ({what} has no end)")
 
 
-def _load_plain(data: bytes, path: Path, what: str) -> Any:
+def _load_plain(data: bytes, path: Path, what: str, budget: _Budget) -> Any:
     """A header pickle of the legacy format: allow-listed globals only, no storages."""
     with _format_errors(path, what):
-        return _RestrictedUnpickler(data, f"{path}").load()
+        return _RestrictedUnpickler(data, f"{path}", budget).load()
 
 
-def _load_legacy(path: Path) -> Any:
+def _load_legacy(path: Path, budget: _Budget) -> Any:
     """The legacy (PyTorch 0.4 - 1.5) stream format; see the module docstring for its layout."""
     data = path.read_bytes()
+    budget.take(len(data), "the file")
     pos = 0
     header = []
     for what in ("magic number", "protocol version", "sys_info"):
         end = _next_pickle(data, pos, path, what)
-        header.append(_load_plain(data[pos:end], path, what))
+        header.append(_load_plain(data[pos:end], path, what, budget))
         pos = end
     magic, protocol, sys_info = header
     if magic != _LEGACY_MAGIC_NUMBER:
@@ -400,7 +524,7 @@ def _load_legacy(path: Path) -> Any:
     main_start, main_end = pos, _next_pickle(data, pos, path, "main pickle")
     main = data[main_start:main_end]
     keys_end = _next_pickle(data, main_end, path, "storage key list")
-    keys = _load_plain(data[main_end:keys_end], path, "storage key list")
+    keys = _load_plain(data[main_end:keys_end], path, "storage key list", budget)
     if not isinstance(keys, (list, tuple)):
         raise CheckpointFormatError(f"{path}: legacy storage key list is a {type(keys).__name__}, not a list")
     keys = [_ascii(k) for k in keys]
@@ -415,7 +539,7 @@ def _load_legacy(path: Path) -> Any:
         return _Storage(key, np.empty(0, np.uint8))
 
     with _format_errors(path, "main pickle"):
-        _RestrictedUnpickler(main, f"{path}", probe_storage, pid_length=6, probe=True).load()
+        _RestrictedUnpickler(main, f"{path}", budget, probe_storage, pid_length=6, probe=True).load()
 
     # the records: per key an int64 little-endian element count, then the little-endian elements
     roots: dict[str, np.ndarray] = {}
@@ -438,7 +562,8 @@ def _load_legacy(path: Path) -> Any:
             raise CheckpointFormatError(f"{path}: truncated legacy checkpoint (storage record {key!r} has "
                                         f"{len(data) - start} of {stop - start} bytes)")
         with _format_errors(path, f"storage record {key!r}"):
-            roots[key] = _decode_storage(data[start:stop], storage_type, "little", f"storage record {key!r}", numel)
+            roots[key] = _decode_storage(memoryview(data)[start:stop], storage_type, "little",
+                                         f"storage record {key!r}", numel, budget)
         pos = stop
     missing = [k for k in types if k not in roots]
     if missing:
@@ -461,7 +586,7 @@ def _load_legacy(path: Path) -> Any:
         return views.setdefault(f"view:{view_key}", _Storage(str(view_key), root[offset:offset + size]))
 
     with _format_errors(path, "main pickle"):
-        return _RestrictedUnpickler(main, f"{path}", load_storage, pid_length=6).load()
+        return _RestrictedUnpickler(main, f"{path}", budget, load_storage, pid_length=6).load()
 
 
 def _flatten_into(out: dict[str, np.ndarray], tree: Mapping, prefix: str, source: str) -> None:

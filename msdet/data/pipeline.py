@@ -12,6 +12,7 @@ same batches as an uninterrupted one, whatever ``num_workers``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 from msdet.config import D0AugmentConfig, NanoDetAugmentConfig
 from msdet.data import transforms as T
 from msdet.data.meta import gt_rows, mindrecord_files
+from msdet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,45 @@ def usable_workers(requested: int) -> int:
     return max(1, min(int(requested), os.cpu_count() or 1))
 
 
+def check_shard(path: str | Path, split: str) -> None:
+    """Refuse a MindRecord shard shorter than the pages its header lists, naming it: MindSpore only notices
+    mid-epoch, with "Failed to read file" and no file name. Reads the header alone.
+
+    Layout (MindSpore's shard writer): an 8-byte little-endian header length and the JSON header, padded to
+    ``header_size``; then page ``i`` at ``header_size + i * page_size``, the last one cut to its used size.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length}")
+            header = json.loads(fh.read(length))
+        page_size, pages = int(header["page_size"]), header["page"]
+        need = int(header["header_size"]) + max((int(p["page_id"]) * page_size + int(p["page_size"]) for p in pages),
+                                                default=0)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a MindRecord shard of the {split} split (unreadable header: "
+                        f"{type(exc).__name__}); rerun the mindrecord stage") from exc
+    if size < need:
+        raise UserError(f"{path}: truncated MindRecord shard of the {split} split ({size} bytes, its header "
+                        f"lists pages up to byte {need}); rerun the mindrecord stage")
+
+
+def shard_files(mindrecord_dir: str | Path, split: str) -> list[str]:
+    """The shard files of ``split`` for ``MindDataset``, each checked by :func:`check_shard`."""
+    files = mindrecord_files(mindrecord_dir, split)
+    for f in files:
+        check_shard(f, split)
+    return [str(f) for f in files]
+
+
 def num_samples(mindrecord_dir: str | Path, split: str) -> int:
     """Number of images in ``split`` (all shards)."""
     import mindspore.dataset as ds
 
-    files = [str(f) for f in mindrecord_files(mindrecord_dir, split)]
+    files = shard_files(mindrecord_dir, split)
     return int(ds.MindDataset(files, columns_list=["image_id"], shuffle=False).get_dataset_size())
 
 
@@ -64,6 +100,7 @@ def resolve_max_gt_boxes(pinned: int, mindrecord_dir: str | Path) -> int:
         return int(pinned)
     from msdet.data.mindrecord import max_boxes_per_image
 
+    shard_files(mindrecord_dir, "train")
     return gt_rows(0, max_boxes_per_image(mindrecord_dir, "train"))
 
 
@@ -199,7 +236,7 @@ def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int
     if batch_size < 1 or max_gt_boxes < 1 or num_workers < 1:
         raise ValueError(f"batch_size ({batch_size}), max_gt_boxes ({max_gt_boxes}) and num_workers "
                          f"({num_workers}) must be positive")
-    files = [str(f) for f in mindrecord_files(mindrecord_dir, "train")]
+    files = shard_files(mindrecord_dir, "train")
     ds.config.set_seed(int(seed))
     n = int(ds.MindDataset(files, columns_list=["image_id"], shuffle=False).get_dataset_size())
     order = epoch_order(n, seed, epoch, rank, group_size, shuffle)
@@ -230,7 +267,7 @@ def create_eval_dataset(mindrecord_dir: str | Path, model: str, input_size: int,
     _check_model(model)
     if batch_size < 1 or num_workers < 1:
         raise ValueError(f"batch_size ({batch_size}) and num_workers ({num_workers}) must be positive")
-    files = [str(f) for f in mindrecord_files(mindrecord_dir, "val")]
+    files = shard_files(mindrecord_dir, "val")
     data = ds.MindDataset(files, columns_list=_EVAL_READ, shuffle=False, num_parallel_workers=1)
     if max_images > 0:
         data = data.take(max_images)
@@ -241,6 +278,6 @@ def create_eval_dataset(mindrecord_dir: str | Path, model: str, input_size: int,
     return data.batch(batch_size, drop_remainder=False)
 
 
-__all__ = ["MODELS", "TRAIN_COLUMNS", "EVAL_COLUMNS", "num_samples", "resolve_max_gt_boxes", "decode_image",
-           "sample_rng", "epoch_order", "TrainSampleMap", "EvalSampleMap", "create_train_dataset",
-           "create_eval_dataset"]
+__all__ = ["MODELS", "TRAIN_COLUMNS", "EVAL_COLUMNS", "check_shard", "shard_files", "num_samples",
+           "resolve_max_gt_boxes", "decode_image", "sample_rng", "epoch_order", "TrainSampleMap", "EvalSampleMap",
+           "create_train_dataset", "create_eval_dataset"]

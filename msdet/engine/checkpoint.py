@@ -11,10 +11,11 @@ import numpy as np
 from mindspore import nn
 
 from msdet.atomic import atomic_path
+from msdet.errors import UserError
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the network."""
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or does not fit the network: the user picks another file."""
 
 
 def save_weights(path: str | Path, items: nn.Cell | Iterable[dict], meta: dict[str, Any] | None = None) -> None:
@@ -65,7 +66,9 @@ def load_weights(network: nn.Cell, path: str | Path, strict: bool = True, skip: 
                 f"{path}: tensor '{p.name}' has shape {tuple(src.shape)}, the network expects {tuple(p.shape)}")
         loaded[p.name] = src
     if strict and [m for m in missing if m not in skip]:
-        raise CheckpointError(f"{path}: {len(missing)} network tensors missing, e.g. {missing[:5]}")
+        saved_for = checkpoint_meta(params, "model")
+        hint = f"; the file was saved for model '{saved_for}'" if saved_for else ""
+        raise CheckpointError(f"{path}: {len(missing)} network tensors missing, e.g. {missing[:5]}{hint}")
     ms.load_param_into_net(network, loaded, strict_load=False)
     return missing
 

@@ -45,11 +45,13 @@ from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
 from msdet.engine.optim import AdamW, clip_grad_norm
 from msdet.engine.schedules import warmup_cosine
+from msdet.errors import UserError
 from msdet.ops.sumsq import SquareSum
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; no checkpoint of that state is written."""
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite; no checkpoint of that state is written. The user's to fix (learning
+    rate, data), so the command reports it in one line."""
 
 
 @dataclass

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from msdet.atomic import atomic_path
+from msdet.config import EXPORT_FORMATS
 from msdet.export.verify import Postprocess, Tolerances, verify
 
-FORMATS = ("MINDIR", "ONNX")
-PRIMARY = "MINDIR"
+FORMATS = EXPORT_FORMATS
+PRIMARY = EXPORT_FORMATS[0]
 FILE_NAMES = {"MINDIR": "model.mindir", "ONNX": "model.onnx"}
 REPORT_NAME = "export_report.json"
 
