@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from msdet.atomic import write_json
 from msdet.config import Params
 from msdet.data.meta import read_meta
 from msdet.detectors import build_detector
@@ -120,11 +119,10 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)
     if not trainer.finished():
         return None
-    trainer.write_final()
     if not dist.is_main:
         return None
     card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load)
-    write_json(Path(out_dir) / "model_card.json", card)
+    trainer.write_final(card)  # the card is part of the checkpoint set
     return card
 
 

@@ -14,6 +14,7 @@ from msdet.cli import run
 from msdet.config import load_params
 from msdet.data.coco import POINTER_FILE, CocoFormatError, resolve_tree, validate_tree, write_pointer
 from msdet.data.synthetic import generate_synthetic
+from msdet.queue import check_private_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load_params(args.params)
     root, source = Path(params.data.root), params.data.source
+    check_private_output(args.params, "data.root", root)
     what = f"own ({params.data.own.format})" if source == "own" else source
     done = ""
     if source == "coco2017":

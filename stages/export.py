@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=None, help="standalone: default the model's params value")
     ap.add_argument("--num-classes", type=int, default=None, help="standalone: default from --meta")
     ap.add_argument("--meta", default=None, help="standalone: a MindRecord meta.json giving num_classes")
-    ap.add_argument("--out", default=None, help="standalone: output folder (replaced as a whole)")
+    ap.add_argument("--out", default=None, help="standalone: output folder, replaced as a whole "
+                    "(refused unless empty or a previous export)")
     ap.add_argument("--formats", nargs="+", default=None, help="MINDIR and/or ONNX (default: export.formats)")
     ap.add_argument("--metrics", default=None, help="also write the metrics JSON here")
     args = ap.parse_args(argv)

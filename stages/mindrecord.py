@@ -10,6 +10,7 @@ from msdet.cli import run
 from msdet.config import load_params
 from msdet.data.coco import read_conversion_report, resolve_tree
 from msdet.data.mindrecord import convert_tree
+from msdet.queue import check_private_output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default="metrics/data.json")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    check_private_output(args.params, "mindrecord.out_dir", params.mindrecord.out_dir)
     tree = resolve_tree(params.data.root)
     caps = {m: getattr(params, m).train.max_gt_boxes for m in ("d0", "nanodet")}
     stats = convert_tree(tree, Path(params.mindrecord.out_dir), params.mindrecord, gt_caps=caps)

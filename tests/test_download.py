@@ -7,6 +7,9 @@ import io
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -329,7 +332,11 @@ def test_reextraction_from_kept_archive_needs_no_network(server, archives, tmp_p
     files = publish(server, archives)
     download_and_extract(files, tmp_path, make_cfg(), progress=False)
     (tmp_path / "train2017" / MARKER_NAME).unlink()  # an extraction that never finished...
-    os.replace(tmp_path / "train2017", tmp_path / ".extract-train2017.zip-crashed")  # ...left in its temp dir
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    crashed = tmp_path / f".extract-train2017.zip.tmp@{socket.gethostname()}@{dead}@x"
+    crashed.mkdir()
+    os.replace(tmp_path / "train2017", crashed / "train2017")  # ...left in the dead process's temp dir
     server.state.requests.clear()
     download_and_extract(files, tmp_path, make_cfg(), progress=False)
     assert server.state.requests == []

@@ -152,6 +152,35 @@ def test_changed_params_start_fresh(tmp_path):
     assert second.fit().resumed_from_epoch == 0
 
 
+def test_a_checkpoint_set_staged_by_a_killed_run_is_finished_at_the_next_start(tmp_path):
+    """write_final stages final/ema/best.ckpt and the card as one set; a kill while they move in leaves the
+    rest staged, and the next start of the trainer moves it in before anything else (and no temporary
+    folder is left in state/, a DVC output)."""
+    import socket
+    import subprocess
+    import sys
+
+    trainer, _ = fresh_trainer(tmp_path, cfg(epochs=1))
+    trainer.fit()
+    trainer.write_final({"model": "toy"})
+    run_dir = tmp_path / "run"
+    written = {n: (run_dir / n).read_bytes() for n in ("best.ckpt", "ema.ckpt", "final.ckpt", "model_card.json")}
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    stage = run_dir / f".checkpoints.set@{socket.gethostname()}@{dead}@x"
+    stage.mkdir()
+    for name in ("ema.ckpt", "final.ckpt", "model_card.json"):  # best.ckpt had moved in when it was killed
+        (run_dir / name).rename(stage / name)
+        (run_dir / name).write_bytes(b"the previous run's")
+    (stage / ".complete").write_text("")
+    leftover = run_dir / "state" / f".last.ckpt.tmp@{socket.gethostname()}@{dead}@y"
+    leftover.mkdir()
+    again, _ = fresh_trainer(tmp_path, cfg(epochs=1))
+    again.fit()  # finished already: no step, only the start
+    assert {n: (run_dir / n).read_bytes() for n in written} == written
+    assert not stage.exists() and not leftover.exists()
+
+
 def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path, capsys, monkeypatch):
     trainer, _ = fresh_trainer(tmp_path, cfg(), scale=float("nan"))
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1 "):

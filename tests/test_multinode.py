@@ -59,8 +59,11 @@ def test_msrun_command_for_a_node_of_several():
                                                                       master_port=8118))
     assert cmd[1:] == ["--worker_num=32", "--local_worker_num=8", "--master_port=8118", "--log_dir=logs",
                        "--join=True", "--cluster_time_out=300", "--node_rank=2", "--master_addr=h0", "s.py", "--x"]
-    one = msrun_command("s.py", [], 2, "logs")  # one host: as before, no node rank or address
-    assert one[1:3] == ["--worker_num=2", "--local_worker_num=2"] and not any("node_rank" in c for c in one)
+    one = msrun_command("s.py", [], 2, "logs", master_port=8119)  # one host: no node rank or address
+    assert one[1:4] == ["--worker_num=2", "--local_worker_num=2", "--master_port=8119"]
+    assert not any("node_rank" in c for c in one)
+    with pytest.raises(ValueError, match="msrun needs a scheduler port"):
+        msrun_command("s.py", [], 2, "logs")
     with pytest.raises(ValueError, match="node_rank 4 is outside 0..3"):
         Cluster(nodes=4, node_rank=4, master_port=1)
     with pytest.raises(ValueError, match="fixed master_port"):

@@ -126,6 +126,36 @@ def test_a_point_left_by_other_code_is_not_continued(tmp_path, capsys):
     assert not (tmp_path / "part" / "state" / "last.ckpt").exists()
 
 
+def test_a_changed_run_key_keeps_the_old_point_until_the_new_run_saves_one(tmp_path, capsys):
+    """A params or code edit must not throw the old run's resume point away: it is moved aside, continued
+    again when the edit is undone, and deleted only once the new run has a resume point of its own."""
+    config = cfg(checkpoint_every_steps=3)
+    state = tmp_path / "part" / "state"
+    part, _ = trainer_for(tmp_path, config, "part")
+    kill_after(part, 13)
+    with pytest.raises(Killed):
+        part.fit()
+    old_bytes = (state / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    edited, _ = trainer_for(tmp_path, config, "part", code="code-2")
+    assert edited._try_resume() == (0, 0, 0.0, 0)
+    kept = state / f"run-{part.key}"
+    out = capsys.readouterr().out
+    assert f"its resume point is kept in {kept} until this run saves its first" in out and out.count("\n") == 1
+    assert (kept / "last.ckpt").read_bytes() == old_bytes and (kept / "previous.ckpt").is_file()
+    # the edit undone before the edited run saved anything: the old run continues where it stopped
+    undone, _ = trainer_for(tmp_path, config, "part")
+    assert undone._try_resume()[1] == 12 and not kept.exists()
+    assert (state / "last.ckpt").read_bytes() == old_bytes
+    # the edited run again, this time to its first resume point: the old one is gone then
+    edited, _ = trainer_for(tmp_path, config, "part", code="code-2")
+    kill_after(edited, 3)
+    with pytest.raises(Killed):
+        edited.fit()
+    assert not list(state.glob("run-*"))
+    assert checkpoint_meta(read_checkpoint(state / "last.ckpt"), "run_key") == edited.key
+
+
 def test_save_due_skips_epoch_ends_and_zero():
     assert [s for s in range(1, 17) if resume.save_due(s, (s - 1) % 8 + 1, 8, 3)] == [3, 6, 9, 12, 15]
     assert not any(resume.save_due(s, 1, 8, 0) for s in range(1, 9))

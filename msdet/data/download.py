@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from msdet.atomic import owner_prefix, remove_stale, replace
 from msdet.config import DownloadConfig
 from msdet.errors import UserError
 
@@ -313,17 +314,18 @@ def extract_archive(archive: Path, remote: RemoteFile, root: Path) -> None:
         if existing.exists() and not (existing / MARKER_NAME).is_file():
             raise DownloadError(f"{existing}: exists but was not extracted by msdet (no {MARKER_NAME}); move it "
                                 f"away or delete it so {archive.name} can be unpacked there")
-    prefix = f".extract-{remote.name}-"
-    for stale in root.glob(prefix + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    # the temporary folder names its process: a concurrent job's (a queued experiment's) is left alone
+    kind = f"extract-{remote.name}"
+    remove_stale(root, kind)
+    tmp = Path(tempfile.mkdtemp(prefix=owner_prefix(kind), dir=root))
     try:
         counts = _extract_verified(archive, remote, tmp)
         for target in remote.targets:
             marker = {"archive": remote.name, "md5": remote.md5, "url": remote.url, "files": counts[target]}
             (tmp / target / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
         for target in remote.targets:
-            _replace_dir(tmp / target, root / target)
+            remove_stale(root, target)
+            replace(tmp / target, root / target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: extracted %s into %s", archive.name, ", ".join(remote.targets), root)
@@ -356,14 +358,3 @@ def _extract_verified(archive: Path, remote: RemoteFile, dest: Path) -> dict[str
             if not info.is_dir():
                 counts[info.filename.split("/", 1)[0]] += 1
     return counts
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; a previous ``dst`` (ours, stale) is renamed aside first and removed after."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

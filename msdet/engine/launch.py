@@ -11,15 +11,19 @@ rank-table file (the MindSpore model zoo scripts' HCCL setup) is passed through.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 
 class DistributedJobFailed(RuntimeError):
@@ -27,9 +31,45 @@ class DistributedJobFailed(RuntimeError):
 
 
 def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick); see :func:`reserved_port` for one kept free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: one lock file per scheduler port handed to msrun by an msdet job of this user on this host
+PORTS_DIR = Path(tempfile.gettempdir()) / f"msdet-ports-{os.getuid()}"
+
+
+def lock_port(port: int) -> IO | None:
+    """An open file holding an exclusive lock on ``port``'s reservation, or None when a live msdet job holds
+    it. The lock goes with the process, so a killed job's reservation frees itself."""
+    PORTS_DIR.mkdir(parents=True, exist_ok=True)
+    handle = open(PORTS_DIR / str(port), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+@contextlib.contextmanager
+def reserved_port(attempts: int = 50) -> Iterator[int]:
+    """A free local port that no other msdet job on this host gets until the block ends.
+
+    msrun binds the port itself, so it cannot be held open until the hand-over: between the kernel's pick and
+    msrun's bind a program other than an msdet job can still take it (msrun then fails and says so).
+    """
+    for _ in range(attempts):
+        port = free_port()
+        handle = lock_port(port)
+        if handle is not None:
+            break
+    else:
+        raise DistributedJobFailed(f"no free scheduler port after {attempts} tries (reservations in {PORTS_DIR})")
+    with handle:
+        yield port
 
 
 @dataclass(frozen=True)
@@ -56,7 +96,9 @@ def msrun_command(script: str, script_args: Sequence[str], workers: int, log_dir
     """The msrun command line for ``workers`` processes on this host (``cluster.nodes`` hosts in all)."""
     cluster = cluster or Cluster()
     msrun = shutil.which("msrun") or str(Path(sys.executable).with_name("msrun"))
-    port = master_port or cluster.master_port or free_port()
+    port = master_port or cluster.master_port
+    if not port:
+        raise ValueError("msrun needs a scheduler port: pass master_port (see reserved_port)")
     cmd = [msrun, f"--worker_num={workers * cluster.nodes}", f"--local_worker_num={workers}",
            f"--master_port={port}", f"--log_dir={log_dir}", "--join=True",
            f"--cluster_time_out={cluster.cluster_time_out}"]
@@ -104,14 +146,12 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
     # msrun starts the script as a file: resolve its imports from the working directory, as `python -m`
     # does (this checkout's package, not another one installed in the environment)
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), run_env.get("PYTHONPATH", "")) if p)
-    cmd = msrun_command(script, script_args, workers, log_dir, rank_table=rank_table, cluster=cluster)
     where = f"node {cluster.node_rank} ({socket.gethostname()}): " if cluster and cluster.nodes > 1 else ""
-    with open(log_dir / "msrun.out", "w") as out:
-        try:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=run_env, timeout=timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            raise DistributedJobFailed(f"{where}distributed job timed out after {timeout_s} s; "
-                                       f"logs in {log_dir}") from exc
+    with contextlib.ExitStack() as held:
+        port = cluster.master_port if cluster and cluster.master_port else held.enter_context(reserved_port())
+        cmd = msrun_command(script, script_args, workers, log_dir, master_port=port, rank_table=rank_table,
+                            cluster=cluster)
+        proc = _run_msrun(cmd, log_dir, run_env, timeout_s, where)
     if proc.returncode != 0:
         bad = failed_rank_logs(log_dir)
         if bad:
@@ -120,3 +160,13 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
                    "node itself died)." if where and LOST_PEER.search(bad[0].read_text(errors="replace")) else ""
             raise DistributedJobFailed(f"{where}rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])}).{lost}")
         raise DistributedJobFailed(f"{where}msrun exited with code {proc.returncode}; see {log_dir}/msrun.out")
+
+
+def _run_msrun(cmd: list[str], log_dir: Path, env: dict, timeout_s: float | None,
+               where: str) -> subprocess.CompletedProcess:
+    with open(log_dir / "msrun.out", "w") as out:
+        try:
+            return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise DistributedJobFailed(f"{where}distributed job timed out after {timeout_s} s; "
+                                       f"logs in {log_dir}") from exc

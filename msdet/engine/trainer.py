@@ -11,9 +11,15 @@ Output directory layout (``out_dir``):
                           best validated EMA weights so far (``best.`` names)
   state/previous.ckpt     the resume point before it (kept until a newer one is complete)
   state/run_key.json      what the state was trained with; a resume only happens when it matches
+  state/run-<key>/        the resume point of another run key, moved aside when this run started; it is
+                          continued again if the run key changes back before this run saves its first point,
+                          and deleted once it does
   final.ckpt              network weights at the end (fine-tuning starts here)
   ema.ckpt                EMA weights under the network's names (eval and export use these)
   best.ckpt               the validated EMA weights with the highest AP (ema.ckpt's copy without validation)
+  model_card.json         what the weights are (written with them, see msdet/training.py)
+final/ema/best.ckpt and the model card are written as one set (msdet.atomic.atomic_files): a kill while they
+are renamed in is finished by the next start of the trainer, so the files never mix two runs for longer.
 The saved EMA weights (validated ones included) get precise BN statistics for their own weights when
 ``bn_recalibration_batches`` > 0 (see msdet/engine/batch_norm_stats.py); so does final.ckpt.
 ``state/`` is the persisted DVC output that survives an interrupted stage; so is the dvclive directory.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,7 +41,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from msdet.atomic import atomic_path, write_json
+from msdet.atomic import atomic_files, remove_stale, write_json
 from msdet.config import TrainConfig
 from msdet.engine import resume
 from msdet.engine.accumulate import AccumulatingStep
@@ -190,6 +197,8 @@ class Trainer:
                 "train_seconds": round(seconds, 3), "rng": ms.get_rng_state().asnumpy().tolist(),
                 "best": self.best["meta"] if self.best else None}
         resume.save_rotating(self.resume_path, lambda path: save_weights(path, items, meta))
+        for kept in self.state_dir.glob(KEPT_PREFIX + "*"):
+            shutil.rmtree(kept)  # this run has a resume point of its own now
 
     def _try_resume(self) -> tuple[int, int, float, int]:
         """(next epoch, global step, seconds trained, steps of the next epoch already taken) from the newest
@@ -198,15 +207,19 @@ class Trainer:
         from mindspore import Tensor
 
         key_file = self.state_dir / "run_key.json"
-        stored = json.loads(key_file.read_text()).get("run_key") if key_file.is_file() else None
+        if self.dist.is_main:
+            # a killed run's temporary files; its checkpoint set, if staged in full, is completed
+            remove_stale(self.out_dir)
+            remove_stale(self.state_dir)
+            if _stored_key(key_file) != self.key:
+                self._set_other_run_aside(_stored_key(key_file))
+        stored = _stored_key(key_file)
         params = resume.newest_readable(self.resume_path, lambda p: checkpoint_meta(p, "run_key") == self.key) \
             if stored == self.key else None
         if params is None:
             if self.dist.is_main:
-                if stored is not None and stored != self.key:
-                    print(f"[{self.detector.name}] {self.state_dir} holds a run of other params, data, starting "
-                          f"weights or code: training from the start", flush=True)
-                shutil.rmtree(self.state_dir, ignore_errors=True)
+                for point in (self.resume_path, resume.previous_path(self.resume_path)):
+                    point.unlink(missing_ok=True)  # unreadable, or not of this run
                 write_json(key_file, {"run_key": self.key})
             return 0, 0, 0.0, 0
         ms.load_param_into_net(self.network, params, strict_load=False)
@@ -219,6 +232,30 @@ class Trainer:
         epoch, epoch_step = resume.position(params)
         return epoch, int(checkpoint_meta(params, "step")), float(checkpoint_meta(params, "train_seconds", 0.0)), \
             epoch_step
+
+    def _set_other_run_aside(self, other: str | None) -> None:
+        """Move the resume point of run key ``other`` into ``state/run-<other>/`` (replacing an older one
+        kept there) and bring back this run key's, if it was kept so; one line says which."""
+        state, tag = self.state_dir, f"[{self.detector.name}]"
+        points = [p for p in (self.resume_path, resume.previous_path(self.resume_path)) if p.is_file()]
+        if points:
+            aside = state / f"{KEPT_PREFIX}{other or 'unknown'}"
+            for older in state.glob(KEPT_PREFIX + "*"):
+                if older.name not in (aside.name, KEPT_PREFIX + self.key):
+                    shutil.rmtree(older)
+            aside.mkdir(exist_ok=True)
+            for path in [*points, state / "run_key.json"]:  # the key last: a kill before it repeats this move
+                if path.is_file():
+                    os.replace(path, aside / path.name)
+            print(f"{tag} {state} holds a run of other params, data, starting weights or code: training from "
+                  f"the start; its resume point is kept in {aside} until this run saves its first (to continue "
+                  f"it, stop this run and rerun with that run's params and code)", flush=True)
+        mine = state / f"{KEPT_PREFIX}{self.key}"
+        if mine.is_dir():
+            for path in sorted(mine.iterdir()):
+                os.replace(path, state / path.name)
+            mine.rmdir()
+            print(f"{tag} continuing the resume point kept in {mine}", flush=True)
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after_epochs: int | None = None,
@@ -370,26 +407,37 @@ class Trainer:
         iterator = self.data.make_dataset(0).create_tuple_iterator(num_epochs=1)
         return [image for image, _, _ in itertools.islice(iterator, n)]
 
-    def write_final(self) -> None:
-        """final.ckpt, ema.ckpt and best.ckpt from the current (finished) state. Rank 0 only."""
+    def write_final(self, card: dict | None = None) -> None:
+        """final.ckpt, ema.ckpt, best.ckpt and ``card`` (as model_card.json) from the current (finished) state,
+        as one set. Rank 0 only."""
         if not self.dist.is_main:
             return
         live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
         batches = self._recalibration_batches()
-        recalibrate_batch_norm(self.network, batches)
-        save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
-        self.ema.copy_to_network()
-        recalibrate_batch_norm(self.network, batches)
-        save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
-        for p, value in live:
-            p.set_data(Tensor(value))
-        if self.best is None:
-            with atomic_path(self.out_dir / "best.ckpt") as tmp:
-                shutil.copyfile(self.out_dir / "ema.ckpt", tmp)
-        else:
-            save_weights(self.out_dir / "best.ckpt",
-                         [{"name": k, "data": Tensor(v)} for k, v in self.best["weights"].items()],
-                         {"model": self.detector.name, **self.best["meta"]})
+        with atomic_files(self.out_dir, "checkpoints") as stage:
+            recalibrate_batch_norm(self.network, batches)
+            save_weights(stage / "final.ckpt", self.network, {"model": self.detector.name})
+            self.ema.copy_to_network()
+            recalibrate_batch_norm(self.network, batches)
+            save_weights(stage / "ema.ckpt", self.network, {"model": self.detector.name})
+            for p, value in live:
+                p.set_data(Tensor(value))
+            if self.best is None:
+                shutil.copyfile(stage / "ema.ckpt", stage / "best.ckpt")
+            else:
+                save_weights(stage / "best.ckpt",
+                             [{"name": k, "data": Tensor(v)} for k, v in self.best["weights"].items()],
+                             {"model": self.detector.name, **self.best["meta"]})
+            if card is not None:
+                write_json(stage / "model_card.json", card)
+
+
+#: the folder name prefix, inside ``state/``, of another run key's resume point kept aside
+KEPT_PREFIX = "run-"
+
+
+def _stored_key(key_file: Path) -> str | None:
+    return json.loads(key_file.read_text()).get("run_key") if key_file.is_file() else None
 
 
 #: name prefix of the best weights inside the resume checkpoint

@@ -238,7 +238,7 @@ def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequ
         "formats": {},
     }
     out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, replaces=REPORT_NAME) as tmp:
         tmp.mkdir()
         for fmt in formats:
             final = out_dir / FILE_NAMES[fmt]

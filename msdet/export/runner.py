@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from msdet.atomic import check_replaceable
 from msdet.config import Params
-from msdet.export.exporter import ExportError, export_model
+from msdet.export.exporter import REPORT_NAME, ExportError, export_model
 from msdet.export.verify import Postprocess, Tolerances
 
 
@@ -79,6 +80,7 @@ def run_export(params: Params, model: str, ckpt: str | Path, out_dir: str | Path
     from msdet.engine.runtime import setup_runtime
     from msdet.inference import load_network, with_model_cfg
 
+    check_replaceable(out_dir, REPORT_NAME)  # before the minutes of loading and exporting
     setup_runtime(params.runtime)
     detector = get_detector(model, with_model_cfg(getattr(params, model), input_size), num_classes)
     network = load_network(detector, ckpt)
