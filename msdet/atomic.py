@@ -88,23 +88,25 @@ def remove_stale(directory: str | Path, name: str | None = None) -> list[Path]:
     return removed
 
 
-def check_replaceable(final: str | Path, marker: str) -> None:
+def check_replaceable(final: str | Path, marker: str | tuple[str, ...]) -> None:
     """Refuse to replace ``final`` unless it is absent, an empty folder, or a folder holding ``marker`` (the
-    file every previous output of this kind has)."""
-    final = Path(final)
+    file every previous output of this kind has; with several, one of them)."""
+    final, markers = Path(final), (marker,) if isinstance(marker, str) else marker
     if not (final.exists() or final.is_symlink()):
         return
-    if final.is_dir() and not final.is_symlink() and ((final / marker).is_file() or not any(final.iterdir())):
+    if final.is_dir() and not final.is_symlink() and (any((final / m).is_file() for m in markers)
+                                                      or not any(final.iterdir())):
         return
-    raise ReplaceRefused(f"{final}: exists and is not a previous output of this kind (no {marker} in it); "
-                         f"move it away or delete it")
+    raise ReplaceRefused(f"{final}: exists and is not a previous output of this kind (no {' or '.join(markers)} in "
+                         f"it); move it away or delete it")
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path, replaces: str | None = None) -> Iterator[Path]:
+def atomic_path(final: str | Path, replaces: str | tuple[str, ...] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling path (file or directory) that replaces ``final`` only on success.
 
-    ``replaces``: a file name every previous output at ``final`` holds; anything else there is refused
+    ``replaces``: a file name every previous output at ``final`` holds (or names, one of which it holds);
+    anything else there is refused
     (:class:`ReplaceRefused`) before a byte is written.
     """
     final = Path(final)

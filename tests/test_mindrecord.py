@@ -187,6 +187,7 @@ def test_interrupted_conversion_keeps_previous_output(tree, tmp_path, monkeypatc
     out = tmp_path / "mr"
     out.mkdir()
     (out / "previous.txt").write_text("old")
+    (out / "meta.json").write_text("{}")  # a previous output
     closes = []
     original = mr._ShardWriter.close
 
@@ -200,7 +201,7 @@ def test_interrupted_conversion_keeps_previous_output(tree, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         convert_tree(resolve_tree(tree), out, CFG)
     assert closes == ["train.mindrecord0", "train.mindrecord1"]
-    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "previous.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "mr"]
 
 
@@ -285,3 +286,26 @@ def test_download_stage_never_replaces_a_coco_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert importlib.import_module("stages.download").main([]) == 1
     assert [p.name for p in kept.iterdir()] == ["000000000001.jpg"]
+
+
+@pytest.mark.parametrize("stage, key", [("stages.download", "data.root"), ("stages.mindrecord", "mindrecord.out_dir")])
+def test_stage_refuses_to_replace_a_folder_it_did_not_write(tmp_path, monkeypatch, capsys, stage, key):
+    """data.root or mindrecord.out_dir set to a folder of the user's: one line, and the folder is left alone."""
+    import importlib
+
+    from msdet.cli import run
+
+    run_stage("stages.download", SMALL, tmp_path, monkeypatch)  # a tree for the mindrecord stage to read
+    mine = tmp_path / "my_photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"irreplaceable")
+    section, name = key.split(".")
+    write_params(tmp_path / "params.yaml", {**SMALL, section: {**SMALL.get(section, {}), name: str(mine)}})
+    capsys.readouterr()
+    assert run(importlib.import_module(stage).main, []) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {mine}: exists and is not a previous output of this kind (no "
+                   f"{'annotations/instances_train.json or source.json' if key == 'data.root' else 'meta.json'} in "
+                   f"it); move it away or delete it\n")
+    assert [p.name for p in mine.iterdir()] == ["holiday.jpg"]
+    assert (mine / "holiday.jpg").read_bytes() == b"irreplaceable"

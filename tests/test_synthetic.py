@@ -162,6 +162,7 @@ def test_failed_generation_leaves_previous_tree(tree, tmp_path, monkeypatch):
     root = tmp_path / "coco"
     root.mkdir()
     (root / "old.txt").write_text("previous")
+    (root / "source.json").write_text('{"path": "/elsewhere"}')  # a previous output: a pointer
 
     def broken(cfg, split, index):
         if split == "val":
@@ -171,7 +172,7 @@ def test_failed_generation_leaves_previous_tree(tree, tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "make_image", broken)
     with pytest.raises(RuntimeError, match="boom"):
         generate_synthetic(root, CFG, workers=1)
-    assert [p.name for p in root.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in root.iterdir()) == ["old.txt", "source.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["coco"]
 
 

@@ -28,6 +28,9 @@ from msdet.atomic import atomic_path
 
 SPLITS = ("train", "val")
 POINTER_FILE = "source.json"
+#: one of these is in every tree the download stage writes at ``data.root`` (a copy, or a pointer), so a
+#: ``data.root`` holding anything else (a folder of the user's own) is refused instead of replaced
+TREE_MARKERS = ("annotations/instances_train.json", POINTER_FILE)
 #: Written by the conversion of a user's data set (msdet/data/own.py) into the tree it makes: what was
 #: converted, dropped, clipped or re-encoded; the MindRecord stage copies it into metrics/data.json.
 CONVERSION_FILE = "conversion.json"
@@ -342,7 +345,7 @@ def write_pointer(root: str | Path, target: str | Path) -> CocoTree:
                               f"keep the tree outside data.root")
     tree = resolve_tree(target)
     validate_tree(tree)
-    with atomic_path(root) as tmp:
+    with atomic_path(root, replaces=TREE_MARKERS) as tmp:
         tmp.mkdir()
         (tmp / POINTER_FILE).write_text(json.dumps({"path": str(target)}, indent=2) + "\n")
     return tree

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from msdet.atomic import atomic_path
 from msdet.config import MindrecordConfig
 from msdet.data.coco import SPLITS, CocoAnnotations, CocoFormatError, CocoTree, load_annotations
-from msdet.data.meta import gt_rows, mindrecord_files, write_meta
+from msdet.data.meta import META_FILE, gt_rows, mindrecord_files, write_meta
 from msdet.errors import UserError
 
 SCHEMA = {
@@ -297,7 +297,7 @@ def convert_tree(tree: CocoTree, out_dir: str | Path, cfg: MindrecordConfig,
         raise CocoFormatError(f"{tree['val'].annotation_file}: categories differ from "
                               f"{tree['train'].annotation_file}")
     stats: dict[str, Any] = {"num_classes": categories.num_classes}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, replaces=META_FILE) as tmp:
         tmp.mkdir()
         pool = get_context("spawn").Pool(cfg.workers, initializer=_worker_init) if cfg.workers > 1 else None
         try:

@@ -42,7 +42,15 @@ import yaml
 
 from msdet.atomic import atomic_path
 from msdet.config import OwnDataConfig
-from msdet.data.coco import CONVERSION_FILE, LAYOUTS, SPLITS, CocoFormatError, load_annotations, relative_below
+from msdet.data.coco import (
+    CONVERSION_FILE,
+    LAYOUTS,
+    SPLITS,
+    TREE_MARKERS,
+    CocoFormatError,
+    load_annotations,
+    relative_below,
+)
 from msdet.data.images import IMAGE_SUFFIXES, ImageFileError, plan_image, probe, write_image_task
 
 log = logging.getLogger(__name__)
@@ -465,7 +473,7 @@ def convert_own(cfg: OwnDataConfig, root: str | Path) -> dict[str, Any]:
     conv = prepare(cfg)
     for w in conv.report["warnings"]:
         log.warning("%s", w)
-    with atomic_path(root) as tmp:
+    with atomic_path(root, replaces=TREE_MARKERS) as tmp:
         tmp.mkdir()
         tasks = [(src, str(tmp / rel), plan) for src, rel, plan in conv.tasks]
         if cfg.workers > 1 and len(tasks) > 8:

@@ -20,6 +20,7 @@ import numpy as np
 
 from msdet.atomic import atomic_path
 from msdet.config import SyntheticConfig
+from msdet.data.coco import TREE_MARKERS
 
 JPEG_QUALITY = 90
 MAX_PAIR_IOU = 0.3
@@ -253,7 +254,7 @@ def generate_synthetic(root: str | Path, cfg: SyntheticConfig, workers: int | No
     if workers is None:
         workers = max(1, min(default_workers(), 8, (cfg.num_train + cfg.num_val) // 100))
     summary = {}
-    with atomic_path(root) as tmp:
+    with atomic_path(root, replaces=TREE_MARKERS) as tmp:
         (tmp / "annotations").mkdir(parents=True)
         pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init)
                 if workers > 1 else None)
