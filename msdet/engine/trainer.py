@@ -375,10 +375,10 @@ class Trainer:
         live = [(p, p.asnumpy().copy()) for p in self.network.get_parameters()]
         batches = self._recalibration_batches()
         recalibrate_batch_norm(self.network, batches)
-        save_weights(self.out_dir / "final.ckpt", self.network, {"model": self.detector.name})
+        save_weights(self.out_dir / "final.ckpt", self.network, self._weights_meta())
         self.ema.copy_to_network()
         recalibrate_batch_norm(self.network, batches)
-        save_weights(self.out_dir / "ema.ckpt", self.network, {"model": self.detector.name})
+        save_weights(self.out_dir / "ema.ckpt", self.network, self._weights_meta())
         for p, value in live:
             p.set_data(Tensor(value))
         if self.best is None:
@@ -387,7 +387,11 @@ class Trainer:
         else:
             save_weights(self.out_dir / "best.ckpt",
                          [{"name": k, "data": Tensor(v)} for k, v in self.best["weights"].items()],
-                         {"model": self.detector.name, **self.best["meta"]})
+                         {**self._weights_meta(), **self.best["meta"]})
+
+    def _weights_meta(self) -> dict[str, Any]:
+        """The model's name and what its outputs need to decode (the detector's ``weights_meta``)."""
+        return {"model": self.detector.name, **self.detector.weights_meta()}
 
 
 #: name prefix of the best weights inside the resume checkpoint
