@@ -168,6 +168,8 @@ class MindrecordConfig:
     skip_bad_images: bool = _f()
     # Boxes narrower or lower than this (pixels, after clipping to the image) are dropped.
     min_box_side: float = _f(range=(0.0, 1e4))
+    # A warning names the classes with fewer training boxes than this (and val classes train lacks).
+    min_class_boxes: int = _f(range=(0, 10**9))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +239,9 @@ class D0Config:
     init: str = _f()
     drop_connect_rate: float = _f(range=(0.0, 0.9))
     anchor_scale: float = _f(range=(0.1, 100.0))
+    # "default": automl's ratios and anchor_scale; "fit": the ratios and scale the mindrecord stage fitted to
+    # the training boxes (msdet/ops/anchor_fit.py, meta.json "d0_anchors"), carried by the checkpoints.
+    anchors: str = _f(choices=("default", "fit"))
     # Anchor matching: IoU >= pos_iou positive, < neg_iou background, in between ignored. automl: 0.5 / 0.5 (no
     # ignored anchors, anchors.py AnchorLabeler); zylo117: 0.5 / 0.4.
     pos_iou: float = _f(range=(0.0, 1.0))

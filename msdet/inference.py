@@ -7,6 +7,7 @@ graph), the detector's decoding, then score threshold, class-wise NMS and mappin
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,12 @@ def fit_problem(network: Any, ckpt: dict, skip_prefixes: Sequence[str] = ()) -> 
 def load_network(detector: Any, path: str | Path) -> Any:
     """``detector.build_network()`` with the weights of checkpoint ``path`` (ours or converted official).
 
-    Training-only branches may be absent from the file. A file that does not fit (another model, input
+    The detector first adopts what the file carries for decoding (D0: its anchors). Training-only branches
+    may be absent from the file. A file that does not fit (another model, input
     size or number of classes) raises CheckpointError naming the first mismatching tensor.
     """
     ckpt = read_checkpoint(path)
+    detector.use_weights_meta({k: checkpoint_meta(ckpt, k) for k in detector.weights_meta()}, str(path))
     network = detector.build_network()
     skip = tuple(getattr(detector, "training_only_prefixes", ()))
     problem = fit_problem(network, ckpt, skip)
@@ -173,6 +176,23 @@ def exported_forward(path: str | Path, input_size: int | None) -> tuple[Forward,
     if input_size is not None and model.input_size != input_size:
         raise InferenceError(f"{path}: exported for input {shape}, but --input-size is {input_size}")
     return model.run, model.input_size
+
+
+def exported_weights_meta(path: str | Path) -> dict[str, Any]:
+    """What the export stage recorded beside an exported file for decoding it (D0: the anchors), from the
+    ``export_report.json`` in its folder; empty when there is none (a file exported elsewhere)."""
+    from msdet.export.exporter import REPORT_NAME
+
+    report = Path(path).with_name(REPORT_NAME)
+    if not report.is_file():
+        return {}
+    try:
+        doc = json.loads(report.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InferenceError(f"{report}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InferenceError(f"{report}: not an export report (a JSON object)")
+    return doc
 
 
 def with_model_cfg(cfg: Any, input_size: int | None) -> Any:

@@ -89,6 +89,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     tcfg = mcfg.train
     meta = read_meta(mindrecord_dir)
     detector = build_detector(params, model, int(meta["num_classes"]))
+    detector.fit_to_data(meta, str(Path(mindrecord_dir) / "meta.json"))
     network = detector.build_network()
     reinit: list[str] = []
     backbone_load = None
@@ -136,6 +137,7 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "model": detector.name,
         "architecture": detector.architecture,
         "input_size": mcfg.input_size,
+        **detector.weights_meta(),
         "num_classes": detector.num_classes,
         "classes": [c["name"] for c in meta["categories"]],
         "category_ids": [c["id"] for c in meta["categories"]],

@@ -3,8 +3,10 @@ epoch's) on the val split.
 
     python -m stages.eval --model d0|nanodet [--ckpt models/<model>/ema.ckpt]
 
-Writes metrics/<model>.json (12 COCO stats, per-class AP, throughput), plots/<model>/pr_curve.csv and
-plots/<model>/images/*.png (predictions in red, ground truth in green).
+Writes metrics/<model>.json (12 COCO stats, per-class AP, throughput, per-class precision and recall at the
+score threshold), plots/<model>/pr_curve.csv, plots/<model>/confusion.csv (the classes plus background at
+IoU 0.5 and eval.score_threshold, for DVC's confusion template) and plots/<model>/images/*.png (predictions in
+red, ground truth in green).
 """
 from __future__ import annotations
 

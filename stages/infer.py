@@ -31,6 +31,7 @@ from msdet.inference import (
     Predictor,
     eval_preprocess,
     exported_forward,
+    exported_weights_meta,
     list_images,
     load_network,
     network_forward,
@@ -86,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             forward, size = exported_forward(args.mindir, args.input_size)
             detector = get_detector(args.model, with_model_cfg(cfg, size), len(classes))
+            saved = exported_weights_meta(args.mindir)
+            detector.use_weights_meta({k: saved.get(k) for k in detector.weights_meta()}, args.mindir)
             weights_file = args.mindir
         predictor = Predictor(detector, forward, eval_preprocess(args.model, detector.input_size),
                               score_threshold=args.score, iou_threshold=nms_iou_for(args.model, params.eval),
                               max_detections=params.eval.max_detections, pre_nms_top_k=params.eval.pre_nms_top_k)
         info = {"model": args.model, "weights": str(weights_file), "input_size": detector.input_size,
-                "num_classes": detector.num_classes}
+                "num_classes": detector.num_classes, **detector.weights_meta()}
         doc = run_inference(predictor, files, classes, args.out, draw=args.draw, info=info,
                             progress=lambda path, n: print(f"{path}: {n} detections"))
     except (InferenceError, CheckpointError, ExportError, ConfigError, FileNotFoundError, ValueError) as exc:

@@ -220,6 +220,9 @@ class ToyDetector:
     def loss_cell(self, network, group_size=1):
         return ToyLoss(network, self.scale)
 
+    def weights_meta(self):
+        return {}
+
 
 def toy_data(n=32, batch=4, seed=0, kill_at=None):
     """``kill_at`` (epoch, batch): the data loader raises KeyboardInterrupt there, as a killed process stops."""
@@ -362,6 +365,12 @@ class ExportToyDetector:
 
     def inference_cell(self, network: ExportToyNet) -> ExportToyInference:
         return ExportToyInference(network)
+
+    def weights_meta(self):
+        return {}
+
+    def use_weights_meta(self, meta, source):
+        pass
 
     def decode(self, outputs):
         dist, scores = (np.asarray(o) for o in outputs[:2])

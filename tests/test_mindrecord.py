@@ -265,6 +265,13 @@ def test_stages_synthetic_then_local_path(tmp_path, monkeypatch):
     # the whole chain is reproducible to the byte
     assert dir_bytes(first / "data" / "mindrecord") == dir_bytes(second / "data" / "mindrecord")
     assert (first / "metrics" / "data.json").read_bytes() == (second / "metrics" / "data.json").read_bytes()
+    # the data statistics and D0's fitted anchors come with the conversion
+    assert sorted(p.name for p in (first / "plots" / "data" / "train").iterdir()) == [
+        "aspect_ratio.csv", "box_size.csv", "boxes_per_image.csv", "classes.csv", "health.csv"]
+    assert dir_bytes(first / "plots" / "data" / "val") == dir_bytes(second / "plots" / "data" / "val")
+    fit = json.loads((first / "data" / "mindrecord" / "meta.json").read_text())["d0_anchors"]
+    assert fit["input_size"] == 128 and metrics["d0_anchors"]["fit"]["anchor_scale"] == fit["fit"]["anchor_scale"]
+    assert 0 <= metrics["d0_anchors"]["default"]["bpr"] <= 1
 
     # a local COCO tree is used in place through a pointer, and converts to the same records
     third = tmp_path / "third"

@@ -298,6 +298,9 @@ def convert_state_dict(model: str, state: dict[str, np.ndarray], num_classes: in
 
     where = source or "state dict"
     cfg = _model_cfg(model, cfg)
+    if model == "d0" and cfg.anchors != "default":
+        raise ConversionError(f"{where}: the official D0 weights decode against the default anchors, but "
+                              f"d0.anchors is {cfg.anchors}; convert with d0.anchors: default")
     keys, layout, ignored = select_state(state)
     official = {k: state[v] for k, v in keys.items()}
     found = infer_num_classes(model, official, cfg, where)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from msdet.atomic import write_json
+
 META_FILE = "meta.json"
 #: Padded ground-truth rows derived from the data are a multiple of this (static shapes compile once).
 GT_ROWS_MULTIPLE = 8
@@ -49,8 +51,9 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
 
 
 def write_meta(out_dir: str | Path, meta: dict[str, Any]) -> None:
-    """Written by the MindRecord stage inside its temporary folder (the folder is replaced atomically)."""
-    meta_path(out_dir).write_text(json.dumps(meta, indent=2) + "\n")
+    """Written by the MindRecord stage: inside its temporary folder, then once more with the fitted anchors
+    (atomically: a reader never sees half a file)."""
+    write_json(meta_path(out_dir), meta)
 
 
 def is_converted(out_dir: str | Path) -> bool:

@@ -12,7 +12,7 @@ Batch conventions (produced by ``msdet.data.pipeline``):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +45,16 @@ class Detector(Protocol):
 
     def decode(self, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Official-layout outputs -> (boxes [B, A, 4] x1y1x2y2 in input pixels, scores [B, A, C] in [0, 1])."""
+
+    def weights_meta(self) -> dict[str, Any]:
+        """What must travel with the weights for their outputs to decode the same (D0: its anchors); saved in
+        every checkpoint, the model card and the export report."""
+
+    def use_weights_meta(self, meta: Mapping[str, Any], source: str) -> None:
+        """Adopt what :meth:`weights_meta` saved (``meta``: those keys, None where absent); errors name ``source``."""
+
+    def fit_to_data(self, data_meta: Mapping[str, Any], source: str) -> None:
+        """Before training: take what the converted data set's ``meta.json`` fitted (D0 with ``d0.anchors: fit``)."""
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
         """Official PyTorch state-dict key -> our MindSpore parameter name, one to one."""

@@ -15,8 +15,8 @@ alpha 0.25 and box weight 50; the force match and Huber delta 0.1 are automl's (
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import mindspore as ms
 import numpy as np
@@ -26,7 +26,7 @@ from msdet.assigners.anchor_matcher import AnchorMatcher
 from msdet.config import D0Config
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
-from msdet.ops.anchors import efficientdet_anchors
+from msdet.ops.anchors import AnchorSpec, efficientdet_anchors
 from msdet.ops.box_coder import decode_np, encode
 
 if TYPE_CHECKING:
@@ -89,7 +89,35 @@ class D0Detector:
         self.num_classes = num_classes
         self.seed = seed
         self.levels = tuple(range(D0_SPEC.min_level, D0_SPEC.min_level + D0_SPEC.num_levels))
-        self.anchors = efficientdet_anchors(self.input_size, cfg.anchor_scale, self.levels)
+        self.set_anchors(AnchorSpec(cfg.anchor_scale))
+
+    def set_anchors(self, spec: AnchorSpec) -> None:
+        """Use the anchor shapes ``spec`` (the network's box and class heads are the same for any)."""
+        self.anchor_spec = spec
+        self.anchors = efficientdet_anchors(self.input_size, spec.anchor_scale, self.levels, spec.scales,
+                                            spec.ratios)
+
+    # ------------------------------------------------------------------ what travels with the weights
+    def weights_meta(self) -> dict[str, Any]:
+        return {"anchors": self.anchor_spec.as_dict()}
+
+    def use_weights_meta(self, meta: Mapping[str, Any], source: str) -> None:
+        """The anchors saved with the weights; none saved (older or converted files): ``d0.anchor_scale``'s
+        default anchors, what those were trained with."""
+        if meta.get("anchors") is not None:
+            self.set_anchors(AnchorSpec.from_dict(meta["anchors"], source, D0_SPEC.num_anchors))
+
+    def fit_to_data(self, data_meta: Mapping[str, Any], source: str) -> None:
+        """``d0.anchors: fit``: the anchors the mindrecord stage fitted to the training boxes."""
+        if self.cfg.anchors != "fit":
+            return
+        fitted = data_meta.get("d0_anchors")
+        if fitted is None:
+            raise ValueError(f"{source}: no fitted 'd0_anchors' (d0.anchors is fit): rerun the mindrecord stage")
+        if fitted.get("input_size") != self.input_size:
+            raise ValueError(f"{source}: anchors fitted at input size {fitted.get('input_size')}, d0.input_size is "
+                             f"{self.input_size}: rerun the mindrecord stage")
+        self.set_anchors(AnchorSpec.from_dict(fitted["fit"], source, D0_SPEC.num_anchors))
 
     # ------------------------------------------------------------------ Detector interface
     def build_network(self) -> EfficientDet:

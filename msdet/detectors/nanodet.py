@@ -15,8 +15,8 @@ official ``reduce_mean``, so every rank's loss has the same scale as one device 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import mindspore as ms
 import numpy as np
@@ -134,6 +134,17 @@ class NanoDetDetector:
         self.strides = tuple(NANODET_PLUS_M.strides)
         self.priors = center_priors(self.input_size, self.strides)
         self.architecture = ARCHITECTURE.format(reg_max=cfg.reg_max)
+
+    # ------------------------------------------------------------------ what travels with the weights
+    def weights_meta(self) -> dict[str, Any]:
+        """Nothing: the centre priors follow from the input size and strides alone."""
+        return {}
+
+    def use_weights_meta(self, meta: Mapping[str, Any], source: str) -> None:
+        """Nothing to adopt (see :meth:`weights_meta`)."""
+
+    def fit_to_data(self, data_meta: Mapping[str, Any], source: str) -> None:
+        """Nothing is fitted to the data before training."""
 
     # ------------------------------------------------------------------ Detector interface
     def build_network(self) -> NanoDetPlus:

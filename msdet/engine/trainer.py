@@ -416,10 +416,10 @@ class Trainer:
         batches = self._recalibration_batches()
         with atomic_files(self.out_dir, "checkpoints") as stage:
             recalibrate_batch_norm(self.network, batches)
-            save_weights(stage / "final.ckpt", self.network, {"model": self.detector.name})
+            save_weights(stage / "final.ckpt", self.network, self._weights_meta())
             self.ema.copy_to_network()
             recalibrate_batch_norm(self.network, batches)
-            save_weights(stage / "ema.ckpt", self.network, {"model": self.detector.name})
+            save_weights(stage / "ema.ckpt", self.network, self._weights_meta())
             for p, value in live:
                 p.set_data(Tensor(value))
             if self.best is None:
@@ -427,9 +427,13 @@ class Trainer:
             else:
                 save_weights(stage / "best.ckpt",
                              [{"name": k, "data": Tensor(v)} for k, v in self.best["weights"].items()],
-                             {"model": self.detector.name, **self.best["meta"]})
+                             {**self._weights_meta(), **self.best["meta"]})
             if card is not None:
                 write_json(stage / "model_card.json", card)
+
+    def _weights_meta(self) -> dict[str, Any]:
+        """The model's name and what its outputs need to decode (the detector's ``weights_meta``)."""
+        return {"model": self.detector.name, **self.detector.weights_meta()}
 
 
 #: the folder name prefix, inside ``state/``, of another run key's resume point kept aside

@@ -109,13 +109,31 @@ class Validator:
         return {"AP": outcome.metrics["AP"], "AP50": outcome.metrics["AP50"]}
 
 
+#: the confusion matrix's IoU for a detection to count as finding a box (COCO's AP50 criterion)
+CONFUSION_IOU = 0.5
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as a CSV table with header ``columns``, written atomically (a DVC plot file)."""
+    import csv
+
+    from msdet.atomic import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def pick_plot_samples(detections: list[ImageDetections], n: int) -> list[ImageDetections]:
     """The first ``n`` images by id: the same images in every run, so plots compare across experiments."""
     return sorted(detections, key=lambda d: int(d.image_id))[:n]
 
 
 def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plots_dir: str | Path) -> dict:
-    """The eval stage: EMA weights of ``model`` on the val MindRecord, metrics JSON, PR curve, drawn images."""
+    """The eval stage: EMA weights of ``model`` on the val MindRecord, metrics JSON, PR curve, drawn images and
+    the confusion matrix at the eval score threshold (``confusion.csv``; per-class precision and recall from it
+    in the metrics' ``at_score_threshold``)."""
     from msdet.atomic import write_json
     from msdet.data.coco import resolve_tree
     from msdet.data.meta import read_meta
@@ -125,6 +143,7 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     from msdet.engine.checkpoint import category_ids_for, checkpoint_meta, load_weights, read_checkpoint
     from msdet.engine.runtime import setup_runtime
     from msdet.evaluation.coco_eval import write_pr_curve
+    from msdet.evaluation.confusion import confusion_rows, image_confusion, precision_recall
     from msdet.evaluation.plots import write_detection_plots
 
     setup_runtime(params.runtime)
@@ -133,6 +152,8 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     # the checkpoint's own classes (a converted 90-class official D0) or the data set's
     category_ids = category_ids_for(ckpt, meta)
     detector = build_detector(params, model, len(category_ids))
+    saved = read_checkpoint(ckpt)
+    detector.use_weights_meta({k: checkpoint_meta(saved, k) for k in detector.weights_meta()}, str(ckpt))
     network = detector.build_network()
     load_weights(network, ckpt)
     mcfg = getattr(params, model)
@@ -144,15 +165,27 @@ def run_eval(params, model: str, ckpt: str | Path, metrics_path: str | Path, plo
     plots_dir = Path(plots_dir)
     write_pr_curve(plots_dir / "pr_curve.csv", outcome.pr_curve)
     wanted = {int(d.image_id): d for d in pick_plot_samples(outcome.detections, params.eval.num_plot_images)}
-    names = checkpoint_meta(read_checkpoint(ckpt), "class_names") or [c["name"] for c in meta["categories"]]
+    names = checkpoint_meta(saved, "class_names") or [c["name"] for c in meta["categories"]]
     # ground-truth labels are data-set class indices: map them into the checkpoint's class space by id
     to_ckpt_index = np.array([category_ids.index(i) if i in category_ids else -1 for i in data_ids])
     samples = []
+    by_id = {int(d.image_id): d for d in outcome.detections}
+    matrix = np.zeros((len(category_ids) + 1,) * 2, np.int64)
     for rec in read_mindrecord(mr_dir, "val"):
+        det = by_id.get(int(rec["image_id"]))
+        if det is None:
+            continue
+        gt_labels = to_ckpt_index[np.asarray(rec["labels"]).reshape(-1)]
+        known = gt_labels >= 0  # a class the checkpoint lacks cannot be confused: left out, as in COCOeval
+        matrix += image_confusion(np.asarray(rec["boxes"]).reshape(-1, 4)[known], gt_labels[known], det.boxes,
+                                  det.labels, len(category_ids), CONFUSION_IOU)
         if int(rec["image_id"]) in wanted:
-            image, det, gt_boxes, gt_labels = _plot_sample(rec, wanted[int(rec["image_id"])])
-            samples.append((image, det, gt_boxes, to_ckpt_index[gt_labels]))
+            image, _, gt_boxes, _ = _plot_sample(rec, det)
+            samples.append((image, det, gt_boxes, gt_labels))
     write_detection_plots(plots_dir / "images", samples, names, min_score=0.3)
+    write_csv(plots_dir / "confusion.csv", confusion_rows(matrix, names), ["actual", "predicted"])
+    outcome.metrics["at_score_threshold"] = {"score_threshold": params.eval.score_threshold, "iou": CONFUSION_IOU,
+                                             **precision_recall(matrix, names)}
     write_json(metrics_path, outcome.metrics)
     return outcome.metrics
 

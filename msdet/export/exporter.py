@@ -226,6 +226,7 @@ def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequ
         "model": getattr(detector, "name", type(detector).__name__),
         "input_size": size,
         "num_classes": int(getattr(detector, "num_classes", 0)),
+        **detector.weights_meta(),
         "input": {"name": input_name, "shape": [1, 3, size, size], "dtype": "float32"},
         "outputs": _describe(reference[0], output_names),
         "num_check_images": len(images),
