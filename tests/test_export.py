@@ -1,5 +1,5 @@
 """Export to MINDIR/ONNX: files reloaded and run equal the in-memory network; the check passes runtime noise
-(issue #19's false alarm) and catches small systematic bugs; a failing MINDIR leaves nothing behind, a failing
+(no false alarm on large outputs) and catches small systematic bugs; a failing MINDIR leaves nothing behind, a failing
 ONNX is recorded unless strict; the stage's exit codes, warnings and metrics."""
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_round_trip_files_compute_what_the_network_does(toy, tmp_path):
 
 
 def _runtime_noise(outputs, seed=3):
-    """Another runtime's float32 sums, as measured on issue #19's D0 ONNX: box outputs off by up to 3e-5 of
+    """Another runtime's float32 sums, as measured on a D0 ONNX export: box outputs off by up to 3e-5 of
     their scale, probabilities by their logits' error (up to 2.5e-4) through the sigmoid."""
     rng = np.random.default_rng(seed)
     dist, prob = outputs
@@ -105,18 +105,18 @@ def _runtime_noise(outputs, seed=3):
 
 
 def _large(outputs):
-    """Outputs like issue #19's D0 box tensor: reaching |31.6|, with small values beside the large ones."""
+    """Outputs like a D0 box tensor: reaching |31.6|, with small values beside the large ones."""
     dist, scores = outputs
     return [dist * np.float32(31.6 / np.abs(dist).max()), scores]
 
 
 @pytest.mark.detector
-def test_runtime_noise_on_large_outputs_passes_as_in_issue_19(toy, tmp_path, monkeypatch):
+def test_runtime_noise_on_large_outputs_passes(toy, tmp_path, monkeypatch):
     det, net = toy
     x = check_images(3)
     ref = [_large(_in_memory(det, net, x[i:i + 1])) for i in range(3)]
     got = [_runtime_noise(r, seed=i) for i, r in enumerate(ref)]
-    # the rule before issue #19, |a - b| / max(1, |a|) <= 1e-4 per element, calls this a failure
+    # a per-element rule, |a - b| / max(1, |a|) <= 1e-4, calls this a failure
     old = max(float((np.abs(a - b) / np.maximum(1.0, np.abs(a))).max()) for r, g in zip(ref, got) for a, b in zip(r, g))
     assert old > 5e-4
     raw, problems = compare_raw(ref, got, ["dist", "scores"], TOL)

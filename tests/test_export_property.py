@@ -1,4 +1,4 @@
-"""Export verification on the real detectors (issue #19): both models, from random initialisation, with
+"""Export verification on the real detectors: both models, from random initialisation, with
 perturbed weights (class biases raised so that detections survive the score threshold) and from the
 converted-official layout, at two input sizes each: MINDIR and ONNX pass their check (no false alarm), and
 injected bugs (swapped outputs, a one-pixel input shift, a 1 % wrong constant) are caught wherever the

@@ -1,7 +1,7 @@
 """Your own data: COCO JSON, Pascal VOC and YOLO txt -> one normalised COCO tree (msdet/data/own.py, images.py).
 
 The fixtures are written here: a handful of tiny images (an RGB JPEG, a grayscale PNG, an RGBA PNG, a JPEG
-whose EXIF orientation rotates it, a crowded JPEG with more boxes than the old cap of 16) with the same
+whose EXIF orientation rotates it, a crowded JPEG with more than 16 boxes) with the same
 boxes written in each of the three formats.
 """
 from __future__ import annotations

@@ -163,7 +163,7 @@ def test_save_due_skips_epoch_ends_and_zero():
 
 def test_run_key_changes_with_every_switch_that_changes_the_numerics():
     """A kernel switch changes a step's float rounding: a state trained with the other setting must not be resumed
-    as this run's (it was, before the switches entered the key, and the rerun kept the old weights)."""
+    as this run's (the rerun would keep the other setting's weights)."""
     from msdet.engine.trainer import run_key
     from msdet.training import run_key_payload
     from tests.helpers import project_params

@@ -4,7 +4,7 @@
 with the relative term taken at the tensor's scale instead of per element: two runtimes' float32 kernels
 sum in different orders, so an element's error is a fraction of the magnitudes summed into it (of the
 tensor's scale), not of its own value. A per-element rule rejects a small value computed next to large
-ones (issue #19: -0.1650 vs -0.1658 in a D0 box tensor reaching 31.6, 2e-5 of its scale). A nonlinearity
+ones (measured: -0.1650 vs -0.1658 in a D0 box tensor reaching 31.6, 2e-5 of its scale). A nonlinearity
 after the sum passes the error on: D0's class probabilities (scale 1) differed by 1.5e-4 where their logits
 reached 20, hence an rtol of 1e-3 in params.yaml.
 
