@@ -241,3 +241,25 @@ def test_stage_records_the_ap_table_and_the_example_reproduces_its_detections(ti
         np.testing.assert_allclose(np.reshape(g["boxes"], (-1, 4)), np.reshape(w["boxes"], (-1, 4)), atol=1e-3,
                                    err_msg=name)
     assert len(list(out.glob("*.png"))) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.detector
+def test_stage_fails_on_an_end_to_end_model_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
+    """The graph without the rescale to original pixels: the stage's check fails it, one line, and the
+    previous export is left as it was."""
+    from msdet.export import graph
+    from stages import export as export_stage
+
+    repo, _ = tiny_export
+    export = repo / "models" / "nanodet" / "export"
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(graph, "_scale", lambda b, orig_size, size, resize: (
+        b.const([1.0] * 4), b.op("Concat", [b.op("Gather", [b.reshape(orig_size, [2]), b.const([1, 0], np.int64)],
+                                                 axis=0)] * 2, axis=0)))
+    assert export_stage.main(["--model", "nanodet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: export/model_e2e.onnx: its detections differ from msdet's post-processing") \
+        and "\n" not in err, err
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before

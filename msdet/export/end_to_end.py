@@ -222,6 +222,7 @@ def run_on_val(detector: Any, cell: Any, models: dict[str, EndToEndModel], val: 
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         raw = [o.asnumpy()[:n] for o in outputs]
         boxes, scores = detector.decode(raw)
+        first = len(dets["float"])
         dets["float"] += postprocess(boxes, scores, batch["image_id"], batch["scale"], batch["orig_size"],
                                      score_threshold=post.score_threshold, iou_threshold=post.iou_threshold,
                                      max_detections=post.max_detections, pre_nms_top_k=post.pre_nms_top_k)
@@ -229,7 +230,7 @@ def run_on_val(detector: Any, cell: Any, models: dict[str, EndToEndModel], val: 
             image_id = int(np.asarray(batch["image_id"]).reshape(-1)[i])
             for key, model in models.items():
                 dets[key].append(ImageDetections(image_id, *model(image[i:i + 1], batch["orig_size"][i])))
-            ref, got = dets["float"][-1], dets["end_to_end"][-1]
+            ref, got = dets["float"][first + i], dets["end_to_end"][-1]
             cuts = reference_cuts(scores[i], ref.scores, post)
             image_stats, image_problems = compare_detections(
                 _as_detections(ref.boxes, ref.scores, ref.labels, batch["scale"][i], cuts),
