@@ -323,6 +323,13 @@ class ExportConfig:
     score_atol: float = _f(range=(0.0, 1.0))
     num_check_images: int = _f(range=(1, 1000))
     latency_repeats: int = _f(range=(1, 10_000))
+    # model_e2e.onnx (decoding + NMS appended to the ONNX export): its val AP must equal the network's within this.
+    end_to_end: bool = _f()
+    e2e_ap_atol: float = _f(range=(0.0, 1.0))
+    # model_e2e_int8.onnx: onnxruntime static INT8 (QDQ), calibrated on the first N training images.
+    int8: bool = _f()
+    int8_calibration_images: int = _f(range=(1, 100_000))
+    int8_per_channel: bool = _f()
 
 
 @dataclass(frozen=True)

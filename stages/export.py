@@ -4,8 +4,10 @@ DVC stage (reads params.yaml; EMA weights, num_classes from the MindRecord meta.
 
     python -m stages.export --model d0|nanodet
 
-writes models/<model>/export/{model.mindir, model.onnx, export_report.json} and metrics/export_<model>.json.
-MINDIR must pass its check; a failing ONNX is left out with a warning unless export.strict (README, Export).
+writes models/<model>/export/{model.mindir, model.onnx, export_report.json} and metrics/export_<model>.json,
+and with export.end_to_end {model_e2e.onnx, model_e2e_int8.onnx (export.int8), preprocess.json,
+val_detections.json} (docs/deploy.md). MINDIR must pass its check; a failing ONNX is left out with a warning
+unless export.strict (README, Export).
 
 Standalone:
 
@@ -68,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{args.model}] {fmt}: {r['size_bytes'] / 2**20:.2f} MB, {r['latency_ms']:.1f} ms; raw outputs "
                   f"within {raw['max_diff_over_scale']:.1e} of their scale, {dec['paired']} detections within "
                   f"{dec['max_box_diff_px']:.1e} px")
+    table = export_metrics(report).get("ap_table", {})
+    for key in ("float", "end_to_end", "int8"):
+        if key in table:
+            row = table[key]
+            print(f"[{args.model}] {key}: val AP {row['AP']:.4f}, {row['file']} {row['size_mb']:.2f} MB, "
+                  f"{row['latency_ms']:.1f} ms")
+    if report.get("end_to_end", {}).get("built") is False:
+        print(f"warning: [{args.model}] end-to-end model not built: {report['end_to_end']['reason']}",
+              file=sys.stderr)
     for fmt, reason in failed_formats(report).items():
         print(f"warning: [{args.model}] {fmt} not written: {reason}", file=sys.stderr)
     print(f"[{args.model}] in-memory network {report['network_latency_ms']:.1f} ms/image; "

@@ -35,7 +35,7 @@ TINY = {
                                               "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8,
                                               "bn_recalibration_batches": 2}},
     "eval": {"batch_size": 4, "num_plot_images": 1},
-    "export": {"formats": ["MINDIR"], "num_check_images": 1, "latency_repeats": 2},
+    "export": {"formats": ["MINDIR"], "num_check_images": 1, "latency_repeats": 2, "end_to_end": False},
 }
 
 

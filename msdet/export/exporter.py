@@ -193,14 +193,17 @@ def _required(fmt: str, formats: Sequence[str], strict: bool) -> bool:
 
 def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequence[str] = FORMATS, *,
                  check_inputs: np.ndarray, tolerances: Tolerances, postprocess: Postprocess, strict: bool = False,
-                 latency_repeats: int = 10, extra: dict | None = None) -> dict:
+                 latency_repeats: int = 10, extra: dict | None = None,
+                 extend: Callable[[Path, Any, dict], dict] | None = None) -> dict:
     """Export ``detector.inference_cell(network)`` at batch 1 and verify every file; returns the report.
 
     check_inputs: float32 [N, 3, S, S] preprocessed images (S = detector.input_size), run one at a time.
     A required format (see :func:`_required`) that cannot be exported, loaded or run raises
     :class:`ExportError`, one that computes something else :class:`ExportMismatch`; either leaves ``out_dir``
     as it was. Another format's failure is recorded in the report (``exported: false``, ``reason``, and
-    the measured ``check`` when it got that far). ``extra`` is merged into the report.
+    the measured ``check`` when it got that far). ``extra`` is merged into the report. ``extend(folder, cell,
+    report)``, called last with the staging folder, writes further artifacts there (they land with the rest,
+    or nothing does when it raises); its dict is merged into the report.
     """
     import mindspore as ms
 
@@ -274,5 +277,7 @@ def export_model(detector: Any, network: Any, out_dir: str | Path, formats: Sequ
                 "inputs": [{"name": n, "shape": s} for n, s in zip(model.input_names, model.input_shapes)],
                 "outputs": _describe(got[0], getattr(model, "output_names", None)),
             }
+        if extend is not None:
+            report.update(extend(tmp, cell, report))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -131,13 +131,20 @@ def detections(detector: Any, outputs: Sequence[np.ndarray], post: Postprocess) 
         boxes[0], scores[0], np.ones(2, np.float32), np.array([size, size], np.float32),
         score_threshold=post.score_threshold, iou_threshold=post.iou_threshold,
         max_detections=post.max_detections, pre_nms_top_k=post.pre_nms_top_k)
+    return Detections(det_boxes, det_scores, det_labels, reference_cuts(scores[0], det_scores, post))
+
+
+def reference_cuts(scores: np.ndarray, det_scores: np.ndarray, post: Postprocess) -> tuple[float, ...]:
+    """Scores at which a candidate falls in or out of one image's detections: the score threshold, the
+    ``pre_nms_top_k``-th candidate score, the last detection's when ``max_detections`` were kept.
+    scores [A, C] (decoded), det_scores [K] (the detections kept from them)."""
     cuts = [post.score_threshold]
-    candidates = np.sort(scores[0][scores[0] > post.score_threshold])[::-1]
+    candidates = np.sort(scores[scores > post.score_threshold])[::-1]
     if candidates.size > post.pre_nms_top_k:
         cuts.append(float(candidates[post.pre_nms_top_k - 1]))
     if det_scores.size == post.max_detections:
         cuts.append(float(det_scores[-1]))
-    return Detections(det_boxes, det_scores, det_labels, tuple(cuts))
+    return tuple(cuts)
 
 
 def _pair(a: Detections, b: Detections, tol: Tolerances) -> list[tuple[int, int]]:
