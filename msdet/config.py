@@ -36,6 +36,18 @@ def _f(**meta: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class LossScaleConfig:
+    """MindSpore's ``amp.DynamicLossScaler`` (mixed precision only): the loss is multiplied by the scale before
+    the backward pass and the gradients divided by it after, so that small float16 gradients do not flush to
+    zero (Micikevicius et al. 2018, "Mixed Precision Training"). A step whose gradients are not finite is
+    skipped and the scale divided by ``factor``; after ``window`` finite steps in a row it is multiplied by it."""
+
+    initial: float = _f(range=(1.0, 2.0**24))
+    factor: int = _f(range=(2, 1024))
+    window: int = _f(range=(1, 10**9))
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     device_target: str = _f(choices=("CPU", "GPU", "Ascend"))
     seed: int = _f(range=(0, 2**31 - 1))
@@ -68,6 +80,12 @@ class RuntimeConfig:
     # oneDNN 3's blocked kernels (msdet/ops/denseconv.py, pip's onednn-cpu-gomp) instead of MindSpore's im2col +
     # GEMM path (same results within float rounding).
     cpu_dense_conv_kernel: bool = _f()
+    # Training precision (msdet/engine/precision.py, docs/precision.md): "fp32"; "amp_o1" (MindSpore's O1: convs and
+    # dense layers in float16); "amp_o2" (O2: the network in float16 but its norm layers). Losses, assigners and box
+    # decoding stay float32; the AMP levels add dynamic loss scaling (``loss_scale``). On Ascend the operator
+    # precision mode is set to keep these dtypes ("must_keep_origin_dtype"), so that fp32 is float32 there too.
+    precision: str = _f(choices=("fp32", "amp_o1", "amp_o2"))
+    loss_scale: LossScaleConfig = _f()
     # Data-parallel training processes on this host (msrun); 1 = a single process.
     workers: int = _f(range=(1, 4096))
     # Ascend HCCL rank-table JSON, the MindSpore model zoo scripts' multi-device setup; "" = let msrun build

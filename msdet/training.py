@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from msdet.config import Params
+from msdet.config import Params, RuntimeConfig
 from msdet.data.meta import read_meta
 from msdet.detectors import build_detector
 from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
 from msdet.engine.distributed import DistInfo, init_distributed
+from msdet.engine.precision import is_mixed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import TrainData, Trainer, TrainSummary
 from msdet.models.flops import count_flops, count_trainable
@@ -58,12 +59,13 @@ def run_key_payload(params: Params, model: str, meta: dict, start_files: dict[st
                     code_sha256: str) -> dict[str, Any]:
     """What makes two training runs the same run, so that one may resume the other's state: the model's params
     (not how often the state is saved), the seed, the data, the starting weights, the code, and the runtime
-    settings that change the float rounding of a step - device, graph mode, CPU threads and every ``cpu_*``
-    kernel switch (a run resumed across a kernel switch would keep the old run's weights as the new one's)."""
+    settings that change the float rounding of a step - device, graph mode, precision and loss scaling, CPU
+    threads and every ``cpu_*`` kernel switch (a run resumed across a kernel switch would keep the old run's
+    weights as the new one's)."""
     model_key = dataclasses.asdict(getattr(params, model))
     del model_key["train"]["checkpoint_every_steps"]
     numerics = {k: v for k, v in dataclasses.asdict(params.runtime).items()
-                if k.startswith("cpu_") or k in ("device_target", "graph_mode")}
+                if k.startswith("cpu_") or k in ("device_target", "graph_mode", "precision", "loss_scale")}
     return {"model": model_key, "runtime_seed": params.runtime.seed, "runtime_numerics": numerics, "meta": meta,
             "starting_weights_sha256": start_files, "code_sha256": code_sha256}
 
@@ -116,22 +118,35 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
     payload = run_key_payload(params, model, meta, start_files, code_sha256)
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
-                      live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None)
+                      live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None,
+                      precision=params.runtime.precision, loss_scale=params.runtime.loss_scale)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)
     if not trainer.finished():
         return None
     if not dist.is_main:
         return None
-    card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load)
+    card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load,
+                      precision_card(params.runtime, summary))
     trainer.write_final(card)  # the card is part of the checkpoint set
     return card
 
 
+def precision_card(runtime: RuntimeConfig, summary: TrainSummary) -> dict[str, Any]:
+    """How the weights were trained: ``runtime.precision``, and for an AMP level the loss scaling settings, the
+    scale at the end and the optimizer steps skipped for non-finite gradients. The weights are float32 either
+    way."""
+    if not is_mixed(runtime.precision):
+        return {"mode": runtime.precision}
+    return {"mode": runtime.precision, "loss_scale": dataclasses.asdict(runtime.loss_scale),
+            "final_loss_scale": summary.extra["loss_scale"], "skipped_steps": summary.extra["skipped_steps"]}
+
+
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
                reinit: list[str], start_files: dict[str, str],
-               backbone_load: dict[str, Any] | None = None) -> dict[str, Any]:
+               backbone_load: dict[str, Any] | None = None, precision: dict[str, Any] | None = None) -> dict[str, Any]:
     """``backbone_load``: what loading ``pretrained_backbone`` did (``BackboneLoad.card()``: source, layout,
-    tensors loaded, tensors that kept their initialisation, adaptations such as the BatchNorm eps fold)."""
+    tensors loaded, tensors that kept their initialisation, adaptations such as the BatchNorm eps fold);
+    ``precision``: :func:`precision_card`."""
     flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
     return {
         "model": detector.name,
@@ -149,6 +164,7 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "steps": summary.steps,
         "global_batch": summary.global_batch,
         "devices": dist.group_size,
+        "precision": precision,
         "wall_time_s": summary.wall_time_s,
         "train_images_per_s": summary.images_per_s,
         "compile_time_s": summary.compile_time_s,

@@ -224,8 +224,9 @@ class ToyDetector:
         return {}
 
 
-def toy_data(n=32, batch=4, seed=0, kill_at=None):
-    """``kill_at`` (epoch, batch): the data loader raises KeyboardInterrupt there, as a killed process stops."""
+def toy_data(n=32, batch=4, seed=0, kill_at=None, inf_at=None):
+    """``kill_at`` (epoch, batch): the data loader raises KeyboardInterrupt there, as a killed process stops.
+    ``inf_at`` (epoch, batch): that batch's target boxes are infinite, so the loss (not the forward pass) is."""
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
     boxes = np.zeros((n, 2, 4), np.float32)
@@ -235,10 +236,36 @@ def toy_data(n=32, batch=4, seed=0, kill_at=None):
 
     def make(epoch):
         order = np.random.default_rng(seed * 1000 + epoch).permutation(n)
-        ds = mds.NumpySlicesDataset((images[order], boxes[order], labels[order]),
+        epoch_boxes = boxes[order]
+        if inf_at is not None and inf_at[0] == epoch:
+            epoch_boxes[inf_at[1] * batch:(inf_at[1] + 1) * batch, 0] = np.inf
+        ds = mds.NumpySlicesDataset((images[order], epoch_boxes, labels[order]),
                                     column_names=["image", "gt_boxes", "gt_labels"], shuffle=False)
         ds = ds.batch(batch, drop_remainder=True)
         return Killed(ds, kill_at[1]) if kill_at is not None and kill_at[0] == epoch else ds
+
+    return TrainData(make_dataset=make, num_train_images=n)
+
+
+def detector_data(n: int, size: int, batch: int = 4, num_classes: int = 3, max_boxes: int = 8, seed: int = 0):
+    """``n`` images of ``size`` px for a whole detector: 1-3 brighter boxes of random classes on noise, in a
+    fixed order (the same batches every epoch)."""
+    rng = np.random.default_rng(seed)
+    images = (0.5 * rng.standard_normal((n, 3, size, size))).astype(np.float32)
+    boxes = np.zeros((n, max_boxes, 4), np.float32)
+    labels = np.full((n, max_boxes), -1, np.int32)
+    for i in range(n):
+        k = 1 + i % 3
+        xy = rng.uniform(0, size * 0.6, (k, 2))
+        boxes[i, :k] = np.concatenate([xy, np.minimum(xy + rng.uniform(size / 8, size * 0.4, (k, 2)), size)], 1)
+        labels[i, :k] = rng.integers(0, num_classes, k)
+        for x0, y0, x1, y1 in boxes[i, :k].astype(int):
+            images[i, :, y0:y1, x0:x1] += 1.0 + labels[i, 0]
+
+    def make(epoch):
+        ds = mds.NumpySlicesDataset((images, boxes, labels), column_names=["image", "gt_boxes", "gt_labels"],
+                                    shuffle=False)
+        return ds.batch(batch, drop_remainder=True)
 
     return TrainData(make_dataset=make, num_train_images=n)
 

@@ -139,6 +139,7 @@ def test_coco_overlay_sets_the_official_values():
     coco = load_params(ROOT / "params.yaml", overlay=ROOT / "params_coco.yaml")
     assert (coco.d0.input_size, coco.nanodet.input_size, coco.runtime.device_target) == (512, 320, "Ascend")
     assert (coco.d0.focal_gamma, coco.d0.neg_iou, coco.d0.train.optimizer) == (1.5, 0.5, "sgd")
+    assert coco.runtime.precision == "amp_o2"  # Ascend 910 runs convolutions in float16: explicit, loss-scaled
     default = load_params(ROOT / "params.yaml")
     assert default.d0.input_size == 128 and coco.d0.head_init == default.d0.head_init
     with pytest.raises(ConfigError, match="nope.yaml: params file not found"):

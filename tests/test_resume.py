@@ -187,4 +187,6 @@ def test_run_key_changes_with_every_switch_that_changes_the_numerics():
     assert key(runtime={"device_target": "Ascend"}) != base
     assert key(runtime={"graph_mode": not params.runtime.graph_mode}) != base
     assert key(runtime={"cpu_threads": 1}) != base
+    assert key(runtime={"precision": "amp_o2"}) != base
+    assert key(runtime={"loss_scale": dataclasses.replace(params.runtime.loss_scale, window=7)}) != base
     assert key(train={"checkpoint_every_steps": 7}) == base     # how often the state is saved: the same run

@@ -48,9 +48,13 @@ class D0LossCell(nn.Cell):
         self.box_weight = cfg.box_loss_weight
         #: also return the raw positives count (gradient accumulation, msdet/engine/accumulate.py)
         self.return_normaliser = False
+        #: the network runs (partly) in float16: its outputs are cast to float32 (msdet/engine/precision.py)
+        self.float32_outputs = False
 
     def construct(self, image: Tensor, gt_boxes: Tensor, gt_labels: Tensor, epoch: Tensor) -> tuple:
         regression, logits = self.network(image)
+        if self.float32_outputs:
+            regression, logits = regression.astype(ms.float32), logits.astype(ms.float32)
         boxes, labels, positive, negative = self.matcher(self.anchors, gt_boxes, gt_labels)
         pos = positive.astype(ms.float32)
         count = ops.sum(pos)

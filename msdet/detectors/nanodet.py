@@ -62,6 +62,8 @@ class NanoDetLossCell(nn.Cell):
         self.bmm = ops.BatchMatMul()
         #: also return the raw positives count (gradient accumulation, msdet/engine/accumulate.py)
         self.return_normaliser = False
+        #: the network runs (partly) in float16: its outputs are cast to float32 (msdet/engine/precision.py)
+        self.float32_outputs = False
 
     def _decode(self, reg: Tensor) -> Tensor:
         dist = self.network.head.distribution_project(reg) * self.strides
@@ -81,6 +83,8 @@ class NanoDetLossCell(nn.Cell):
     def construct(self, image: Tensor, gt_boxes: Tensor, gt_labels: Tensor, epoch: Tensor) -> tuple:
         keep = (epoch < self.detach_epoch).astype(ms.float32)
         head_out, aux_out = self.network.forward_train(image, keep)
+        if self.float32_outputs:
+            head_out, aux_out = head_out.astype(ms.float32), aux_out.astype(ms.float32)
         c = self.num_classes
         cls, reg = head_out[..., :c], head_out[..., c:]
         aux_cls, aux_reg = aux_out[..., :c], aux_out[..., c:]

@@ -14,6 +14,8 @@ updates its running averages k times per step); NanoDet's GIoU/DFL terms divide 
 of the positives' scores), replaced here by the positives count's ratio, which is exact when the positives'
 mean score is the same in every micro-batch; random ops (D0's drop connect) draw per micro-batch.
 The all-reduce across ranks, clipping, the optimizer and the EMA run once per step, on the summed gradient.
+With mixed precision, the loss scale is the same for all micro-batches of a step, each micro-gradient is
+unscaled before it is added, and the finite check and the scale update run once per step, on the sum.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from msdet.engine.ema import EMA
 from msdet.engine.optim import clip_grad_norm
+from msdet.engine.precision import LossScaling, ScaledLoss
 from msdet.ops.sumsq import SquareSum
 
 _add_scaled = ops.MultitypeFuncGraph("add_scaled")
@@ -48,12 +51,17 @@ def _zero_one(buffer: Parameter) -> Tensor:
 class MicroStep(nn.Cell):
     """Forward + backward of one micro-batch; adds max(1, n) x gradients and n to the buffers."""
 
-    def __init__(self, loss_cell: nn.Cell, parameters: ParameterTuple) -> None:
+    def __init__(self, loss_cell: nn.Cell, parameters: ParameterTuple, scaling: LossScaling | None = None) -> None:
+        """``scaling``: mixed precision; the gradients of loss x scale are divided by the scale before they are
+        added (a non-finite one makes the sum non-finite, and the step is skipped)."""
         super().__init__(auto_prefix=False)
         self.with_count = hasattr(loss_cell, "return_normaliser")
         if self.with_count:
             loss_cell.return_normaliser = True
-        self.grad_fn = ms.value_and_grad(loss_cell, None, parameters, has_aux=True)
+        self.scaled = scaling is not None
+        self.scaling = scaling
+        differentiated = ScaledLoss(loss_cell, scaling) if self.scaled else loss_cell
+        self.grad_fn = ms.value_and_grad(differentiated, None, parameters, has_aux=True)
         self.buffers = ParameterTuple(parameters).clone(prefix="accumulated", init="zeros")
         self.count = Parameter(Tensor(0.0, ms.float32), name="accumulated_count", requires_grad=False)
         self.hyper_map = ops.HyperMap()
@@ -64,6 +72,8 @@ class MicroStep(nn.Cell):
         else:
             (loss, parts), grads = self.grad_fn(image, gt_boxes, gt_labels, epoch)
             count = ops.ones((), ms.float32)
+        if self.scaled:
+            grads = self.scaling.unscale(grads)
         count = ops.stop_gradient(count.astype(ms.float32))
         weight = ops.clamp(count, min=1.0)
         added = self.hyper_map(ops.partial(_add_scaled, weight), self.buffers, grads)
@@ -98,6 +108,31 @@ class ApplyStep(nn.Cell):
         return ops.depend(ops.assign(self.count, ops.zeros_like(self.count)), zeroed)
 
 
+class ScaledApplyStep(ApplyStep):
+    """ApplyStep with dynamic loss scaling: when the summed gradients are not finite on some rank, no weight,
+    optimizer moment or EMA changes on any rank and the scale goes down; the buffers are zeroed either way."""
+
+    def __init__(self, micro: MicroStep, optimizer: nn.Cell, ema: EMA, reducer: nn.Cell | None,
+                 clip_norm: float, scaling: LossScaling) -> None:
+        super().__init__(micro, optimizer, ema, reducer, clip_norm)
+        self.scaling = scaling
+
+    def construct(self, step):
+        scale = 1.0 / ops.clamp(self.count, min=1.0)
+        grads = self.hyper_map(ops.partial(_scaled, scale), self.buffers)
+        finite = self.scaling.finite(grads)
+        if self.use_reducer:
+            grads = self.reducer(grads)
+        done = self.scaling.update(finite)
+        if finite:
+            if self.clip_norm > 0:
+                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
+            updated = self.optimizer(grads)
+            done = ops.depend(done, self.ema(ops.depend(step, updated)))
+        zeroed = ops.depend(self.hyper_map(_zero, self.buffers), done)
+        return ops.depend(ops.assign(self.count, ops.zeros_like(self.count)), zeroed)
+
+
 class AccumulatingStep:
     """Drop-in for TrainStep over a list of micro-batches: ``step(batches, epoch, step) -> (loss, parts)``.
 
@@ -106,9 +141,12 @@ class AccumulatingStep:
     """
 
     def __init__(self, loss_cell: nn.Cell, optimizer: nn.Cell, ema: EMA, reducer: nn.Cell | None,
-                 clip_norm: float) -> None:
-        self.micro = MicroStep(loss_cell, optimizer.parameters)
-        self.apply = ApplyStep(self.micro, optimizer, ema, reducer, clip_norm)
+                 clip_norm: float, scaling: LossScaling | None = None) -> None:
+        self.micro = MicroStep(loss_cell, optimizer.parameters, scaling)
+        if scaling is None:
+            self.apply = ApplyStep(self.micro, optimizer, ema, reducer, clip_norm)
+        else:
+            self.apply = ScaledApplyStep(self.micro, optimizer, ema, reducer, clip_norm, scaling)
 
     def __call__(self, batches: list, epoch: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
         parts_list, counts = [], []

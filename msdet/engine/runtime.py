@@ -1,4 +1,5 @@
-"""Process-wide MindSpore setup: device, execution mode, threads, the CPU kernels, seeds."""
+"""Process-wide MindSpore setup: device, execution mode, Ascend operator precision, threads, the CPU kernels,
+seeds."""
 from __future__ import annotations
 
 import os
@@ -14,20 +15,32 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
+    from msdet.engine.precision import ACTIVATION_KERNELS, ASCEND_PRECISION_MODE, is_mixed
     from msdet.ops import activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
     ms.set_device(cfg.device_target)
+    if cfg.device_target == "Ascend":  # else Atlas training series run float32 convs in float16 (docs/precision.md)
+        ms.device_context.ascend.op_precision.precision_mode(ASCEND_PRECISION_MODE)
     if cfg.cpu_threads:
         ms.set_context(runtime_num_threads=cfg.cpu_threads)
-    dwconv.enable(cfg.cpu_depthwise_kernel and cfg.device_target == "CPU")
-    groupnorm.enable(cfg.cpu_group_norm_kernel and cfg.device_target == "CPU")
-    activations.enable(cfg.cpu_activation_kernel and cfg.device_target == "CPU")
-    sumsq.enable(cfg.cpu_grad_norm_kernel and cfg.device_target == "CPU")
-    update.enable(cfg.cpu_update_kernel and cfg.device_target == "CPU")
-    maxpool.enable(cfg.cpu_maxpool_kernel and cfg.device_target == "CPU")
-    batchnorm.enable(cfg.cpu_batch_norm_kernel and cfg.device_target == "CPU")
-    denseconv.enable(cfg.cpu_dense_conv_kernel and cfg.device_target == "CPU")
+    cpu = cfg.device_target == "CPU"
+    kernel = {name: getattr(cfg, name) and cpu for name in dir(cfg)
+              if name.startswith("cpu_") and name.endswith("_kernel")}
+    if is_mixed(cfg.precision):
+        off = [name for name in ACTIVATION_KERNELS if kernel[name]]
+        if off:
+            print(f"runtime.precision {cfg.precision}: the float32-only CPU kernels {', '.join(off)} are off",
+                  flush=True)
+        kernel.update(dict.fromkeys(ACTIVATION_KERNELS, False))
+    dwconv.enable(kernel["cpu_depthwise_kernel"])
+    groupnorm.enable(kernel["cpu_group_norm_kernel"])
+    activations.enable(kernel["cpu_activation_kernel"])
+    sumsq.enable(kernel["cpu_grad_norm_kernel"])
+    update.enable(kernel["cpu_update_kernel"])
+    maxpool.enable(kernel["cpu_maxpool_kernel"])
+    batchnorm.enable(kernel["cpu_batch_norm_kernel"])
+    denseconv.enable(kernel["cpu_dense_conv_kernel"])
     seed = cfg.seed + seed_offset
     ms.set_seed(seed)
     np.random.seed(seed)

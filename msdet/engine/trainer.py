@@ -42,7 +42,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from msdet.atomic import atomic_files, remove_stale, write_json
-from msdet.config import TrainConfig
+from msdet.config import LossScaleConfig, TrainConfig
 from msdet.engine import resume
 from msdet.engine.accumulate import AccumulatingStep
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
@@ -51,6 +51,7 @@ from msdet.engine.distributed import DistInfo, gradient_reducer
 from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
 from msdet.engine.optim import AdamW, clip_grad_norm
+from msdet.engine.precision import LossScaling, ScaledLoss, apply_precision, is_mixed
 from msdet.engine.schedules import warmup_cosine
 from msdet.errors import UserError
 from msdet.ops.sumsq import SquareSum
@@ -127,6 +128,32 @@ class TrainStep(nn.Cell):
         return loss, parts
 
 
+class ScaledTrainStep(TrainStep):
+    """TrainStep with dynamic loss scaling (mixed precision, msdet/engine/precision.py): the gradients of loss x
+    scale, divided by the scale; when they are not finite on some rank, no weight, optimizer moment or EMA
+    changes on any rank, and the scale goes down."""
+
+    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Cell, ema: EMA, reducer: nn.Cell | None,
+                 clip_norm: float, scaling: LossScaling) -> None:
+        super().__init__(loss_cell, optimizer, ema, reducer, clip_norm)
+        self.scaling = scaling
+        self.grad_fn = ms.value_and_grad(ScaledLoss(loss_cell, scaling), None, optimizer.parameters, has_aux=True)
+
+    def construct(self, image, gt_boxes, gt_labels, epoch, step):
+        (loss, parts), grads = self.grad_fn(image, gt_boxes, gt_labels, epoch)
+        grads = self.scaling.unscale(grads)
+        finite = self.scaling.finite(grads)
+        if self.use_reducer:
+            grads = self.reducer(grads)
+        if finite:
+            if self.clip_norm > 0:
+                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
+            done = self.optimizer(grads)
+            loss = ops.depend(loss, self.ema(ops.depend(step, done)))
+        loss = ops.depend(loss, self.scaling.update(finite))
+        return loss, parts
+
+
 def build_optimizer(network, cfg: TrainConfig, lr_per_step: np.ndarray):
     from mindspore import Tensor
 
@@ -143,10 +170,12 @@ class Trainer:
     def __init__(self, detector, network, cfg: TrainConfig, data: TrainData, out_dir: str | Path,
                  dist: DistInfo | None = None, key_payload: dict | None = None, progress: bool = True,
                  live_dir: str | Path | None = None,
-                 validate: Callable[[nn.Cell], dict[str, float]] | None = None) -> None:
+                 validate: Callable[[nn.Cell], dict[str, float]] | None = None, precision: str = "fp32",
+                 loss_scale: LossScaleConfig | None = None) -> None:
         """``live_dir``: where rank 0 logs dvclive metrics (None: no live log). ``validate(network)`` returns
         {"AP", "AP50", ...} of the network as it is; it is called every ``cfg.eval_every_epochs`` epochs on
-        rank 0 with the EMA weights in the network."""
+        rank 0 with the EMA weights in the network. ``precision``: ``runtime.precision``; an AMP level sets the
+        network's float16 cells (validation then runs them in float16 too) and needs ``loss_scale``."""
         self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
         self.out_dir, self.dist, self.progress = Path(out_dir), dist or DistInfo(), progress
         self.accumulate = cfg.accumulate_steps
@@ -165,13 +194,27 @@ class Trainer:
         self.key = run_key({"train": key_payload or {}, "steps_per_epoch": self.steps_per_epoch,
                             "group_size": self.dist.group_size})
 
+        self.precision = precision
+        self.scaling: LossScaling | None = None
+        if is_mixed(precision):
+            if loss_scale is None:
+                raise ValueError(f"precision {precision} needs the loss scaling settings (runtime.loss_scale)")
+            apply_precision(network, precision)
+            self.scaling = LossScaling(loss_scale, self.dist.group_size)
         self.loss_cell = detector.loss_cell(network, self.dist.group_size)
+        if self.scaling is not None and hasattr(self.loss_cell, "float32_outputs"):
+            self.loss_cell.float32_outputs = True
         self.optimizer = build_optimizer(network, cfg, self.lr)
         self.ema = EMA(network, cfg.ema_decay, cfg.ema_ramp_steps)
         reducer = gradient_reducer(self.optimizer.parameters, self.dist) if self.dist.enabled else None
         # a Cell, not a jitted closure: MindSpore compiles it ~5x faster to run, and it sees set_data()
-        step_type = TrainStep if self.accumulate == 1 else AccumulatingStep
-        self.step_fn = step_type(self.loss_cell, self.optimizer, self.ema, reducer, cfg.grad_clip_norm)
+        step_args = (self.loss_cell, self.optimizer, self.ema, reducer, cfg.grad_clip_norm)
+        if self.accumulate > 1:
+            self.step_fn = AccumulatingStep(*step_args, scaling=self.scaling)
+        elif self.scaling is not None:
+            self.step_fn = ScaledTrainStep(*step_args, self.scaling)
+        else:
+            self.step_fn = TrainStep(*step_args)
         self.loss_names = list(detector.loss_names)
 
     # ------------------------------------------------------------------ checkpoints
@@ -191,6 +234,8 @@ class Trainer:
         items += [{"name": p.name, "data": p} for p in self.ema.shadows]
         seen = {i["name"] for i in items}
         items += [{"name": p.name, "data": p} for p in self.optimizer.get_parameters() if p.name not in seen]
+        if self.scaling is not None:
+            items += [{"name": p.name, "data": p} for p in self.scaling.state()]
         # the best weights commit with the epoch that validated them: a kill in between cannot split them
         items += _best_items(self.best)
         meta = {"epoch": epoch, "step": step, "epoch_step": epoch_step, "run_key": self.key,
@@ -225,6 +270,8 @@ class Trainer:
         ms.load_param_into_net(self.network, params, strict_load=False)
         ms.load_param_into_net(self.ema, params, strict_load=False)
         ms.load_param_into_net(self.optimizer, params, strict_load=False)
+        if self.scaling is not None:
+            ms.load_param_into_net(self.scaling, params, strict_load=False)
         rng = checkpoint_meta(params, "rng")
         if rng is not None:
             ms.set_rng_state(Tensor(np.asarray(rng, dtype=np.uint8)))
@@ -275,6 +322,7 @@ class Trainer:
         t_row, images_since_row = time.time(), 0
         last_parts = None
         epochs_run = 0
+        skipped_before = self._skipped_steps()
         for epoch in range(start_epoch, self.cfg.epochs):
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
                 break
@@ -290,15 +338,25 @@ class Trainer:
                 if i >= self.steps_per_epoch:
                     break
                 t0 = time.time()
+                scale = self._loss_scale()
                 loss, parts = self._step(batches, Tensor(epoch, ms.int32), Tensor(step + 1, ms.float32))
                 parts_np = parts.asnumpy()
+                skipped = self._skipped_steps()
                 dt = time.time() - t0
                 if step == start_epoch * self.steps_per_epoch + skip and i == skip:
                     compile_time = dt
                 else:
                     timed_images += self.global_batch
                     timed_seconds += dt
-                if not np.all(np.isfinite(parts_np)):
+                if self.scaling is not None and skipped > skipped_before:
+                    skipped_before = skipped
+                    if scale <= 1.0:  # DynamicLossScaler's floor: lowering the scale cannot help any more
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"{self.detector.name}: gradients not finite at loss scale 1 at epoch {epoch + 1}, step "
+                            f"{step + 1} ({skipped} steps skipped so far): float16 overflows whatever the scale; "
+                            f"train with runtime.precision fp32 or lower the learning rate.")
+                elif not np.all(np.isfinite(parts_np)):
                     bar.close()
                     detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.loss_names, parts_np))
                     raise TrainingDiverged(
@@ -313,6 +371,8 @@ class Trainer:
                     now = time.time()
                     row = {f"train/{n}": float(v) for n, v in zip(self.loss_names, parts_np)}
                     row.update({"train/lr": lr, "train/images_per_s": images_since_row / max(now - t_row, 1e-9)})
+                    if self.scaling is not None:
+                        row.update({"train/loss_scale": self._loss_scale(), "train/skipped_steps": skipped})
                     live.log(step, row)
                     t_row, images_since_row = now, 0
                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, parts_np)} | {"lr": f"{lr:.2e}"})
@@ -352,7 +412,16 @@ class Trainer:
             images_per_s=round(timed_images / timed_seconds, 3) if timed_seconds > 0 else 0.0,
             final_losses=final_losses, resumed_from_epoch=resumed, compile_time_s=round(compile_time, 2),
             best=self.best["meta"] if self.best else None,
+            extra={"loss_scale": self._loss_scale(), "skipped_steps": self._skipped_steps()}
+            if self.scaling is not None else {},
         )
+
+    def _loss_scale(self) -> float:
+        return float(self.scaling.value.asnumpy()) if self.scaling is not None else 1.0
+
+    def _skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients since the start (resumes included)."""
+        return int(self.scaling.skipped.asnumpy()) if self.scaling is not None else 0
 
     def _step_batches(self, epoch: int, skip: int):
         """The epoch's batches from optimizer step ``skip`` on, in tuples of ``accumulate_steps``."""
