@@ -83,7 +83,7 @@ def test_amp_levels_set_float16_cells_and_keep_norms_float32():
     assert net(x).dtype == ms.float16
     o1 = apply_precision(ToyNet(), "amp_o1")
     assert o1.conv.get_mixed_precision_type() == MixedPrecisionType.FP16
-    assert o1.bn.get_mixed_precision_type() == MixedPrecisionType.NOTSET
+    assert o1.bn.get_mixed_precision_type() == MixedPrecisionType.FP32  # the norm after a float16 conv
     assert all(p.dtype == ms.float32 for p in [*net.get_parameters(), *o1.get_parameters()])
 
 
@@ -91,11 +91,13 @@ def test_amp_levels_set_float16_cells_and_keep_norms_float32():
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_amp_toy_training_follows_fp32(tmp_path, precision, accumulate):
     """The same run in fp32 and AMP: float16 rounding only (no step skipped at this loss scale), float32
-    weights, and the scaler's state in the resume checkpoint."""
-    fp32 = toy_trainer(tmp_path, "fp32", sub="fp32", accumulate_steps=accumulate)
-    fp32.fit()
-    amp = toy_trainer(tmp_path, precision, sub="amp", accumulate_steps=accumulate)
-    summary = amp.fit()
+    weights, and the scaler's state in the resume checkpoint. The float32-only BatchNorm-gradient kernel is on:
+    the norms stay float32 at both levels."""
+    with kernels_on(batchnorm):
+        fp32 = toy_trainer(tmp_path, "fp32", sub="fp32", accumulate_steps=accumulate)
+        fp32.fit()
+        amp = toy_trainer(tmp_path, precision, sub="amp", accumulate_steps=accumulate)
+        summary = amp.fit()
     assert summary.extra == {"loss_scale": LOSS_SCALE.initial, "skipped_steps": 0}
     for a, b in zip(amp.network.trainable_params(), fp32.network.trainable_params()):
         assert a.dtype == ms.float32

@@ -39,8 +39,9 @@ ASCEND_PRECISION_MODE = "must_keep_origin_dtype"
 ACTIVATION_KERNELS = ("cpu_depthwise_kernel", "cpu_activation_kernel", "cpu_maxpool_kernel", "cpu_dense_conv_kernel")
 
 
-#: cells that stay float32 at amp_o2: MindSpore's O2 black list, GroupNorm, and NanoDet's distance integral (box
-#: decoding, called by the loss on the float32 outputs)
+#: cells that stay float32 at both AMP levels: MindSpore's O2 black list, GroupNorm, and NanoDet's distance
+#: integral (box decoding, called by the loss on the float32 outputs). At amp_o1 a norm after a float16 conv
+#: would otherwise run in float16, and the CPU BatchNorm-gradient kernel is float32 only.
 FLOAT32_CELLS = (*amp.get_black_list(), nn.GroupNorm, Integral)
 
 
@@ -55,6 +56,8 @@ def apply_precision(network: nn.Cell, precision: str) -> nn.Cell:
         for _, cell in network.cells_and_names():
             if isinstance(cell, white):
                 cell.to_float(ms.float16)
+            elif isinstance(cell, FLOAT32_CELLS):
+                cell.to_float(ms.float32)
     elif precision == "amp_o2":
         network.to_float(ms.float16)
         for _, cell in network.cells_and_names():
