@@ -36,7 +36,7 @@ def history_markers(text: str) -> list[str]:
     """Each history marker in ``text`` as 'line N: what: the match'."""
     found = []
     for number, line in enumerate(text.splitlines(), 1):
-        taken: list[range] = []  # one report per marker: "issue #19" is not also an issue reference
+        taken: list[range] = []  # one report per marker: an issue number is not also a bare reference
         for what, pattern in MARKERS.items():
             for m in pattern.finditer(line):
                 before = line[:m.start()].rstrip().lower()
@@ -55,8 +55,8 @@ def test_no_development_history_markers(area):
 
 
 @pytest.mark.parametrize(("text", "hits"), [
-    ("until session 10 these were missing", 1), ("session-11 code", 1), ("Closed (Session 12): x", 1),
-    ("the rule before issue #19", 1), ("issue 18's figures", 1), ("merge (#21)", 1), ("#18's kernels", 1),
+    ("until {s} 10 these were missing", 1), ("{s}-11 code", 1), ("Closed ({S} 12): x", 1),
+    ("the rule before {i} #19", 1), ("{i} 18's figures", 1), ("merge (#21)", 1), ("#18's kernels", 1),
     ("the #18 work", 1), ("fused AdamW (#18, partly)", 1),
     ("annotation #1 (id 2) has no 'bbox'", 0), ("a.xml: object #2: unknown", 0), ("image #0 has", 0),
     ("## A heading", 0), ("[x](#your-own-data)", 0), ("#!/bin/sh", 0), ('#include "aot.h"', 0), ("x = 1  # noqa", 0),
@@ -64,6 +64,8 @@ def test_no_development_history_markers(area):
     ("ort.InferenceSession(path)", 0), ("&#39;", 0),
 ])
 def test_history_marker_patterns(text, hits):
+    """The examples spell the marker words through placeholders, so this file holds no marker itself."""
+    text = text.replace("{s}", "session").replace("{S}", "Session").replace("{i}", "issue")
     assert len(history_markers(text)) == hits, history_markers(text)
 
 
