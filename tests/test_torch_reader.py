@@ -388,17 +388,20 @@ def test_expanded_tensors_are_capped_relative_to_the_file(tmp_path):
     big = pkl_tensor("FloatStorage", "0", 1, 0, (1 << 15, 1 << 10), (0, 0))
     path = zip_checkpoint(tmp_path / "expand.pth", pkl_dict({"a": big, "b": big}), {"0": bytes(4)})
     assert path.stat().st_size < 1000
+    assert _peak_while_refused(path, r"a tensor of size \(32768, 1024\) over storage '0' \(1 elements\) would "
+                                     r"bring what reading this checkpoint allocates to 1342\d{5} bytes, over its cap "
+                                     r"of 167\d{5} \(8 x the file size \+ 16 MiB") < 8 << 20
+
+
+def _peak_while_refused(path, pattern: str) -> int:
+    """Peak Python memory while ``path`` is read and refused with ``<path>: <pattern>``."""
     tracemalloc.start()
     try:
-        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: a tensor of size \(32768, 1024\) "
-                                                        r"over storage '0' \(1 elements\) would bring what reading "
-                                                        r"this checkpoint allocates to 1342\d{5} bytes, over its cap "
-                                                        r"of 167\d{5} \(8 x the file size \+ 16 MiB"):
+        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: {pattern}"):
             load_torch_pickle(path)
-        peak = tracemalloc.get_traced_memory()[1]
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20, peak
 
 
 def _deflated_zeros(zf: zipfile.ZipFile, name: str, mib: int) -> None:
@@ -421,15 +424,8 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path, bomb):
             _deflated_zeros(zf, "b/data.pkl", 256)
     assert path.stat().st_size < 1 << 20
     record = "b/data/0" if bomb == "storage" else "b/data.pkl"
-    tracemalloc.start()
-    try:
-        with pytest.raises(CheckpointFormatError, match=rf"^{re.escape(str(path))}: record {record} \(268435456 "
-                                                        r"bytes uncompressed\) would bring .* over its cap"):
-            load_torch_pickle(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20, peak
+    assert _peak_while_refused(path, rf"record {record} \(268435456 bytes uncompressed\) would bring .* over its "
+                                     r"cap") < 8 << 20
 
 
 def test_absolute_cap_holds_for_any_file_size(tmp_path, monkeypatch):
