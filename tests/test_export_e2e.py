@@ -195,7 +195,7 @@ TINY = {
                                               "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8,
                                               "bn_recalibration_batches": 2}},
     "eval": {"batch_size": 4, "score_threshold": 0.005},  # a 3-step model scores low: detections to compare
-    "export": {"num_check_images": 1, "latency_repeats": 2, "int8_calibration_images": 4},
+    "export": {"num_check_images": 1, "latency_repeats": 2, "int8": True, "int8_calibration_images": 4},
 }
 
 
