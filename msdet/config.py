@@ -343,6 +343,8 @@ class ExportConfig:
     latency_repeats: int = _f(range=(1, 10_000))
     # model_e2e.onnx (decoding + NMS appended to the ONNX export): its val AP must equal the network's within this.
     end_to_end: bool = _f()
+    # model_e2e.mindir: the same post-processing in MindSpore ops (NMSWithMask), verified like model_e2e.onnx
+    end_to_end_mindir: bool = _f()
     e2e_ap_atol: float = _f(range=(0.0, 1.0))
     # model_e2e_int8.onnx: onnxruntime static INT8 (QDQ), calibrated on the first N training images.
     int8: bool = _f()

@@ -5,9 +5,9 @@ DVC stage (reads params.yaml; EMA weights, num_classes from the MindRecord meta.
     python -m stages.export --model d0|nanodet
 
 writes models/<model>/export/{model.mindir, model.onnx, export_report.json} and metrics/export_<model>.json,
-and with export.end_to_end {model_e2e.onnx, model_e2e_int8.onnx (export.int8), preprocess.json,
-val_detections.json} (docs/deploy.md). MINDIR must pass its check; a failing ONNX is left out with a warning
-unless export.strict (README, Export).
+and with export.end_to_end {model_e2e.onnx, model_e2e.mindir (export.end_to_end_mindir), model_e2e_int8.onnx
+(export.int8), preprocess.json, val_detections.json} (docs/deploy.md). MINDIR must pass its check; a failing
+ONNX is left out with a warning unless export.strict (README, Export).
 
 Standalone:
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"within {raw['max_diff_over_scale']:.1e} of their scale, {dec['paired']} detections within "
                   f"{dec['max_box_diff_px']:.1e} px")
     table = export_metrics(report).get("ap_table", {})
-    for key in ("float", "end_to_end", "int8"):
+    for key in ("float", "end_to_end", "end_to_end_mindir", "int8"):
         if key in table:
             row = table[key]
             print(f"[{args.model}] {key}: val AP {row['AP']:.4f}, {row['file']} {row['size_mb']:.2f} MB, "

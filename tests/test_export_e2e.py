@@ -195,7 +195,8 @@ TINY = {
                                               "warmup_steps": 1, "num_workers": 1, "max_gt_boxes": 8,
                                               "bn_recalibration_batches": 2}},
     "eval": {"batch_size": 4, "score_threshold": 0.005},  # a 3-step model scores low: detections to compare
-    "export": {"num_check_images": 1, "latency_repeats": 2, "int8": True, "int8_calibration_images": 4},
+    "export": {"num_check_images": 1, "latency_repeats": 2, "end_to_end_mindir": True, "int8": True,
+               "int8_calibration_images": 4},
 }
 
 
@@ -211,13 +212,17 @@ def test_stage_records_the_ap_table_and_the_example_reproduces_its_detections(ti
     repo, env = tiny_export
     export = repo / "models" / "nanodet" / "export"
     assert {p.name for p in export.iterdir()} == {
-        "model.mindir", "model.onnx", "model_e2e.onnx", "model_e2e_int8.onnx", "preprocess.json",
+        "model.mindir", "model.onnx", "model_e2e.onnx", "model_e2e.mindir", "model_e2e_int8.onnx", "preprocess.json",
         "val_detections.json", "export_report.json"}
     metrics = json.loads((repo / "metrics" / "export_nanodet.json").read_text())
     table = metrics["ap_table"]
     assert abs(table["end_to_end"]["AP"] - table["float"]["AP"]) <= 0.001
-    check = metrics["end_to_end"]["check"]
-    assert check["images"] == 8 and check["count_mismatch_images"] == 0
+    for key in ("end_to_end", "end_to_end_mindir"):
+        check = metrics[key]["check"]
+        assert check["images"] == 8 and check["count_mismatch_images"] == 0, key
+        assert check["paired"] + check["borderline"] == check["detections"], key
+    assert abs(table["end_to_end_mindir"]["AP"] - table["float"]["AP"]) <= 0.001
+    assert table["end_to_end_mindir"]["file"] == "model_e2e.mindir"
     assert metrics["int8"]["AP_drop"] == pytest.approx(table["float"]["AP"] - table["int8"]["AP"], abs=1e-5)
     assert table["int8"]["size_mb"] < table["end_to_end"]["size_mb"] and table["int8"]["latency_ms"] > 0
     spec = json.loads((export / "preprocess.json").read_text())
@@ -261,5 +266,30 @@ def test_stage_fails_on_an_end_to_end_model_that_maps_boxes_wrongly(tiny_export,
     assert export_stage.main(["--model", "nanodet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: export/model_e2e.onnx: its detections differ from msdet's post-processing") \
+        and "\n" not in err, err
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_stage_fails_on_an_end_to_end_mindir_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
+    """The MINDIR cell with a wrong preprocessing scale: the stage's check fails it, one line, and the
+    previous export is left as it was."""
+    from msdet.export import mindir_graph
+    from stages import export as export_stage
+
+    repo, _ = tiny_export
+    export = repo / "models" / "nanodet" / "export"
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    monkeypatch.chdir(repo)
+    init = mindir_graph.EndToEndCell.__init__
+
+    def wrong_scale(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.size *= 2.0
+
+    monkeypatch.setattr(mindir_graph.EndToEndCell, "__init__", wrong_scale)
+    assert export_stage.main(["--model", "nanodet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: export/model_e2e.mindir: its detections differ from msdet's post-processing") \
         and "\n" not in err, err
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before

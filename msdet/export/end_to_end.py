@@ -2,12 +2,15 @@
 
 ``model_e2e.onnx`` is the verified raw ``model.onnx`` with decoding, score threshold, top-k and class-wise NMS
 appended (``msdet.export.graph``): image and original size in, detections in original pixels out.
-``model_e2e_int8.onnx`` is the raw model statically quantised by onnxruntime (QDQ, MinMax calibration on the
-first ``export.int8_calibration_images`` training images) with the same post-processing appended.
+``model_e2e.mindir`` (``export.end_to_end_mindir``) is the same post-processing in MindSpore ops after the network
+(``msdet.export.mindir_graph``), with static, padded outputs. ``model_e2e_int8.onnx`` is the raw model
+statically quantised by onnxruntime (QDQ, MinMax calibration on the first ``export.int8_calibration_images``
+training images) with the same post-processing appended.
 ``preprocess.json`` says how to build the image input; ``val_detections.json`` holds the end-to-end
 model's detections on every val image (what ``examples/onnx_detect.py`` must reproduce).
 
-The end-to-end model is verified like the raw export, on every val image: its detections must pair with
+Each end-to-end model (ONNX, and MINDIR where built) is verified like the raw export, on every val image: its
+detections must pair with
 msdet's post-processing of the in-memory network (``msdet.export.verify.compare_detections``, compared in
 input pixels with the export tolerances) and its COCO AP must equal the network's within ``export.e2e_ap_atol``.
 INT8 is measured, not verified: its AP, AP drop, size and latency are recorded whatever they are.
@@ -30,6 +33,7 @@ from msdet.evaluation.postprocess import ImageDetections, postprocess, to_coco_r
 from msdet.export.verify import Detections, Postprocess, Tolerances, compare_detections, reference_cuts
 
 E2E_NAME = "model_e2e.onnx"
+E2E_MINDIR_NAME = "model_e2e.mindir"
 INT8_NAME = "model_e2e_int8.onnx"
 SPEC_NAME = "preprocess.json"
 DETECTIONS_NAME = "val_detections.json"
@@ -61,6 +65,7 @@ class EndToEndSettings:
     ap_atol: float
     int8: bool
     latency_repeats: int
+    mindir: bool = False
 
 
 @dataclass
@@ -94,6 +99,40 @@ class EndToEndModel:
             self.image_name: np.ascontiguousarray(image, np.float32),
             self.size_name: np.asarray(orig_size, np.float32).reshape(1, 2)})
         return boxes, scores, labels
+
+
+class MindirEndToEndModel:
+    """An end-to-end MINDIR file on MindSpore's CPU runtime, called like :class:`EndToEndModel`: its padded
+    outputs cut to ``count`` rows, labels as int64."""
+
+    def __init__(self, path: str | Path) -> None:
+        import mindspore as ms
+
+        self.cell = ms.nn.GraphCell(ms.load(str(path)))
+
+    def __call__(self, image: np.ndarray, orig_size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import mindspore as ms
+
+        boxes, scores, labels, count = (o.asnumpy() for o in self.cell(
+            ms.Tensor(np.ascontiguousarray(image, np.float32)),
+            ms.Tensor(np.asarray(orig_size, np.float32).reshape(1, 2))))
+        k = int(count[0])
+        return boxes[:k], scores[:k], labels[:k].astype(np.int64)
+
+
+def build_end_to_end_mindir(cell: Any, target: Path, detector: Any, post: Postprocess, model: str) -> None:
+    """The raw network ``cell`` + :class:`msdet.export.mindir_graph.EndToEndCell` -> ``target`` (MINDIR)."""
+    import mindspore as ms
+
+    from msdet.export.graph import Selection
+    from msdet.export.mindir_graph import EndToEndCell
+
+    e2e = EndToEndCell(cell, detector, Selection(**dataclasses.asdict(post)), resize_mode(model))
+    e2e.set_train(False)
+    size = int(detector.input_size)
+    ms.export(e2e, ms.Tensor(np.zeros((1, 3, size, size), np.float32)),
+              ms.Tensor(np.full((1, 2), float(size), np.float32)),
+              file_name=str(target.with_suffix("")), file_format="MINDIR")
 
 
 def resize_mode(model: str) -> str:
@@ -169,6 +208,11 @@ def preprocess_spec(model: str, input_size: int, input_names: list[str], post: P
                        "nms": "class-wise"},
         "outputs": {"boxes": "float32 [K, 4] x1, y1, x2, y2 in original-image pixels",
                     "scores": "float32 [K], best first", "labels": "int64 [K] class index into class_names"},
+        **({"mindir_outputs": {
+            "boxes": f"float32 [{post.max_detections}, 4], the first `count` rows as in `outputs`, then zeros",
+            "scores": f"float32 [{post.max_detections}], best first, zeros from `count` on",
+            "labels": f"int32 [{post.max_detections}] class index, -1 from `count` on",
+            "count": "int32 [1] detections kept"}} if "end_to_end_mindir" in files else {}),
         "files": files,
     }
 
@@ -201,18 +245,27 @@ def _images_json(model: str, val: ValData, dets: list[ImageDetections]) -> dict:
         for d in dets]}
 
 
-def run_on_val(detector: Any, cell: Any, models: dict[str, EndToEndModel], val: ValData,
-               settings: EndToEndSettings) -> tuple[dict[str, list[ImageDetections]], dict, list[str]]:
+#: the end-to-end models that must reproduce msdet's post-processing (INT8 is measured only), and their files
+VERIFIED = {"end_to_end": E2E_NAME, "end_to_end_mindir": E2E_MINDIR_NAME}
+
+
+def _empty_check() -> dict:
+    return {"images": 0, "detections": 0, "paired": 0, "borderline": 0, "count_mismatch_images": 0,
+            "max_box_diff_px": 0.0, "max_score_diff": 0.0}
+
+
+def run_on_val(detector: Any, cell: Any, models: dict[str, Any], val: ValData,
+               settings: EndToEndSettings
+               ) -> tuple[dict[str, list[ImageDetections]], dict[str, dict], list[tuple[str, str]]]:
     """Every val image through the network + msdet's post-processing (``float``) and each of ``models``;
-    returns the detections per source, the comparison of ``models["end_to_end"]`` with ``float`` and its
-    problems."""
+    returns the detections per source, the comparison with ``float`` of each verified model (``VERIFIED``)
+    and their problems."""
     import mindspore as ms
 
     post = settings.post
     dets: dict[str, list[ImageDetections]] = {"float": [], **{k: [] for k in models}}
-    stats = {"images": 0, "detections": 0, "paired": 0, "borderline": 0, "count_mismatch_images": 0,
-             "max_box_diff_px": 0.0, "max_score_diff": 0.0}
-    problems: list[str] = []
+    checks = {k: _empty_check() for k in models if k in VERIFIED}
+    problems: list[tuple[str, str]] = []
     for batch in val.batches():
         image = np.asarray(batch["image"], np.float32)
         n = image.shape[0]
@@ -230,22 +283,24 @@ def run_on_val(detector: Any, cell: Any, models: dict[str, EndToEndModel], val: 
             image_id = int(np.asarray(batch["image_id"]).reshape(-1)[i])
             for key, model in models.items():
                 dets[key].append(ImageDetections(image_id, *model(image[i:i + 1], batch["orig_size"][i])))
-            ref, got = dets["float"][first + i], dets["end_to_end"][-1]
+            ref = dets["float"][first + i]
             cuts = reference_cuts(scores[i], ref.scores, post)
-            image_stats, image_problems = compare_detections(
-                _as_detections(ref.boxes, ref.scores, ref.labels, batch["scale"][i], cuts),
-                _as_detections(got.boxes, got.scores, got.labels, batch["scale"][i], cuts),
-                post, settings.tolerances)
-            stats["images"] += 1
-            stats["count_mismatch_images"] += int(len(ref.scores) != len(got.scores))
-            for key in ("detections", "paired", "borderline"):
-                stats[key] += image_stats[key]
-            for key in ("max_box_diff_px", "max_score_diff"):
-                stats[key] = max(stats[key], image_stats[key])
-            problems += [f"{p} (val image {image_id})" for p in image_problems]
-    if not stats["images"]:
+            for key, stats in checks.items():
+                got = dets[key][-1]
+                image_stats, image_problems = compare_detections(
+                    _as_detections(ref.boxes, ref.scores, ref.labels, batch["scale"][i], cuts),
+                    _as_detections(got.boxes, got.scores, got.labels, batch["scale"][i], cuts),
+                    post, settings.tolerances)
+                stats["images"] += 1
+                stats["count_mismatch_images"] += int(len(ref.scores) != len(got.scores))
+                for name in ("detections", "paired", "borderline"):
+                    stats[name] += image_stats[name]
+                for name in ("max_box_diff_px", "max_score_diff"):
+                    stats[name] = max(stats[name], image_stats[name])
+                problems += [(VERIFIED[key], f"{p} (val image {image_id})") for p in image_problems]
+    if not dets["float"]:
         raise ValueError("the val split has no images to verify the end-to-end export on")
-    return dets, stats, problems
+    return dets, checks, problems
 
 
 def make_extend(detector: Any, model: str, val: ValData, settings: EndToEndSettings,
@@ -264,9 +319,16 @@ def make_extend(detector: Any, model: str, val: ValData, settings: EndToEndSetti
             files["raw_mindir"] = FILE_NAMES["MINDIR"]
         try:
             build_end_to_end(raw, folder / E2E_NAME, detector, settings.post, model)
-            models = {"end_to_end": EndToEndModel(folder / E2E_NAME)}
+            models: dict[str, Any] = {"end_to_end": EndToEndModel(folder / E2E_NAME)}
         except Exception as exc:
             raise ExportError(f"{folder.name}/{E2E_NAME}: cannot be built ({_first_line(exc)})") from exc
+        if settings.mindir:
+            try:
+                build_end_to_end_mindir(cell, folder / E2E_MINDIR_NAME, detector, settings.post, model)
+                models["end_to_end_mindir"] = MindirEndToEndModel(folder / E2E_MINDIR_NAME)
+            except Exception as exc:
+                raise ExportError(f"{folder.name}/{E2E_MINDIR_NAME}: cannot be built ({_first_line(exc)})") from exc
+            files["end_to_end_mindir"] = E2E_MINDIR_NAME
         calib = calibration() if settings.int8 and calibration is not None else None
         if calib is not None:
             raw_int8 = folder.parent / "raw_int8.onnx"  # the staging folder's parent is a private temp dir
@@ -278,25 +340,28 @@ def make_extend(detector: Any, model: str, val: ValData, settings: EndToEndSetti
                 raise ExportError(f"{folder.name}/{INT8_NAME}: cannot be built ({_first_line(exc)})") from exc
             raw_int8.unlink()
             files["int8"] = INT8_NAME
-        dets, check, problems = run_on_val(detector, cell, models, val, settings)
+        dets, checks, problems = run_on_val(detector, cell, models, val, settings)
         ap = {k: _coco_ap(val, v) for k, v in dets.items()}
-        ap_diff = abs(ap["end_to_end"]["AP"] - ap["float"]["AP"])
         if problems:
-            raise ExportMismatch(f"{folder.name}/{E2E_NAME}: its detections differ from msdet's post-processing: "
-                                 f"{problems[0]}")
-        if ap_diff > settings.ap_atol:
-            raise ExportMismatch(f"{folder.name}/{E2E_NAME}: val AP {ap['end_to_end']['AP']} differs from the "
-                                 f"network's {ap['float']['AP']} by {ap_diff:.5f} (allowed {settings.ap_atol})")
+            name, problem = problems[0]
+            raise ExportMismatch(f"{folder.name}/{name}: its detections differ from msdet's post-processing: "
+                                 f"{problem}")
+        ap_diff = {k: abs(ap[k]["AP"] - ap["float"]["AP"]) for k in checks}
+        for key, diff in ap_diff.items():
+            if diff > settings.ap_atol:
+                raise ExportMismatch(f"{folder.name}/{VERIFIED[key]}: val AP {ap[key]['AP']} differs from the "
+                                     f"network's {ap['float']['AP']} by {diff:.5f} (allowed {settings.ap_atol})")
         first = next(iter(val.batches()))
         image, orig_size = np.asarray(first["image"][:1], np.float32), first["orig_size"][0]
         repeats = settings.latency_repeats
         entry = lambda key, name: {  # noqa: E731
             "file": name, "size_bytes": (folder / name).stat().st_size, "AP": ap[key]["AP"], "AP50": ap[key]["AP50"],
             "latency_ms": _latency_ms(lambda: models[key](image, orig_size), repeats)}
-        out = {"end_to_end": {**entry("end_to_end", E2E_NAME), "float_AP": ap["float"]["AP"],
-                              "float_AP50": ap["float"]["AP50"], "AP_abs_diff": round(ap_diff, 5),
-                              "check": check, "thresholds": dataclasses.asdict(settings.post)},
-               "cpu": f"{platform.machine()}, {os.cpu_count()} cores"}
+        out: dict[str, Any] = {key: {**entry(key, VERIFIED[key]), "float_AP": ap["float"]["AP"],
+                                     "float_AP50": ap["float"]["AP50"], "AP_abs_diff": round(ap_diff[key], 5),
+                                     "check": checks[key], "thresholds": dataclasses.asdict(settings.post)}
+                               for key in checks}
+        out["cpu"] = f"{platform.machine()}, {os.cpu_count()} cores"
         if calib is not None:
             out["int8"] = {**entry("int8", INT8_NAME), "AP_drop": round(ap["float"]["AP"] - ap["int8"]["AP"], 5),
                            "calibration_images": int(len(calib)), "per_channel": per_channel,

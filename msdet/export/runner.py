@@ -68,8 +68,9 @@ def export_metrics(report: dict) -> dict:
         out[fmt.lower()] = entry
     if "end_to_end" in report:
         out["end_to_end"] = report["end_to_end"]
-    if "int8" in report:
-        out["int8"] = report["int8"]
+    for key in ("end_to_end_mindir", "int8"):
+        if key in report:
+            out[key] = report[key]
     if report.get("end_to_end", {}).get("file"):
         out["ap_table"] = ap_table(report)
     return out
@@ -81,7 +82,7 @@ def ap_table(report: dict) -> dict:
     e2e, raw = report["end_to_end"], report["formats"]["ONNX"]
     rows = {"float": {"AP": e2e["float_AP"], "AP50": e2e["float_AP50"], "file": raw["file"],
                       "size_mb": round(raw["size_bytes"] / 2**20, 3), "latency_ms": raw["latency_ms"]}}
-    for key in ("end_to_end", "int8"):
+    for key in ("end_to_end", "end_to_end_mindir", "int8"):
         if key in report:
             r = report[key]
             rows[key] = {"AP": r["AP"], "AP50": r["AP50"], "file": r["file"],
@@ -122,7 +123,7 @@ def run_export(params: Params, model: str, ckpt: str | Path, out_dir: str | Path
     extend, extra = None, {"checkpoint": str(ckpt), "check_inputs": source}
     if e.end_to_end and on_val:
         settings = EndToEndSettings(post=postprocess, tolerances=tolerances, ap_atol=e.e2e_ap_atol, int8=e.int8,
-                                    latency_repeats=e.latency_repeats)
+                                    latency_repeats=e.latency_repeats, mindir=e.end_to_end_mindir)
         extend = make_extend(detector, model, val_data(params, model, ckpt, size), settings,
                              lambda: calibration_images(mr_dir, model, size, e.int8_calibration_images),
                              e.int8_per_channel)
