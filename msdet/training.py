@@ -72,12 +72,13 @@ def run_key_payload(params: Params, model: str, meta: dict, start_files: dict[st
 
 def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir: str | Path,
                 live_dir: str | Path | None = None, stop_after_epochs: int | None = None,
-                progress: bool = True, validate: Callable[[Any, Any], dict[str, float]] | None = None,
+                progress: bool = True, validate: Callable[[Any, Any, DistInfo], dict[str, float]] | None = None,
                 code_sha256: str = "") -> dict | None:
     """Train ``model`` ("d0" | "nanodet"); writes ``out_dir`` (see msdet.engine.trainer) and the model card.
 
-    ``live_dir``: the dvclive directory of the run's metrics. ``validate(detector, network)`` -> {"AP", "AP50"}
-    is called every ``<model>.train.eval_every_epochs`` epochs (msdet.evaluation.runner.Validator).
+    ``live_dir``: the dvclive directory of the run's metrics. ``validate(detector, network, dist)`` -> {"AP",
+    "AP50"}, the same on every rank, is called every ``<model>.train.eval_every_epochs`` epochs on every rank
+    (msdet.evaluation.runner.Validator).
     ``code_sha256``: the fingerprint of the code that trains (the stage's import closure); a resume point left
     by other code, like one left by other params, data or starting weights, is not continued.
     Works the same on one process and under msrun: every rank trains on its own shard, rank 0 writes.
@@ -118,7 +119,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
     payload = run_key_payload(params, model, meta, start_files, code_sha256)
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
-                      live_dir=live_dir, validate=(lambda net: validate(detector, net)) if validate else None,
+                      live_dir=live_dir, validate=(lambda net: validate(detector, net, dist)) if validate else None,
                       precision=params.runtime.precision, loss_scale=params.runtime.loss_scale)
     summary = trainer.fit(stop_after_epochs=stop_after_epochs)
     if not trainer.finished():

@@ -28,6 +28,9 @@ def test_failed_rank_log_is_found(tmp_path):
     bad = failed_rank_logs(tmp_path)
     assert bad == [tmp_path / "worker_1.log"]
     assert last_error_line(bad[0]) == "ValueError: bad shard"
+    (tmp_path / "worker_2.log").write_text("[WARNING] fine\nerror: state: the ranks resume from different points\n")
+    assert failed_rank_logs(tmp_path)[1:] == [tmp_path / "worker_2.log"]
+    assert last_error_line(tmp_path / "worker_2.log") == "error: state: the ranks resume from different points"
 
 
 @pytest.mark.slow
@@ -136,3 +139,53 @@ def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
     # rank 0's loss swings by up to 2 from step to step (its half of the images changes every epoch): the later
     # half of the run against the first three steps, not three steps against three
     assert sum(losses[6:]) / 6 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+SHARDED_VALIDATION_WORKER = """
+import json, sys
+from msdet.config import load_params
+from msdet.data.meta import read_meta
+from msdet.detectors import build_detector
+from msdet.engine.checkpoint import load_weights, save_weights
+from msdet.engine.distributed import init_distributed
+from msdet.engine.runtime import setup_runtime
+from msdet.evaluation.runner import Validator
+params = load_params(sys.argv[1])
+setup_runtime(params.runtime)
+dist = init_distributed()
+meta = read_meta(params.mindrecord.out_dir)
+det = build_detector(params, "d0", int(meta["num_classes"]))
+net = det.build_network()
+if dist.enabled:
+    load_weights(net, sys.argv[2])
+else:
+    save_weights(sys.argv[2], net)
+metrics = Validator(params, "d0", [c["id"] for c in meta["categories"]])(det, net, dist)
+json.dump(metrics, open(sys.argv[3] + f"/rank{dist.rank}_of_{dist.group_size}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_validate_to_the_ap_of_one(tmp_path):
+    """9 val images: rank 0 predicts 5, rank 1 predicts 4 (its last batch padded); the gathered detections
+    must score the AP one process gets on the same weights (a fresh network with every candidate kept, two
+    classes and many objects, so AP is small but above 0 and counts the detections of every image)."""
+    data, mr = tmp_path / "coco", tmp_path / "mindrecord"
+    generate_synthetic(data, config("data.synthetic", num_train=2, num_val=9, image_size=128, max_objects=6, seed=5,
+                                    num_classes=2, size_sampling="log_uniform", max_rotation_deg=180.0))
+    convert_tree(resolve_tree(data), mr, config("mindrecord", train_shards=1, workers=1))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {
+        "data": {"root": str(data)}, "mindrecord": {"out_dir": str(mr)}, "runtime": {"graph_mode": False},
+        "d0": {"input_size": 128}, "eval": {"batch_size": 2, "score_threshold": 0.0}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    script = tmp_path / "worker.py"
+    script.write_text(SHARDED_VALIDATION_WORKER)
+    args = [str(tmp_path / "params.yaml"), str(tmp_path / "net.ckpt"), str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    one = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    run_distributed(str(script), args, 2, tmp_path / "logs", timeout_s=600, env=env)
+    single = json.loads((tmp_path / "rank0_of_1.json").read_text())
+    assert single["AP"] > 0 and single["AP50"] > 0, single
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}_of_2.json").read_text()) == single, rank

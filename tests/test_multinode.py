@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,3 +205,45 @@ def test_stage_killed_inside_an_epoch_resumes_to_the_same_weights(tmp_path):
         assert sha256_file(full / "models/d0" / name) == sha256_file(killed / "models/d0" / name), name
     assert series_files(full / "dvclive" / "d0") == series_files(killed / "dvclive" / "d0")  # each step once
     print(f"wall: uninterrupted {t_full:.1f} s, killed after step 4 {t_killed:.1f} s, rerun {t_again:.1f} s")
+
+
+@pytest.mark.detector
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_node_without_the_resume_point_refuses_naming_the_ranks(tmp_path):
+    """Each node in its own folder, as hosts without a shared file system: after a run stopped at the end of
+    epoch 1 (step 2) only node 0's folder holds models/d0/state/, so rank 1 would start at step 0. The rerun
+    must stop on both nodes and say where each rank stands (PyNative: no graph compilation)."""
+    first = tiny_d0_project(tmp_path / "node0", 8, {"epochs": 2})
+    params = yaml.safe_load((first / "params.yaml").read_text())
+    params["runtime"]["graph_mode"] = False
+    (first / "params.yaml").write_text(yaml.safe_dump(params))
+    second = tmp_path / "node1"
+    second.mkdir()
+    shutil.copyfile(first / "params.yaml", second / "params.yaml")  # the same data, by absolute path
+    fake_ip = other_host_ip(tmp_path)
+
+    def two_nodes(*extra: str) -> tuple[list[int], list[str]]:
+        port = str(free_port())
+        nodes = [subprocess.Popen(stage("--workers", "1", "--nodes", "2", "--node-rank", str(r), "--master-addr",
+                                        "127.0.0.1", "--master-port", port, *extra), cwd=cwd,
+                                  env=stage_env(str(fake_ip) if r else ""), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for r, cwd in enumerate((first, second))]
+        outs = [p.communicate(timeout=900)[0] for p in nodes]
+        return [p.returncode for p in nodes], outs
+
+    codes, outs = two_nodes("--stop-after-epochs", "1")
+    assert codes == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert (first / "models/d0/state/last.ckpt").is_file()
+    assert not (second / "models/d0/state/last.ckpt").exists()
+
+    codes, outs = two_nodes()
+    assert codes == [1, 1], "\n".join(o[-2000:] for o in outs)
+    for out in outs:
+        assert re.search(r"rank \d failed: .*error: models/d0/state: the ranks resume from different points", out), \
+            out[-2000:]
+    for node, log in ((first, "node0/worker_0.log"), (second, "node1/worker_1.log")):
+        text = (node / "logs/msrun/d0" / log).read_text(errors="replace")
+        assert re.search(r"rank 0 at step 2 \(epoch 2, 0 steps into it; digest \w{15}\); "
+                         r"rank 1 at step 0 \(epoch 1, 0 steps into it; digest \w{15}\)\); each node reads", text), \
+            text[-2000:]

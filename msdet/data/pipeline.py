@@ -254,10 +254,12 @@ def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int
 
 
 def create_eval_dataset(mindrecord_dir: str | Path, model: str, input_size: int, batch_size: int,
-                        num_workers: int = 2, max_images: int = 0) -> mindspore.dataset.Dataset:
+                        num_workers: int = 2, max_images: int = 0,
+                        shard: tuple[int, int] = (0, 1)) -> mindspore.dataset.Dataset:
     """Every val image exactly once (the first ``max_images`` only when > 0), in file order: columns image
     float32 [B,3,S,S], image_id int64 [B], scale float32 [B,2] (original_xy = input_xy / scale), orig_size
-    float32 [B,2] = (h, w).
+    float32 [B,2] = (h, w). ``shard`` (rank, group size): only images rank, rank + group size, ... of them
+    (sharded validation, msdet/evaluation/runner.py); a rank past the last image gets none.
 
     The last batch is kept partial (not padded): no dummy images to filter out downstream, at the cost of
     one more graph compilation for that shape.
@@ -268,9 +270,11 @@ def create_eval_dataset(mindrecord_dir: str | Path, model: str, input_size: int,
     if batch_size < 1 or num_workers < 1:
         raise ValueError(f"batch_size ({batch_size}) and num_workers ({num_workers}) must be positive")
     files = shard_files(mindrecord_dir, "val")
-    data = ds.MindDataset(files, columns_list=_EVAL_READ, shuffle=False, num_parallel_workers=1)
-    if max_images > 0:
-        data = data.take(max_images)
+    n = num_samples(mindrecord_dir, "val")
+    n = min(n, max_images) if max_images > 0 else n
+    rank, group = shard
+    data = ds.MindDataset(files, columns_list=_EVAL_READ, num_parallel_workers=1,
+                          sampler=ds.SubsetSampler(list(range(rank, n, group))))
     fn = EvalSampleMap(model, input_size, str(mindrecord_dir))
     data = data.map(operations=fn, input_columns=_EVAL_READ, output_columns=EVAL_COLUMNS,
                     num_parallel_workers=usable_workers(num_workers))

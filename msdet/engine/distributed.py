@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 
@@ -66,3 +67,19 @@ class RankMean(nn.Cell):
 def gradient_reducer(parameters, info: DistInfo):
     """Mean all-reduce of gradients across ranks (only meaningful when ``info.enabled``)."""
     return nn.DistributedGradReducer(parameters, mean=True, degree=info.group_size)
+
+
+def all_gather(x: np.ndarray, info: DistInfo) -> np.ndarray:
+    """``[group_size, *x.shape]``: every rank's ``x`` in rank order, bit for bit (each rank passes the same shape
+    and dtype, of 4 or 8 bytes). It travels as int32 words: MindSpore 2.8's CPU AllGather under PyNative keeps
+    only 32 bits of each 64-bit element."""
+    if not info.enabled:
+        return x[None]
+    x = np.ascontiguousarray(x)
+    words = ops.AllGather()(Tensor(x.reshape(-1).view(np.int32))).asnumpy()
+    return words.view(x.dtype).reshape(info.group_size, *x.shape)
+
+
+def from_main(x: np.ndarray, info: DistInfo) -> np.ndarray:
+    """Rank 0's ``x`` on every rank, bit for bit."""
+    return all_gather(x, info)[0]

@@ -110,11 +110,12 @@ def msrun_command(script: str, script_args: Sequence[str], workers: int, log_dir
 
 
 def failed_rank_logs(log_dir: str | Path) -> list[Path]:
-    """Worker logs that end in a Python traceback or a MindSpore error, first-failing rank first."""
+    """Worker logs that end in a Python traceback, a MindSpore error or msdet's one-line ``error: ...`` (a
+    UserError, msdet/cli.py), first-failing rank first."""
     bad = []
     for log in sorted(Path(log_dir).glob("worker_*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
         text = log.read_text(errors="replace")
-        if "Traceback (most recent call last)" in text or re.search(r"^\[ERROR\]", text, re.M):
+        if "Traceback (most recent call last)" in text or re.search(r"^(\[ERROR\]|error: )", text, re.M):
             bad.append(log)
     return bad
 
@@ -127,7 +128,7 @@ LOST_PEER = re.compile(r"Reduce wait receiving|AllReduce\w* launch failed|Failed
 
 def last_error_line(log: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if re.match(r"^\w*(Error|Exception|Diverged)\b", ln) or "Error:" in ln]
+    errors = [ln for ln in lines if re.match(r"^(\w*(Error|Exception|Diverged)\b|error: )", ln) or "Error:" in ln]
     return (errors or lines or [""])[-1].strip()[:300]
 
 

@@ -47,7 +47,7 @@ from msdet.engine import resume
 from msdet.engine.accumulate import AccumulatingStep
 from msdet.engine.batch_norm_stats import recalibrate_batch_norm
 from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weights, weights_digest
-from msdet.engine.distributed import DistInfo, gradient_reducer
+from msdet.engine.distributed import DistInfo, all_gather, from_main, gradient_reducer
 from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
 from msdet.engine.optim import AdamW, clip_grad_norm
@@ -60,6 +60,11 @@ from msdet.ops.sumsq import SquareSum
 class TrainingDiverged(UserError):
     """A loss became NaN or infinite; no checkpoint of that state is written. The user's to fix (learning
     rate, data), so the command reports it in one line."""
+
+
+class ResumeMismatch(UserError):
+    """The ranks found different resume points (each node reads its own ``state/``): continuing would train
+    ranks at different steps, or hang them in a collective."""
 
 
 @dataclass
@@ -173,8 +178,9 @@ class Trainer:
                  validate: Callable[[nn.Cell], dict[str, float]] | None = None, precision: str = "fp32",
                  loss_scale: LossScaleConfig | None = None) -> None:
         """``live_dir``: where rank 0 logs dvclive metrics (None: no live log). ``validate(network)`` returns
-        {"AP", "AP50", ...} of the network as it is; it is called every ``cfg.eval_every_epochs`` epochs on
-        rank 0 with the EMA weights in the network. ``precision``: ``runtime.precision``; an AMP level sets the
+        {"AP", "AP50", ...} of the network as it is, the same on every rank; it is called every
+        ``cfg.eval_every_epochs`` epochs on every rank (each evaluates its share of the images) with rank 0's EMA
+        weights in the network. ``precision``: ``runtime.precision``; an AMP level sets the
         network's float16 cells (validation then runs them in float16 too) and needs ``loss_scale``."""
         self.detector, self.network, self.cfg, self.data = detector, network, cfg, data
         self.out_dir, self.dist, self.progress = Path(out_dir), dist or DistInfo(), progress
@@ -314,6 +320,8 @@ class Trainer:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         start_epoch, step, seconds_before, skip = self._try_resume()
+        if self.dist.enabled:
+            self._agree_on_resume(start_epoch, skip, step)
         resumed = start_epoch
         live = LiveLog(self.live_dir, resume_step=step) if self.live_dir is not None and self.dist.is_main else None
         if live is not None and self.best is not None:
@@ -383,13 +391,13 @@ class Trainer:
                     print(f"[{self.detector.name}] resume point saved at step {step}", flush=True)
             bar.close()
             skip = 0
+            val_txt = ""
+            if self.validate is not None and (epoch + 1) % self.cfg.eval_every_epochs == 0:
+                t_val = time.time()
+                metrics = self._validate(epoch, step, live)
+                val_txt = f" val AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} ({time.time() - t_val:.0f} s)"
+                t_row = time.time()  # images/s measures training only
             if self.dist.is_main:
-                val_txt = ""
-                if self.validate is not None and (epoch + 1) % self.cfg.eval_every_epochs == 0:
-                    t_val = time.time()
-                    metrics = self._validate(epoch, step, live)
-                    val_txt = f" val AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f} ({time.time() - t_val:.0f} s)"
-                    t_row = time.time()  # images/s measures training only
                 self._save_resume(epoch, step, seconds_before + time.time() - t_start)
                 loss_txt = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, last_parts)) \
                     if last_parts is not None else ""
@@ -438,9 +446,28 @@ class Trainer:
             return self.step_fn(*batches[0], epoch, step)
         return self.step_fn(list(batches), epoch, step)
 
+    def _agree_on_resume(self, epoch: int, epoch_step: int, step: int) -> None:
+        """Refuse to train when the ranks resumed from different points (or different weights at one point):
+        without a shared file system each node reads its own ``state/``, and a node without it would start at
+        epoch 0 while the others continue."""
+        digest = hashlib.sha256((self.key + weights_digest(self.network)).encode()).hexdigest()
+        point = np.array([epoch, epoch_step, step, int(digest[:15], 16)], np.int64)
+        points = all_gather(point, self.dist)
+        if (points == points[0]).all():
+            return
+        groups: dict[tuple, list[int]] = {}
+        for rank, (e, s, n, d) in enumerate(points.tolist()):
+            groups.setdefault((e, s, n, d), []).append(rank)
+        where = "; ".join(f"rank {','.join(map(str, ranks))} at step {n} (epoch {e + 1}, {s} steps into it; "
+                          f"digest {d:015x})" for (e, s, n, d), ranks in groups.items())
+        raise ResumeMismatch(f"{self.state_dir}: the ranks resume from different points ({where}); each node "
+                             f"reads its own {self.state_dir}: copy node 0's to every node (or keep it on a file "
+                             f"system all nodes share) and rerun")
+
     def _validate(self, epoch: int, step: int, live: LiveLog | None) -> dict[str, float]:
         """``validate`` on the EMA weights with precise BN (what ema.ckpt would hold if training ended now);
-        the best by AP is kept. Validation must not change the result: the weights and BN statistics are put
+        the best by AP is kept. Every rank validates rank 0's weights (BN statistics are per rank), so the
+        ranks agree on the best. Validation must not change the result: the weights and BN statistics are put
         back bit for bit, and the next epoch sets train mode again. Its random draws (drop-connect during the
         BN recalibration) do not reach training in graph mode, where the compiled step keeps its own random
         state; in PyNative mode they shift later draws (MindSpore cannot save the state of ``ops.rand``)."""
@@ -448,6 +475,8 @@ class Trainer:
         try:
             self.ema.copy_to_network()
             recalibrate_batch_norm(self.network, self._recalibration_batches())
+            if self.dist.enabled:
+                _take_main_values(list(self.network.get_parameters()), self.dist)
             metrics = {k: float(v) for k, v in self.validate(self.network).items()}
             if self.best is None or metrics["AP"] > self.best["meta"]["AP"]:
                 self.best = {"meta": {"epoch": epoch + 1, "step": step, "AP": metrics["AP"],
@@ -526,6 +555,14 @@ def _best_from(params: dict[str, Any]) -> dict[str, Any] | None:
     if meta is None:
         return None
     return {"meta": meta, "weights": {k[len(_BEST):]: v.asnumpy() for k, v in params.items() if k.startswith(_BEST)}}
+
+
+def _take_main_values(params: list, dist: DistInfo) -> None:
+    """Set ``params`` to rank 0's values, bit for bit (one collective over all of them)."""
+    values = [p.asnumpy() for p in params]
+    flat = from_main(np.concatenate([v.ravel() for v in values]), dist)
+    for p, v, part in zip(params, values, np.split(flat, np.cumsum([v.size for v in values])[:-1])):
+        p.set_data(Tensor(part.reshape(v.shape).astype(v.dtype)))
 
 
 def _best_summary(best: dict) -> dict[str, float]:

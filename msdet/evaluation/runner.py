@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from msdet.config import EvalConfig
+from msdet.engine.distributed import DistInfo, all_gather, from_main
 from msdet.evaluation.coco_eval import evaluate
 from msdet.evaluation.postprocess import ImageDetections, postprocess, to_coco_results
 
@@ -68,9 +69,7 @@ def evaluate_network(detector, network, dataset, gt_json: str | Path, category_i
     has ids COCO never uses) are dropped before scoring. ``infer``: see :func:`predict_dataset`."""
     detections, seconds, seen = predict_dataset(detector, network, dataset, cfg.batch_size, cfg,
                                                 nms_iou_for(model, cfg), infer=infer)
-    results = to_coco_results(detections, category_ids)
-    if known_ids is not None:
-        results = [r for r in results if r["category_id"] in known_ids]
+    results = known_results(detections, category_ids, known_ids)
     t0 = time.perf_counter()
     stats = evaluate(gt_json, results, image_ids=[int(d.image_id) for d in detections])
     coco_seconds = time.perf_counter() - t0
@@ -85,28 +84,87 @@ def evaluate_network(detector, network, dataset, gt_json: str | Path, category_i
     return EvalOutcome(metrics=metrics, pr_curve=pr_curve, detections=detections, results=results)
 
 
+def known_results(detections: list[ImageDetections], category_ids: list[int],
+                  known_ids: set[int] | None) -> list[dict]:
+    """COCO result dicts of ``detections`` without classes outside ``known_ids`` (None: all kept)."""
+    results = to_coco_results(detections, category_ids)
+    return results if known_ids is None else [r for r in results if r["category_id"] in known_ids]
+
+
+#: columns of a detection row in the gathered arrays: x1, y1, x2, y2, score, label (-1: padding)
+_ROW = 6
+
+
+def pack_detections(detections: list[ImageDetections], images: int, max_detections: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A rank's detections as fixed-shape arrays for an all-gather: image ids int32 [images] (-1: no image)
+    and rows float32 [images, max_detections, 6] (label -1: no detection). float32 holds the boxes and scores
+    bit for bit (postprocess makes them float32) and every class index."""
+    ids = np.full(images, -1, np.int32)
+    rows = np.zeros((images, max_detections, _ROW), np.float32)
+    rows[..., 5] = -1
+    for i, d in enumerate(detections):
+        k = len(d.scores)
+        ids[i] = d.image_id
+        rows[i, :k] = np.concatenate([d.boxes, d.scores[:, None], d.labels[:, None]], axis=1)
+    return ids, rows
+
+
+def unpack_detections(ids: np.ndarray, rows: np.ndarray) -> list[ImageDetections]:
+    """Every rank's packed detections, ``ids [ranks, images]`` and ``rows [ranks, images, D, 6]`` from strided
+    shards (rank r's image j is image j x ranks + r), back in the order of the unsharded val split."""
+    order = np.swapaxes(ids, 0, 1).reshape(-1)
+    rows = np.swapaxes(rows, 0, 1).reshape(-1, *rows.shape[2:])
+    out = []
+    for image_id, r in zip(order.tolist(), rows):
+        if image_id < 0:
+            continue
+        r = r[r[:, 5] >= 0]
+        out.append(ImageDetections(image_id=image_id, boxes=r[:, :4].copy(), scores=r[:, 4].copy(),
+                                   labels=r[:, 5].astype(np.int64)))
+    return out
+
+
 class Validator:
     """COCO AP / AP50 of a network during training, on the val split or its first ``<model>.train.
     eval_max_images`` (a fixed subset), with the eval block's post-processing: the callable the train stage
-    hands to the engine. The inference cell is kept between calls, so its graph compiles once."""
+    hands to the engine. The inference cell is kept between calls, so its graph compiles once.
+
+    With several ranks each predicts every ``group_size``-th image, the detections are all-gathered as
+    fixed-shape arrays, rank 0 runs COCOeval and every rank gets its AP: no rank idles through the whole
+    validation (or outlasts the collectives' timeout) while rank 0 predicts alone."""
 
     def __init__(self, params, model: str, category_ids: list[int]) -> None:
         self.params, self.model, self.category_ids = params, model, [int(i) for i in category_ids]
         self._infer: tuple[Any, Any] | None = None  # (network, its inference cell)
 
-    def __call__(self, detector, network) -> dict[str, float]:
+    def __call__(self, detector, network, dist: DistInfo | None = None) -> dict[str, float]:
         from msdet.data.coco import resolve_tree
-        from msdet.data.pipeline import create_eval_dataset
+        from msdet.data.pipeline import create_eval_dataset, num_samples
 
-        mcfg = getattr(self.params, self.model)
+        dist = dist or DistInfo()
+        mcfg, cfg, mr_dir = getattr(self.params, self.model), self.params.eval, self.params.mindrecord.out_dir
         if self._infer is None or self._infer[0] is not network:
             self._infer = (network, detector.inference_cell(network))
-        dataset = create_eval_dataset(self.params.mindrecord.out_dir, self.model, mcfg.input_size,
-                                      self.params.eval.batch_size, max_images=mcfg.train.eval_max_images)
-        gt_json = resolve_tree(self.params.data.root).annotations["val"]
-        outcome = evaluate_network(detector, network, dataset, gt_json, self.category_ids, self.params.eval,
-                                   self.model, known_ids=set(self.category_ids), infer=self._infer[1])
-        return {"AP": outcome.metrics["AP"], "AP50": outcome.metrics["AP50"]}
+        n = num_samples(mr_dir, "val")
+        n = min(n, mcfg.train.eval_max_images) if mcfg.train.eval_max_images > 0 else n
+        detections = []
+        if dist.rank < n:
+            dataset = create_eval_dataset(mr_dir, self.model, mcfg.input_size, cfg.batch_size,
+                                          max_images=n, shard=(dist.rank, dist.group_size))
+            detections = predict_dataset(detector, network, dataset, cfg.batch_size, cfg,
+                                         nms_iou_for(self.model, cfg), infer=self._infer[1])[0]
+        if dist.enabled:
+            ids, rows = pack_detections(detections, -(-n // dist.group_size), cfg.max_detections)
+            detections = unpack_detections(all_gather(ids, dist), all_gather(rows, dist))
+        ap = np.zeros(2)
+        if dist.is_main:
+            results = known_results(detections, self.category_ids, set(self.category_ids))
+            stats = evaluate(resolve_tree(self.params.data.root).annotations["val"], results,
+                             image_ids=[int(d.image_id) for d in detections])
+            ap = np.array([round(stats["AP"], 5), round(stats["AP50"], 5)])
+        ap = from_main(ap, dist)
+        return {"AP": float(ap[0]), "AP50": float(ap[1])}
 
 
 #: the confusion matrix's IoU for a detection to count as finding a box (COCO's AP50 criterion)

@@ -56,16 +56,17 @@ def aligned_giou_np(a: np.ndarray, b: np.ndarray, eps: float = EPS) -> np.ndarra
     return _aligned_np(a, b, True, eps)
 
 
-def _aligned_ms(a: Tensor, b: Tensor, giou: bool, eps: float) -> Tensor:
+def _aligned_ms(a: Tensor, b: Tensor, giou: bool, eps: float, broadcast_first: bool = True) -> Tensor:
     ax1, ay1, ax2, ay2 = a[..., 0], a[..., 1], a[..., 2], a[..., 3]
     bx1, by1, bx2, by2 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
     area_a = ops.relu(ax2 - ax1) * ops.relu(ay2 - ay1)
     area_b = ops.relu(bx2 - bx1) * ops.relu(by2 - by1)
     # MindSpore 2.8's CPU Maximum/Minimum are ~10x slower when they broadcast (15 ms for an [8, 3069, 1] x
     # [8, 1, 16] pair) than on equal shapes, while broadcast_to and broadcasting Sub/Add/Mul are not
-    # (docs/performance.md): the pairwise case spells the broadcast out first. Same values, bit for bit.
+    # (docs/performance.md): the pairwise case spells the broadcast out first. Same values, bit for bit; the
+    # eight broadcast copies cost memory (D0 at COCO size: 8 x [16, 49104, 100] fp32), so devices skip them.
     shape = (ax1 - bx1).shape
-    if ax1.shape != shape or bx1.shape != shape:
+    if broadcast_first and (ax1.shape != shape or bx1.shape != shape):
         ax1, ay1, ax2, ay2 = (ops.broadcast_to(ax1, shape), ops.broadcast_to(ay1, shape),
                               ops.broadcast_to(ax2, shape), ops.broadcast_to(ay2, shape))
         bx1, by1, bx2, by2 = (ops.broadcast_to(bx1, shape), ops.broadcast_to(by1, shape),
@@ -83,9 +84,10 @@ def _aligned_ms(a: Tensor, b: Tensor, giou: bool, eps: float) -> Tensor:
     return iou - (enclose - union) / ops.clamp(enclose, min=eps)
 
 
-def box_iou(a: Tensor, b: Tensor, eps: float = EPS) -> Tensor:
-    """Pairwise IoU of MindSpore boxes ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (graph-mode safe)."""
-    return _aligned_ms(ops.expand_dims(a, -2), ops.expand_dims(b, -3), False, eps)
+def box_iou(a: Tensor, b: Tensor, eps: float = EPS, broadcast_first: bool = True) -> Tensor:
+    """Pairwise IoU of MindSpore boxes ``[..., N, 4] x [..., M, 4] -> [..., N, M]`` (graph-mode safe).
+    ``broadcast_first``: the CPU-fast form (see _aligned_ms); False lets Minimum/Maximum broadcast."""
+    return _aligned_ms(ops.expand_dims(a, -2), ops.expand_dims(b, -3), False, eps, broadcast_first)
 
 
 def box_giou(a: Tensor, b: Tensor, eps: float = EPS) -> Tensor:
