@@ -267,6 +267,39 @@ def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
 
 
 @pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_grad_norm_is_bit_identical_to_numpy(monkeypatch, kernel, max_norm):
+    """Branch-free clipping: under the norm the gradients come back bit for bit (x 1.0), over it they are
+    multiplied by the float32 factor max_norm / (norm + 1e-6), as NumPy computes it from the same norm."""
+    from msdet.engine.optim import clip_grad_norm
+    from msdet.ops import sumsq
+
+    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
+    sumsq.enable(kernel)
+    square_sum = sumsq.SquareSum()
+    rng = np.random.default_rng(7)
+    arrays = [rng.normal(size=s).astype(np.float32) for s in [(), (5,), (3, 4), (8, 3, 3, 3)]]
+    grads = tuple(Tensor(a) for a in arrays)
+
+    def clip(g):
+        return clip_grad_norm(g, max_norm, square_sum)
+
+    def total(g):
+        return square_sum(g)
+
+    got = [g.asnumpy() for g in ms.jit(clip)(grads)]
+    norm = np.sqrt(np.float32(ms.jit(total)(grads).asnumpy()))
+    factor = min(np.float32(max_norm) / (norm + np.float32(1e-6)), np.float32(1.0))
+    assert bool(factor < 1.0) is (max_norm == 0.5)
+    for g, a in zip(got, arrays):
+        assert g.shape == a.shape and g.dtype == np.float32
+        np.testing.assert_array_equal(g, a * factor)
+    if factor == 1.0:
+        for g, a in zip(got, arrays):
+            np.testing.assert_array_equal(g, a)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
 def test_recalibrate_batch_norm_sets_mean_of_batch_statistics(monkeypatch, kernel):
     """With MindSpore's BatchNorm and with the C++-gradient one (which holds the training primitive twice)."""
     from msdet.ops import batchnorm
