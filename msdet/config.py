@@ -220,6 +220,8 @@ class TrainConfig:
     # most boxes on one training image rounded up to a multiple of 8 (metrics/data.json: gt_padding).
     max_gt_boxes: int = _f(range=(0, 1000))
     num_workers: int = _f(range=(1, 64))
+    # Steps between live rows (mean losses over them). The host reads the losses only then, at resume points and at
+    # epoch ends, so a NaN/inf loss stops training within this many steps and before any checkpoint of it.
     log_every_steps: int = _f(range=(1, 10**6))
     # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
     max_steps_per_epoch: int = _f(range=(0, 10**9))
