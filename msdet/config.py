@@ -97,6 +97,9 @@ class RuntimeConfig:
     node_rank: int = _f(range=(0, 4095))
     master_addr: str = _f()
     master_port: int = _f(range=(0, 65535))
+    # Wall-clock limit in seconds of a data-parallel job (msrun and its workers are stopped after it; a hung
+    # collective otherwise waits for the backend's own timeout, HCCL_EXEC_TIMEOUT's 1836 s on Ascend); 0 = no limit.
+    job_timeout_s: float = _f(range=(0.0, 1e8))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,48 @@ def test_failed_rank_log_is_found(tmp_path):
     bad = failed_rank_logs(tmp_path)
     assert bad == [tmp_path / "worker_1.log"]
     assert last_error_line(bad[0]) == "ValueError: bad shard"
+
+
+def test_failed_rank_logs_come_in_the_order_the_ranks_stopped(tmp_path):
+    """Rank 10 raised first; ranks 2 and 3 failed after it, in their next collective."""
+    stopped = {10: 100, 3: 160, 2: 130, 0: 200}
+    for rank, second in stopped.items():
+        log = tmp_path / f"worker_{rank}.log"
+        log.write_text("step 1\n" if rank == 0 else f"Traceback (most recent call last):\nRuntimeError: r{rank}\n")
+        os.utime(log, (second, second))
+    assert failed_rank_logs(tmp_path) == [tmp_path / f"worker_{r}.log" for r in (10, 2, 3)]
+
+
+HANGING_WORKER = """
+import os, sys, time
+from pathlib import Path
+Path(sys.argv[1], os.environ["MS_ROLE"] + os.environ["RANK_ID"]).write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_job_is_stopped_at_its_timeout_with_its_workers(tmp_path):
+    script, pids = tmp_path / "worker.py", tmp_path / "pids"
+    script.write_text(HANGING_WORKER)
+    pids.mkdir()
+    with pytest.raises(DistributedJobFailed, match=r"timed out after 20 s \(runtime.job_timeout_s\); the log "
+                                                   r"written to last the longest ago: .*worker_\d\.log"):
+        run_distributed(str(script), [str(pids)], 2, tmp_path / "logs", timeout_s=20)
+    started = {p.name: int(p.read_text()) for p in pids.iterdir()}
+    assert set(started) == {"MS_SCHED0", "MS_WORKER0", "MS_WORKER1"}
+    deadline = time.time() + 10  # killed processes linger as zombies until their new parent reaps them
+    while any(_running(pid) for pid in started.values()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [name for name, pid in started.items() if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.slow
