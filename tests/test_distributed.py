@@ -73,6 +73,90 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
+    from msdet.engine.distributed import rank_seed
+
+    assert rank_seed(0, 0) == 0 and rank_seed(1234, 0) == 1234
+    seeds = [rank_seed(0, r) for r in range(64)]
+    assert len(set(seeds)) == 64 and all(0 <= s < 2**31 for s in seeds)
+    assert rank_seed(0, 1) == rank_seed(0, 1) != rank_seed(1, 1)
+
+
+def test_rank_seeds_give_each_rank_its_own_drop_connect_masks():
+    import mindspore as ms
+    import numpy as np
+    from mindspore import Tensor, nn
+
+    from msdet.engine.distributed import rank_seed
+    from msdet.models.layers import drop_connect
+
+    class Drop(nn.Cell):
+        def construct(self, x):
+            return drop_connect(x, 0.5)
+
+    def masks(rank):
+        ms.set_seed(rank_seed(0, rank))
+        return Drop()(Tensor(np.ones((64, 1, 1, 1), np.float32))).asnumpy().ravel()
+
+    ms.set_seed(0)
+    unseeded_rank_zero = Drop()(Tensor(np.ones((64, 1, 1, 1), np.float32))).asnumpy().ravel()
+    np.testing.assert_array_equal(masks(0), unseeded_rank_zero)
+    np.testing.assert_array_equal(masks(1), masks(1))
+    assert (masks(0) != masks(1)).sum() > 8
+
+
+def test_device_comes_from_device_id_and_a_rank_table_launch_without_it_is_refused(monkeypatch):
+    from msdet.engine.distributed import LaunchError, device_id
+
+    for var in ("MS_WORKER_NUM", "RANK_TABLE_FILE", "RANK_SIZE", "DEVICE_ID", "RANK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DEVICE_ID", "5")
+    assert device_id("Ascend") is None  # one process: MindSpore's default device
+    monkeypatch.setenv("RANK_TABLE_FILE", "/x/rank_table_8p.json")
+    monkeypatch.setenv("RANK_SIZE", "8")
+    monkeypatch.setenv("RANK_ID", "3")
+    assert device_id("Ascend") == 5 and device_id("GPU") == 5
+    assert device_id("CPU") is None
+    monkeypatch.delenv("DEVICE_ID")
+    with pytest.raises(LaunchError, match=r"rank_table_8p\.json launch of rank 3: set DEVICE_ID"):
+        device_id("Ascend")
+    monkeypatch.delenv("RANK_TABLE_FILE")
+    monkeypatch.setenv("MS_WORKER_NUM", "8")  # msrun exports DEVICE_ID = the worker's local index
+    monkeypatch.setenv("DEVICE_ID", "2")
+    assert device_id("Ascend") == 2
+
+
+def test_setup_runtime_sets_jit_level_device_and_affinity(monkeypatch):
+    """Ascend is not available here: set_device, the precision mode and set_cpu_affinity are stubbed."""
+    import dataclasses
+
+    import mindspore as ms
+
+    from msdet.engine.runtime import JIT_LEVEL, setup_runtime
+    from tests.helpers import project_params
+
+    calls = []
+    monkeypatch.setattr(ms, "set_device", lambda *args: calls.append(("device", *args)))
+    monkeypatch.setattr(ms.device_context.ascend.op_precision, "precision_mode", lambda mode: None)
+    monkeypatch.setattr(ms.runtime, "set_cpu_affinity", lambda on: calls.append(("affinity", on)))
+    for var in ("MS_WORKER_NUM", "RANK_TABLE_FILE", "RANK_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    runtime = project_params().runtime
+    try:
+        setup_runtime(runtime)
+        assert ms.get_context("jit_config")["jit_level"] == JIT_LEVEL["CPU"] == "O0"
+        assert calls == [("device", "CPU")]
+        calls.clear()
+        monkeypatch.setenv("MS_WORKER_NUM", "8")
+        monkeypatch.setenv("DEVICE_ID", "6")
+        setup_runtime(dataclasses.replace(runtime, device_target="Ascend"))
+        assert calls == [("device", "Ascend", 6), ("affinity", True)]
+        assert ms.get_context("jit_config")["jit_level"] == JIT_LEVEL["Ascend"]
+    finally:
+        monkeypatch.undo()
+        setup_runtime(runtime)
+
+
 @pytest.mark.slow
 def test_dead_worker_fails_the_job_naming_its_log(tmp_path):
     script = tmp_path / "worker.py"
