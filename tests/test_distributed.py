@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import mindspore as ms
+import numpy as np
 import pytest
 import yaml
+from mindspore import Tensor, nn
 
 from msdet.config import merge
 from msdet.data.coco import resolve_tree
@@ -18,6 +21,7 @@ from msdet.data.mindrecord import convert_tree
 from msdet.data.synthetic import generate_synthetic
 from msdet.engine.launch import DistributedJobFailed, failed_rank_logs, last_error_line, run_distributed
 from msdet.engine.live import read_series
+from msdet.models.layers import drop_connect
 from tests.helpers import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,27 +86,30 @@ def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
     assert rank_seed(0, 1) == rank_seed(0, 1) != rank_seed(1, 1)
 
 
-def test_rank_seeds_give_each_rank_its_own_drop_connect_masks():
-    import mindspore as ms
-    import numpy as np
-    from mindspore import Tensor, nn
+class _Drop(nn.Cell):
+    def construct(self, x):
+        return drop_connect(x, 0.5)
 
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "pynative"])
+def test_rank_seeds_give_each_rank_its_own_drop_connect_masks(graph):
+    """Two calls of a fresh cell after seeding, as the compiled step draws step after step."""
     from msdet.engine.distributed import rank_seed
-    from msdet.models.layers import drop_connect
 
-    class Drop(nn.Cell):
-        def construct(self, x):
-            return drop_connect(x, 0.5)
+    def masks(seed):
+        ms.set_seed(seed)
+        cell, x = _Drop(), Tensor(np.ones((32, 1, 1, 1), np.float32))
+        return np.concatenate([cell(x).asnumpy().ravel() for _ in range(2)])
 
-    def masks(rank):
-        ms.set_seed(rank_seed(0, rank))
-        return Drop()(Tensor(np.ones((64, 1, 1, 1), np.float32))).asnumpy().ravel()
-
-    ms.set_seed(0)
-    unseeded_rank_zero = Drop()(Tensor(np.ones((64, 1, 1, 1), np.float32))).asnumpy().ravel()
-    np.testing.assert_array_equal(masks(0), unseeded_rank_zero)
-    np.testing.assert_array_equal(masks(1), masks(1))
-    assert (masks(0) != masks(1)).sum() > 8
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    try:
+        rank0, rank1, again = masks(rank_seed(0, 0)), masks(rank_seed(0, 1)), masks(rank_seed(0, 1))
+        np.testing.assert_array_equal(rank0, masks(0))
+    finally:
+        ms.set_context(mode=mode)
+    np.testing.assert_array_equal(rank1, again)
+    assert (rank0 != rank1).sum() > 8
 
 
 def test_device_comes_from_device_id_and_a_rank_table_launch_without_it_is_refused(monkeypatch):
