@@ -97,6 +97,9 @@ class RuntimeConfig:
     node_rank: int = _f(range=(0, 4095))
     master_addr: str = _f()
     master_port: int = _f(range=(0, 65535))
+    # Wall-clock limit in seconds of a data-parallel job (msrun and its workers are stopped after it; a hung
+    # collective otherwise waits for the backend's own timeout, HCCL_EXEC_TIMEOUT's 1836 s on Ascend); 0 = no limit.
+    job_timeout_s: float = _f(range=(0.0, 1e8))
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,8 @@ class TrainConfig:
     # most boxes on one training image rounded up to a multiple of 8 (metrics/data.json: gt_padding).
     max_gt_boxes: int = _f(range=(0, 1000))
     num_workers: int = _f(range=(1, 64))
+    # Steps between live rows (mean losses over them). The host reads the losses only then, at resume points and at
+    # epoch ends, so a NaN/inf loss stops training within this many steps and before any checkpoint of it.
     log_every_steps: int = _f(range=(1, 10**6))
     # Stop after this many steps per epoch (0 = the whole epoch); used by tiny test configs and benchmarks.
     max_steps_per_epoch: int = _f(range=(0, 10**9))

@@ -11,7 +11,7 @@ from msdet.config import Params, RuntimeConfig
 from msdet.data.meta import read_meta
 from msdet.detectors import build_detector
 from msdet.engine.checkpoint import CheckpointError, load_weights, read_checkpoint, sha256_file
-from msdet.engine.distributed import DistInfo, init_distributed
+from msdet.engine.distributed import DistInfo, init_distributed, rank_seed
 from msdet.engine.precision import is_mixed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import TrainData, Trainer, TrainSummary
@@ -108,7 +108,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
             mindrecord_dir, model=model, input_size=mcfg.input_size, augment_cfg=mcfg.augment,
             batch_size=tcfg.batch_size, max_gt_boxes=max_gt_boxes, num_workers=tcfg.num_workers,
             seed=params.runtime.seed, epoch=epoch, rank=dist.rank, group_size=dist.group_size,
-            skip_batches=skip_batches)
+            local_ranks=params.runtime.workers if dist.enabled else 1, skip_batches=skip_batches)
 
     n_train = num_samples(mindrecord_dir, "train")
     data = TrainData(make_dataset=make_dataset, num_train_images=n_train,
@@ -118,6 +118,10 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     # the starting files' content is part of the run: a replaced file must not resume the old run's state
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
     payload = run_key_payload(params, model, meta, start_files, code_sha256)
+    if dist.rank:  # after the weights are made (identical on every rank); rank 0 keeps setup_runtime's seed
+        import mindspore as ms
+
+        ms.set_seed(rank_seed(params.runtime.seed, dist.rank))
     trainer = Trainer(detector, network, tcfg, data, out_dir, dist=dist, key_payload=payload, progress=progress,
                       live_dir=live_dir, validate=(lambda net: validate(detector, net, dist)) if validate else None,
                       precision=params.runtime.precision, loss_scale=params.runtime.loss_scale)

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after_epochs is not None:
             forwarded += ["--stop-after-epochs", str(args.stop_after_epochs)]
         try:
-            run_distributed(__file__, forwarded, workers, log_dir, rank_table=rt.rank_table or None, cluster=cluster)
+            run_distributed(__file__, forwarded, workers, log_dir, timeout_s=rt.job_timeout_s or None,
+                            rank_table=rt.rank_table or None, cluster=cluster)
         except DistributedJobFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

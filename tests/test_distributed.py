@@ -6,10 +6,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mindspore as ms
+import numpy as np
 import pytest
 import yaml
+from mindspore import Tensor, nn
 
 from msdet.config import merge
 from msdet.data.coco import resolve_tree
@@ -17,6 +21,7 @@ from msdet.data.mindrecord import convert_tree
 from msdet.data.synthetic import generate_synthetic
 from msdet.engine.launch import DistributedJobFailed, failed_rank_logs, last_error_line, run_distributed
 from msdet.engine.live import read_series
+from msdet.models.layers import drop_connect
 from tests.helpers import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +36,135 @@ def test_failed_rank_log_is_found(tmp_path):
     (tmp_path / "worker_2.log").write_text("[WARNING] fine\nerror: state: the ranks resume from different points\n")
     assert failed_rank_logs(tmp_path)[1:] == [tmp_path / "worker_2.log"]
     assert last_error_line(tmp_path / "worker_2.log") == "error: state: the ranks resume from different points"
+
+
+def test_failed_rank_logs_come_in_the_order_the_ranks_stopped(tmp_path):
+    """Rank 10 raised first; ranks 2 and 3 failed after it, in their next collective."""
+    stopped = {10: 100, 3: 160, 2: 130, 0: 200}
+    for rank, second in stopped.items():
+        log = tmp_path / f"worker_{rank}.log"
+        log.write_text("step 1\n" if rank == 0 else f"Traceback (most recent call last):\nRuntimeError: r{rank}\n")
+        os.utime(log, (second, second))
+    assert failed_rank_logs(tmp_path) == [tmp_path / f"worker_{r}.log" for r in (10, 2, 3)]
+
+
+HANGING_WORKER = """
+import os, sys, time
+from pathlib import Path
+Path(sys.argv[1], os.environ["MS_ROLE"] + os.environ["RANK_ID"]).write_text(str(os.getpid()))
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_hung_job_is_stopped_at_its_timeout_with_its_workers(tmp_path):
+    script, pids = tmp_path / "worker.py", tmp_path / "pids"
+    script.write_text(HANGING_WORKER)
+    pids.mkdir()
+    with pytest.raises(DistributedJobFailed, match=r"timed out after 20 s \(runtime.job_timeout_s\); the log "
+                                                   r"written to last the longest ago: .*worker_\d\.log"):
+        run_distributed(str(script), [str(pids)], 2, tmp_path / "logs", timeout_s=20)
+    started = {p.name: int(p.read_text()) for p in pids.iterdir()}
+    assert set(started) == {"MS_SCHED0", "MS_WORKER0", "MS_WORKER1"}
+    deadline = time.time() + 10  # killed processes linger as zombies until their new parent reaps them
+    while any(_running(pid) for pid in started.values()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [name for name, pid in started.items() if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_rank_seeds_keep_rank_zero_and_differ_per_rank():
+    from msdet.engine.distributed import rank_seed
+
+    assert rank_seed(0, 0) == 0 and rank_seed(1234, 0) == 1234
+    seeds = [rank_seed(0, r) for r in range(64)]
+    assert len(set(seeds)) == 64 and all(0 <= s < 2**31 for s in seeds)
+    assert rank_seed(0, 1) == rank_seed(0, 1) != rank_seed(1, 1)
+
+
+class _Drop(nn.Cell):
+    def construct(self, x):
+        return drop_connect(x, 0.5)
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "pynative"])
+def test_rank_seeds_give_each_rank_its_own_drop_connect_masks(graph):
+    """Two calls of a fresh cell after seeding, as the compiled step draws step after step."""
+    from msdet.engine.distributed import rank_seed
+
+    def masks(seed):
+        ms.set_seed(seed)
+        cell, x = _Drop(), Tensor(np.ones((32, 1, 1, 1), np.float32))
+        return np.concatenate([cell(x).asnumpy().ravel() for _ in range(2)])
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    try:
+        rank0, rank1, again = masks(rank_seed(0, 0)), masks(rank_seed(0, 1)), masks(rank_seed(0, 1))
+        np.testing.assert_array_equal(rank0, masks(0))
+    finally:
+        ms.set_context(mode=mode)
+    np.testing.assert_array_equal(rank1, again)
+    assert (rank0 != rank1).sum() > 8
+
+
+def test_device_comes_from_device_id_and_a_rank_table_launch_without_it_is_refused(monkeypatch):
+    from msdet.engine.distributed import LaunchError, device_id
+
+    for var in ("MS_WORKER_NUM", "RANK_TABLE_FILE", "RANK_SIZE", "DEVICE_ID", "RANK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DEVICE_ID", "5")
+    assert device_id("Ascend") is None  # one process: MindSpore's default device
+    monkeypatch.setenv("RANK_TABLE_FILE", "/x/rank_table_8p.json")
+    monkeypatch.setenv("RANK_SIZE", "8")
+    monkeypatch.setenv("RANK_ID", "3")
+    assert device_id("Ascend") == 5 and device_id("GPU") == 5
+    assert device_id("CPU") is None
+    monkeypatch.delenv("DEVICE_ID")
+    with pytest.raises(LaunchError, match=r"rank_table_8p\.json launch of rank 3: set DEVICE_ID"):
+        device_id("Ascend")
+    monkeypatch.delenv("RANK_TABLE_FILE")
+    monkeypatch.setenv("MS_WORKER_NUM", "8")  # msrun exports DEVICE_ID = the worker's local index
+    monkeypatch.setenv("DEVICE_ID", "2")
+    assert device_id("Ascend") == 2
+
+
+def test_setup_runtime_sets_jit_level_device_and_affinity(monkeypatch):
+    """Ascend is not available here: set_device, the precision mode and set_cpu_affinity are stubbed."""
+    import dataclasses
+
+    import mindspore as ms
+
+    from msdet.engine.runtime import JIT_LEVEL, setup_runtime
+    from tests.helpers import project_params
+
+    calls = []
+    monkeypatch.setattr(ms, "set_device", lambda *args: calls.append(("device", *args)))
+    monkeypatch.setattr(ms.device_context.ascend.op_precision, "precision_mode", lambda mode: None)
+    monkeypatch.setattr(ms.runtime, "set_cpu_affinity", lambda on: calls.append(("affinity", on)))
+    for var in ("MS_WORKER_NUM", "RANK_TABLE_FILE", "RANK_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    runtime = project_params().runtime
+    try:
+        setup_runtime(runtime)
+        assert ms.get_context("jit_config")["jit_level"] == JIT_LEVEL["CPU"] == "O0"
+        assert calls == [("device", "CPU")]
+        calls.clear()
+        monkeypatch.setenv("MS_WORKER_NUM", "8")
+        monkeypatch.setenv("DEVICE_ID", "6")
+        setup_runtime(dataclasses.replace(runtime, device_target="Ascend"))
+        assert calls == [("device", "Ascend", 6), ("affinity", True)]
+        assert ms.get_context("jit_config")["jit_level"] == JIT_LEVEL["Ascend"]
+    finally:
+        monkeypatch.undo()
+        setup_runtime(runtime)
 
 
 @pytest.mark.slow

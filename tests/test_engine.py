@@ -196,6 +196,41 @@ def test_nan_loss_stops_with_step_and_no_checkpoint(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "cli" / "state" / "last.ckpt").exists()
 
 
+def test_losses_are_read_only_every_log_every_steps_steps(tmp_path, monkeypatch):
+    """The host waits for the loss parts after the first step, every log_every_steps steps and at the epoch's
+    end; each row holds the mean over the steps since the previous row (the per-step run's values)."""
+    from msdet.engine.trainer import LossWindow
+
+    reads = []
+    mean = LossWindow.mean
+    monkeypatch.setattr(LossWindow, "mean", lambda self: reads.append(self.last) or mean(self))
+    every, _ = fresh_trainer(tmp_path, cfg(epochs=1), sub="every")
+    every.fit()
+    per_step = [v for _, v in read_series(tmp_path / "every" / "live", "train/loss")]
+    assert reads == list(range(1, 9))
+    reads.clear()
+    sparse, _ = fresh_trainer(tmp_path, cfg(epochs=1, log_every_steps=3), sub="sparse")
+    summary = sparse.fit()
+    assert reads == [1, 3, 6, 8]
+    rows = read_series(tmp_path / "sparse" / "live", "train/loss")
+    assert [s for s, _ in rows] == [3, 6]
+    np.testing.assert_allclose([v for _, v in rows], [np.mean(per_step[:3]), np.mean(per_step[3:6])], rtol=1e-6)
+    assert summary.final_losses["loss"] == pytest.approx(per_step[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize(("every", "where"), [(0, "steps 1-4"), (2, "steps 1-2")])
+def test_a_nan_between_log_steps_stops_before_the_next_row_or_checkpoint(tmp_path, every, where):
+    """Step 2's loss is infinite; with log_every_steps 4 the stop comes at step 4, or before the resume point of
+    step 2 is written."""
+    ms.set_seed(0)
+    c = cfg(epochs=1, log_every_steps=4, checkpoint_every_steps=every)
+    trainer = Trainer(ToyDetector(), ToyNet(), c, toy_data(inf_at=(0, 1)), tmp_path, progress=False,
+                      key_payload={}, live_dir=tmp_path / "live")
+    with pytest.raises(TrainingDiverged, match=f"non-finite loss at epoch 1, {where} \\(mean over them: loss="):
+        trainer.fit()
+    assert not (tmp_path / "state" / "last.ckpt").exists()
+
+
 def test_adamw_matches_torch_formula():
     from msdet.engine.optim import AdamW
 
@@ -264,6 +299,39 @@ def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
     same = ms.jit(clip_to_ten)(grads)
     np.testing.assert_array_equal(same[0].asnumpy(), [3.0, 0.0])
     assert same[1].shape == () and float(same[1].asnumpy()) == 4.0
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_grad_norm_is_bit_identical_to_numpy(monkeypatch, kernel, max_norm):
+    """Branch-free clipping: under the norm the gradients come back bit for bit (x 1.0), over it they are
+    multiplied by the float32 factor max_norm / (norm + 1e-6), as NumPy computes it from the same norm."""
+    from msdet.engine.optim import clip_grad_norm
+    from msdet.ops import sumsq
+
+    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
+    sumsq.enable(kernel)
+    square_sum = sumsq.SquareSum()
+    rng = np.random.default_rng(7)
+    arrays = [rng.normal(size=s).astype(np.float32) for s in [(), (5,), (3, 4), (8, 3, 3, 3)]]
+    grads = tuple(Tensor(a) for a in arrays)
+
+    def clip(g):
+        return clip_grad_norm(g, max_norm, square_sum)
+
+    def total(g):
+        return square_sum(g)
+
+    got = [g.asnumpy() for g in ms.jit(clip)(grads)]
+    norm = np.sqrt(np.float32(ms.jit(total)(grads).asnumpy()))
+    factor = min(np.float32(max_norm) / (norm + np.float32(1e-6)), np.float32(1.0))
+    assert bool(factor < 1.0) is (max_norm == 0.5)
+    for g, a in zip(got, arrays):
+        assert g.shape == a.shape and g.dtype == np.float32
+        np.testing.assert_array_equal(g, a * factor)
+    if factor == 1.0:
+        for g, a in zip(got, arrays):
+            np.testing.assert_array_equal(g, a)
 
 
 @pytest.mark.parametrize("kernel", [False, True])

@@ -355,6 +355,21 @@ def test_stage_fails_on_a_failing_mindir_and_on_missing_params(toy_stage, tmp_pa
     assert capsys.readouterr().err.strip() == "error: absent.yaml: params file not found"
 
 
+@pytest.mark.detector
+def test_export_and_its_references_run_on_cpu_whatever_device_trained(toy_stage, monkeypatch, capsys):
+    """A model trained on Ascend is exported, and checked under strict tolerances, against CPU float32
+    references (Ascend's own forward runs float16 cube convolutions); the device itself is not needed."""
+    import msdet.engine.runtime as runtime
+    from stages import export as export_stage
+
+    targets, setup = [], runtime.setup_runtime
+    monkeypatch.setattr(runtime, "setup_runtime", lambda cfg: targets.append(cfg.device_target) or setup(cfg))
+    write_params("params.yaml", {"runtime": {"device_target": "Ascend"},
+                                 "export": {"num_check_images": 2, "latency_repeats": 1, "strict": True}})
+    assert export_stage.main(toy_stage) == 0, capsys.readouterr().err
+    assert targets == ["CPU"] and ms.get_context("device_target") == "CPU"
+
+
 # ------------------------------------------------------------------------------------------------------
 # the real EfficientDet-D0 at 128 with random weights, through the standalone export tool
 

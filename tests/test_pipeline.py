@@ -183,6 +183,31 @@ def test_sharding_gives_disjoint_images(records, odd_records, model):
     assert len(o0) == len(o1) == 3 and len(set(o0) | set(o1)) == 6  # 7 images: one sits this epoch out
 
 
+@pytest.mark.parametrize(("requested", "local_ranks", "cores", "expected"), [
+    (2, 8, 192, 2),    # the configured count fits the rank's share of 24 cores
+    (32, 8, 192, 24),  # never more than the share
+    (2, 2, 2, 1),      # two ranks on 2 cores: one thread each
+    (4, 8, 4, 1),      # more ranks than cores: still one
+    (3, 1, 2, 2),      # one process: at most the cores
+])
+def test_usable_workers_is_the_ranks_share_of_the_cores(requested, local_ranks, cores, expected):
+    assert P.usable_workers(requested, local_ranks, cores) == expected
+
+
+def test_usable_workers_defaults_to_this_process_affinity():
+    assert P.usable_workers(10**6) == len(os.sched_getaffinity(0))
+
+
+def test_train_pipeline_runs_opencv_single_threaded(records):
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        P.create_train_dataset(records, "d0", 64, config("d0.augment"), 2, 8, 1, 0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_train_rejects_bad_arguments(records):
     with pytest.raises(ValueError, match="model must be one of"):
         P.create_train_dataset(records, "yolo", S, AUG["d0"], B, M, 1, 0)

@@ -46,9 +46,12 @@ _SAMPLE_STREAM, _ORDER_STREAM = 0, 1
 # files
 
 
-def usable_workers(requested: int) -> int:
-    """MindSpore refuses more map workers than CPU cores; params written for a big host still run here."""
-    return max(1, min(int(requested), os.cpu_count() or 1))
+def usable_workers(requested: int, local_ranks: int = 1, cores: int | None = None) -> int:
+    """Map workers of one of ``local_ranks`` processes on this host: at most ``requested``, at most its share
+    of the ``cores`` this process may run on (default: its CPU affinity), at least one. MindSpore refuses more
+    map workers than cores, and ranks that each start their full count oversubscribe the host."""
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(1, min(int(requested), cores // max(1, int(local_ranks))))
 
 
 def check_shard(path: str | Path, split: str) -> None:
@@ -219,13 +222,16 @@ def _check_model(model: str, augment_cfg: Any = None) -> None:
 def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int, augment_cfg: Any,
                          batch_size: int, max_gt_boxes: int, num_workers: int, seed: int, rank: int = 0,
                          group_size: int = 1, shuffle: bool = True, epoch: int = 0,
-                         python_multiprocessing: bool = False, skip_batches: int = 0) -> mindspore.dataset.Dataset:
+                         python_multiprocessing: bool = False, skip_batches: int = 0,
+                         local_ranks: int = 1) -> mindspore.dataset.Dataset:
     """Training batches of one epoch for this rank: columns image float32 [B,3,S,S], gt_boxes float32
     [B,M,4], gt_labels int32 [B,M] (see the module docstring for order and determinism).
     ``skip_batches`` leaves out the epoch's first batches at the sampler, without reading them (a resume
     inside an epoch); the batches after them are the same as in the whole epoch.
 
-    The map runs in ``num_workers`` threads (cv2 releases the GIL). ``python_multiprocessing`` moves it
+    The map runs in ``num_workers`` threads (cv2 releases the GIL), fewer when this host's ``local_ranks``
+    training processes would oversubscribe its cores (:func:`usable_workers`); OpenCV's own thread pool is
+    set to one thread, as the map's threads already use the cores. ``python_multiprocessing`` moves it
     to worker processes instead; measured here (2 cores, 256 px) that is only faster when other jobs load
     the machine (more processes take a larger share of the CPU), costs ~20 % more CPU per image and ~1 s
     of worker shutdown per epoch, so it is off by default. The batches are identical either way.
@@ -247,8 +253,10 @@ def create_train_dataset(mindrecord_dir: str | Path, model: str, input_size: int
     data = ds.MindDataset(files, columns_list=_TRAIN_READ, sampler=ds.SubsetSampler(order.tolist()),
                           num_parallel_workers=1)
     fn = TrainSampleMap(model, input_size, augment_cfg, max_gt_boxes, seed, epoch, str(mindrecord_dir))
+    cv2.setNumThreads(1)
     data = data.map(operations=fn, input_columns=_TRAIN_READ, output_columns=TRAIN_COLUMNS,
-                    num_parallel_workers=usable_workers(num_workers), python_multiprocessing=python_multiprocessing)
+                    num_parallel_workers=usable_workers(num_workers, local_ranks),
+                    python_multiprocessing=python_multiprocessing)
     data = data.project(TRAIN_COLUMNS)
     return data.batch(batch_size, drop_remainder=True)
 

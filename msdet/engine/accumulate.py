@@ -20,7 +20,6 @@ unscaled before it is added, and the finite check and the scale update run once 
 from __future__ import annotations
 
 import mindspore as ms
-import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from msdet.engine.ema import EMA
@@ -149,12 +148,14 @@ class AccumulatingStep:
             self.apply = ScaledApplyStep(self.micro, optimizer, ema, reducer, clip_norm, scaling)
 
     def __call__(self, batches: list, epoch: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        """The weighting runs on the device, so the host does not wait for the micro-steps."""
         parts_list, counts = [], []
         for image, gt_boxes, gt_labels in batches:
             parts, count = self.micro(image, gt_boxes, gt_labels, epoch)
-            parts_list.append(parts.asnumpy().astype(np.float64))
-            counts.append(float(count.asnumpy()))
+            parts_list.append(parts)
+            counts.append(count)
         self.apply(step)
-        weights = np.maximum(np.asarray(counts), 1.0) / max(sum(counts), 1.0)
-        parts = Tensor((weights[:, None] * np.stack(parts_list)).sum(axis=0).astype(np.float32))
+        counts = ops.stack(counts)
+        weights = ops.clamp(counts, min=1.0) / ops.clamp(counts.sum(), min=1.0)
+        parts = (weights[:, None] * ops.stack(parts_list)).sum(axis=0)
         return parts[0], parts

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from msdet.errors import UserError
+
+
+class LaunchError(UserError):
+    """A distributed launch this process cannot join as it was started (one line: what to set)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,6 +38,29 @@ def launched_distributed() -> bool:
     if int(os.environ.get("MS_WORKER_NUM", "0") or 0) > 1:
         return True
     return bool(os.environ.get("RANK_TABLE_FILE")) and int(os.environ.get("RANK_SIZE", "1")) > 1
+
+
+def device_id(device_target: str) -> int | None:
+    """The Ascend/GPU device of this process: ``DEVICE_ID``, which msrun exports per worker (its local index)
+    and the model zoo's rank-table scripts export per process; None on CPU or as a single process (MindSpore's
+    default device). A rank-table launch without it would put every rank on device 0: refused."""
+    if device_target == "CPU" or not launched_distributed():
+        return None
+    value = os.environ.get("DEVICE_ID", "")
+    if not value.isdigit():
+        raise LaunchError(f"RANK_TABLE_FILE={os.environ.get('RANK_TABLE_FILE', '')} launch of rank "
+                          f"{os.environ.get('RANK_ID', '?')}: set DEVICE_ID (the device of this rank) for each "
+                          f"process, or launch with msrun (runtime.workers), which sets it")
+    return int(value)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random layers (D0's drop connect): ``seed`` itself on rank 0 (so one process
+    trains as with ``seed``), a distinct one per other rank, so the ranks do not all draw the same masks. The
+    sample order and augmentation draw from ``seed`` on every rank (msdet/data/pipeline.py)."""
+    if rank == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0] % 2**31)
 
 
 def init_distributed() -> DistInfo:

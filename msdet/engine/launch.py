@@ -6,8 +6,9 @@ on each with ``nodes``, its ``node_rank`` and node 0's ``master_addr``/``master_
 ranks ``node_rank * workers + local index``. With ``--cluster_time_out`` a host whose peers never show up
 gives up after that many seconds; a host that dies mid-run stops the others when their scheduler heartbeat
 or collective fails (see the README's multi-node section). We add: a free scheduler port on one host, an
-overall timeout, and a message naming the host and log of the rank that failed first. On Ascend a
-rank-table file (the MindSpore model zoo scripts' HCCL setup) is passed through.
+overall timeout (``runtime.job_timeout_s``) that stops msrun and its workers, and a message naming the host
+and log of the rank that failed first in time. On Ascend a rank-table file (the MindSpore model zoo scripts'
+HCCL setup) is passed through.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -109,15 +111,26 @@ def msrun_command(script: str, script_args: Sequence[str], workers: int, log_dir
     return cmd + [script, *script_args]
 
 
+def _rank_of(log: Path) -> int:
+    return int(re.sub(r"\D", "", log.stem) or 0)
+
+
 def failed_rank_logs(log_dir: str | Path) -> list[Path]:
     """Worker logs that end in a Python traceback, a MindSpore error or msdet's one-line ``error: ...`` (a
-    UserError, msdet/cli.py), first-failing rank first."""
+    UserError, msdet/cli.py), the one that stopped first first (by its last write: a rank that fails makes the
+    others fail in their next collective, after it)."""
     bad = []
-    for log in sorted(Path(log_dir).glob("worker_*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
+    for log in Path(log_dir).glob("worker_*.log"):
         text = log.read_text(errors="replace")
         if "Traceback (most recent call last)" in text or re.search(r"^(\[ERROR\]|error: )", text, re.M):
             bad.append(log)
-    return bad
+    return sorted(bad, key=lambda p: (p.stat().st_mtime_ns, _rank_of(p)))
+
+
+def quietest_log(log_dir: str | Path) -> Path | None:
+    """The worker log written to last the longest time ago (on a hang: the rank that stopped first)."""
+    logs = sorted(Path(log_dir).glob("worker_*.log"), key=lambda p: (p.stat().st_mtime_ns, _rank_of(p)))
+    return logs[0] if logs else None
 
 
 #: what a rank logs when a collective or the scheduler loses a peer that died elsewhere (measured with a
@@ -136,7 +149,8 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
                     timeout_s: float | None = None, rank_table: str | None = None,
                     env: dict | None = None, cluster: Cluster | None = None) -> None:
     """Run ``script`` on ``workers`` ranks of this host; raise DistributedJobFailed naming the host and the
-    failing rank's log."""
+    failing rank's log. ``timeout_s`` (None: no limit): the whole job's wall-clock limit, after which msrun
+    and its workers are stopped (a hung collective otherwise waits for the backend's own timeout)."""
     log_dir = Path(log_dir)
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
@@ -152,22 +166,37 @@ def run_distributed(script: str, script_args: Sequence[str], workers: int, log_d
         port = cluster.master_port if cluster and cluster.master_port else held.enter_context(reserved_port())
         cmd = msrun_command(script, script_args, workers, log_dir, master_port=port, rank_table=rank_table,
                             cluster=cluster)
-        proc = _run_msrun(cmd, log_dir, run_env, timeout_s, where)
-    if proc.returncode != 0:
+        returncode = _run_msrun(cmd, log_dir, run_env, timeout_s, where)
+    if returncode != 0:
         bad = failed_rank_logs(log_dir)
         if bad:
             rank = bad[0].stem.rsplit("_", 1)[-1]
             lost = " It lost a peer: a rank on another node stopped (that node's launcher names it, unless the " \
                    "node itself died)." if where and LOST_PEER.search(bad[0].read_text(errors="replace")) else ""
             raise DistributedJobFailed(f"{where}rank {rank} failed: see {bad[0]} ({last_error_line(bad[0])}).{lost}")
-        raise DistributedJobFailed(f"{where}msrun exited with code {proc.returncode}; see {log_dir}/msrun.out")
+        raise DistributedJobFailed(f"{where}msrun exited with code {returncode}; see {log_dir}/msrun.out")
 
 
-def _run_msrun(cmd: list[str], log_dir: Path, env: dict, timeout_s: float | None,
-               where: str) -> subprocess.CompletedProcess:
+#: seconds msrun gets to stop its workers after the job's timeout before it is killed
+STOP_GRACE_S = 30.0
+
+
+def _run_msrun(cmd: list[str], log_dir: Path, env: dict, timeout_s: float | None, where: str) -> int:
+    """msrun's exit status. On timeout msrun gets SIGINT, on which it kills its workers (each runs in a
+    session of its own, so killing msrun alone would leave them running)."""
     with open(log_dir / "msrun.out", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            raise DistributedJobFailed(f"{where}distributed job timed out after {timeout_s} s; "
-                                       f"logs in {log_dir}") from exc
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    bad, quiet = failed_rank_logs(log_dir), quietest_log(log_dir)
+    hint = (f"; rank {_rank_of(bad[0])} failed first: {bad[0]} ({last_error_line(bad[0])})" if bad else
+            f"; the log written to last the longest ago: {quiet}" if quiet else "")
+    raise DistributedJobFailed(f"{where}distributed job timed out after {timeout_s:g} s (runtime.job_timeout_s)"
+                               f"{hint}; logs in {log_dir}")

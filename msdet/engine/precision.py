@@ -80,6 +80,9 @@ class LossScaling(nn.Cell):
         self.scaler.counter.name = "loss_scale.good_steps"
         self.value, self.good_steps = self.scaler.scale_value, self.scaler.counter
         self.skipped = Parameter(Tensor(0, ms.int32), name="loss_scale.skipped_steps", requires_grad=False)
+        #: steps skipped while the scale was already at its floor of 1 (lowering it cannot help any more); counted
+        #: in the graph so the trainer reads it only when it checks, not after every step; not checkpointed
+        self.floor_skips = Parameter(Tensor(0, ms.int32), name="loss_scale.floor_skips", requires_grad=False)
         self.all_reduce = ops.AllReduce() if group_size > 1 else None
 
     def scale(self, loss: Tensor) -> Tensor:
@@ -96,10 +99,12 @@ class LossScaling(nn.Cell):
         return finite
 
     def update(self, finite: Tensor) -> Tensor:
-        """Adjust the scale and count a skipped step; returns the new skipped count."""
-        adjusted = self.scaler.adjust(finite)
-        skipped = ops.depend(ops.logical_not(finite).astype(ms.int32), adjusted)
-        return ops.assign_add(self.skipped, skipped)
+        """Adjust the scale and count a skipped step (and one at the floor scale); returns the new skipped count."""
+        skipped = ops.logical_not(finite).astype(ms.int32)
+        at_floor = (self.value <= 1.0).astype(ms.int32)  # read before adjust() changes it
+        counted = ops.assign_add(self.floor_skips, skipped * at_floor)
+        adjusted = self.scaler.adjust(ops.depend(finite, counted))
+        return ops.assign_add(self.skipped, ops.depend(skipped, adjusted))
 
     def state(self) -> list[Parameter]:
         return [self.value, self.good_steps, self.skipped]

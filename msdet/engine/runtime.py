@@ -1,5 +1,5 @@
-"""Process-wide MindSpore setup: device, execution mode, Ascend operator precision, threads, the CPU kernels,
-seeds."""
+"""Process-wide MindSpore setup: device (a rank's own device and cores), execution mode and level, Ascend
+operator precision, threads, the CPU kernels, seeds."""
 from __future__ import annotations
 
 import os
@@ -9,17 +9,27 @@ import numpy as np
 
 from msdet.config import RuntimeConfig
 
+#: MindSpore 2.8's graph execution level per device (docs/distributed.md): O0 (kernel by kernel, no fusion) is
+#: what 2.8 picks on CPU by itself and keeps each op's float rounding on every device; O2 (Ascend graph sink)
+#: is what 2.8 would switch a rank-table launch to
+JIT_LEVEL = {"CPU": "O0", "GPU": "O0", "Ascend": "O0"}
+
 
 def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
     """Set device target, graph/pynative mode, CPU threads and every seed before any network is built."""
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
+    from msdet.engine.distributed import device_id
     from msdet.engine.precision import ACTIVATION_KERNELS, ASCEND_PRECISION_MODE, is_mixed
     from msdet.ops import activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update
 
-    ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE)
-    ms.set_device(cfg.device_target)
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE,
+                   jit_config={"jit_level": JIT_LEVEL[cfg.device_target]})
+    device = device_id(cfg.device_target)
+    ms.set_device(cfg.device_target, *([] if device is None else [device]))
+    if device is not None:  # one rank per device: its host threads on the cores near it (docs/distributed.md)
+        ms.runtime.set_cpu_affinity(True)
     if cfg.device_target == "Ascend":  # else Atlas training series run float32 convs in float16 (docs/precision.md)
         ms.device_context.ascend.op_precision.precision_mode(ASCEND_PRECISION_MODE)
     if cfg.cpu_threads:

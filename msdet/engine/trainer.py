@@ -330,7 +330,7 @@ class Trainer:
         t_row, images_since_row = time.time(), 0
         last_parts = None
         epochs_run = 0
-        skipped_before = self._skipped_steps()
+        window, compiled = LossWindow(self._skipped_steps()), False
         for epoch in range(start_epoch, self.cfg.epochs):
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
                 break
@@ -346,49 +346,46 @@ class Trainer:
                 if i >= self.steps_per_epoch:
                     break
                 t0 = time.time()
-                scale = self._loss_scale()
                 loss, parts = self._step(batches, Tensor(epoch, ms.int32), Tensor(step + 1, ms.float32))
-                parts_np = parts.asnumpy()
-                skipped = self._skipped_steps()
+                step += 1
+                window.add(parts, step)
+                log_due = step % self.cfg.log_every_steps == 0  # every rank checks, rank 0 also logs
+                save_due = self.dist.is_main and resume.save_due(step, i + 1, self.steps_per_epoch,
+                                                                 self.cfg.checkpoint_every_steps)
+                first, compiled = not compiled, True
+                # the host waits for the step only here: every log_every_steps steps, before a resume point,
+                # at the epoch's end and after the first (compiling) step
+                if log_due or save_due or first or i + 1 == self.steps_per_epoch:
+                    mean = self._check_window(window, epoch, bar)
+                    last_parts = parts.asnumpy()
+                    bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, last_parts)}
+                                    | {"lr": f"{self.lr[min(step - 1, len(self.lr) - 1)]:.2e}"})
                 dt = time.time() - t0
-                if step == start_epoch * self.steps_per_epoch + skip and i == skip:
+                if first:
                     compile_time = dt
                 else:
                     timed_images += self.global_batch
                     timed_seconds += dt
-                if self.scaling is not None and skipped > skipped_before:
-                    skipped_before = skipped
-                    if scale <= 1.0:  # DynamicLossScaler's floor: lowering the scale cannot help any more
-                        bar.close()
-                        raise TrainingDiverged(
-                            f"{self.detector.name}: gradients not finite at loss scale 1 at epoch {epoch + 1}, step "
-                            f"{step + 1} ({skipped} steps skipped so far): float16 overflows whatever the scale; "
-                            f"train with runtime.precision fp32 or lower the learning rate.")
-                elif not np.all(np.isfinite(parts_np)):
-                    bar.close()
-                    detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.loss_names, parts_np))
-                    raise TrainingDiverged(
-                        f"{self.detector.name}: non-finite loss at epoch {epoch + 1}, step {step + 1} ({detail}); "
-                        f"stopping without writing a checkpoint of this state. Lower the learning rate "
-                        f"(lr={self.lr[min(step, len(self.lr) - 1)]:.3g}) or check the data.")
-                lr = float(self.lr[min(step, len(self.lr) - 1)])
-                step += 1
-                last_parts = parts_np
                 images_since_row += self.global_batch
-                if live is not None and step % self.cfg.log_every_steps == 0:
+                if log_due and live is not None:
                     now = time.time()
-                    row = {f"train/{n}": float(v) for n, v in zip(self.loss_names, parts_np)}
-                    row.update({"train/lr": lr, "train/images_per_s": images_since_row / max(now - t_row, 1e-9)})
+                    row = {f"train/{n}": float(v) for n, v in zip(self.loss_names, mean)}
+                    row.update({"train/lr": float(self.lr[min(step - 1, len(self.lr) - 1)]),
+                                "train/images_per_s": images_since_row / max(now - t_row, 1e-9)})
                     if self.scaling is not None:
-                        row.update({"train/loss_scale": self._loss_scale(), "train/skipped_steps": skipped})
+                        row.update({"train/loss_scale": self._loss_scale(),
+                                    "train/skipped_steps": self._skipped_steps()})
                     live.log(step, row)
                     t_row, images_since_row = now, 0
-                bar.set_postfix({n: f"{v:.3f}" for n, v in zip(self.loss_names, parts_np)} | {"lr": f"{lr:.2e}"})
+                if log_due:
+                    window.reset(self._skipped_steps())
                 bar.update(1)
-                if self.dist.is_main and resume.save_due(step, i + 1, self.steps_per_epoch,
-                                                         self.cfg.checkpoint_every_steps):
+                if save_due:
                     self._save_resume(epoch - 1, step, seconds_before + time.time() - t_start, i + 1)
                     print(f"[{self.detector.name}] resume point saved at step {step}", flush=True)
+            if window.unchecked:  # the data ran out before steps_per_epoch: nothing unchecked reaches a checkpoint
+                self._check_window(window, epoch, bar)
+                last_parts = parts.asnumpy()
             bar.close()
             skip = 0
             val_txt = ""
@@ -423,6 +420,37 @@ class Trainer:
             extra={"loss_scale": self._loss_scale(), "skipped_steps": self._skipped_steps()}
             if self.scaling is not None else {},
         )
+
+    def _check_window(self, window: LossWindow, epoch: int, bar) -> np.ndarray:
+        """The mean loss parts of the window's steps (waiting for them); raises TrainingDiverged, before any
+        checkpoint of that state is written, when one of its steps had a non-finite loss (with mixed precision:
+        was skipped at loss scale 1; a window with an overflow skipped at a higher scale is not checked)."""
+        mean = window.mean()
+        where = f"step {window.last}" if window.steps == 1 else f"steps {window.first}-{window.last}"
+        window.unchecked = 0
+        if self.scaling is not None:
+            skipped = self._skipped_steps()
+            if self._floor_skips() > 0:  # DynamicLossScaler's floor: lowering the scale cannot help any more
+                bar.close()
+                raise TrainingDiverged(
+                    f"{self.detector.name}: gradients not finite at loss scale 1 at epoch {epoch + 1}, {where} "
+                    f"({skipped} steps skipped so far): float16 overflows whatever the scale; train with "
+                    f"runtime.precision fp32 or lower the learning rate.")
+            if skipped > window.skipped_before:
+                return mean
+        if not np.all(np.isfinite(mean)):
+            bar.close()
+            detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.loss_names, mean))
+            mean_of = "" if window.steps == 1 else "mean over them: "
+            raise TrainingDiverged(
+                f"{self.detector.name}: non-finite loss at epoch {epoch + 1}, {where} ({mean_of}{detail}); "
+                f"stopping without writing a checkpoint of this state. Lower the learning rate "
+                f"(lr={self.lr[min(window.last - 1, len(self.lr) - 1)]:.3g}) or check the data.")
+        return mean
+
+    def _floor_skips(self) -> int:
+        """Steps of this process skipped at loss scale 1 (training cannot recover from those)."""
+        return int(self.scaling.floor_skips.asnumpy()) if self.scaling is not None else 0
 
     def _loss_scale(self) -> float:
         return float(self.scaling.value.asnumpy()) if self.scaling is not None else 1.0
@@ -532,6 +560,32 @@ class Trainer:
     def _weights_meta(self) -> dict[str, Any]:
         """The model's name and what its outputs need to decode (the detector's ``weights_meta``)."""
         return {"model": self.detector.name, **self.detector.weights_meta()}
+
+
+class LossWindow:
+    """The loss parts of the steps since the last log row, summed on the device: the host reads them (and so
+    waits for the steps) only when it logs or checks, and a NaN or inf in any of them stays in the sum."""
+
+    def __init__(self, skipped_before: int) -> None:
+        self.reset(skipped_before)
+        self.unchecked = 0
+
+    def reset(self, skipped_before: int) -> None:
+        """Start a new window; ``skipped_before``: the loss scaler's skipped steps so far."""
+        self.sum: Tensor | None = None
+        self.steps = self.first = self.last = 0
+        self.skipped_before = skipped_before
+
+    def add(self, parts: Tensor, step: int) -> None:
+        self.sum = parts if self.sum is None else self.sum + parts
+        self.first = self.first or step
+        self.last = step
+        self.steps += 1
+        self.unchecked += 1
+
+    def mean(self) -> np.ndarray:
+        """The mean parts (a window of one step: its parts, bit for bit)."""
+        return self.sum.asnumpy() / np.float32(self.steps)
 
 
 #: the folder name prefix, inside ``state/``, of another run key's resume point kept aside

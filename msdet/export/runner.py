@@ -8,13 +8,14 @@ image (``msdet.export.end_to_end``); without a val split the report says why the
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from msdet.atomic import check_replaceable
-from msdet.config import Params
+from msdet.config import Params, RuntimeConfig
 from msdet.export.end_to_end import EndToEndSettings, ValData, make_extend
 from msdet.export.exporter import REPORT_NAME, ExportError, export_model
 from msdet.export.verify import Postprocess, Tolerances
@@ -96,6 +97,13 @@ def failed_formats(report: dict) -> dict[str, str]:
     return {fmt: r["reason"] for fmt, r in report["formats"].items() if not r["exported"]}
 
 
+def export_runtime(runtime: RuntimeConfig) -> RuntimeConfig:
+    """The export runs on CPU whatever ``runtime.device_target`` trained: MINDIR and ONNX files do not depend
+    on the device, and the reference outputs the files are checked against (to ``export.score_atol``) must be
+    float32 ones, which Ascend's float16 cube convolutions are not."""
+    return dataclasses.replace(runtime, device_target="CPU")
+
+
 def run_export(params: Params, model: str, ckpt: str | Path, out_dir: str | Path, num_classes: int,
                input_size: int | None = None, formats: list[str] | None = None, check: str = "val") -> dict:
     """Load ``ckpt`` into ``model`` and export it to ``out_dir``; returns the report.
@@ -106,7 +114,7 @@ def run_export(params: Params, model: str, ckpt: str | Path, out_dir: str | Path
     from msdet.inference import load_network, with_model_cfg
 
     check_replaceable(out_dir, REPORT_NAME)  # before the minutes of loading and exporting
-    setup_runtime(params.runtime)
+    setup_runtime(export_runtime(params.runtime))
     detector = get_detector(model, with_model_cfg(getattr(params, model), input_size), num_classes)
     network = load_network(detector, ckpt)
     mr_dir = params.mindrecord.out_dir
