@@ -11,7 +11,7 @@
 // the element-wise kernels share chunks of 64K elements out over the threads above 1M (parallel_for,
 // parallel.h): element by element, the same result on any number of threads.
 // Built with -fno-trapping-math (else GCC will not vectorise the clamp and the sign select) and -ffp-contract=off
-// (no fused multiply-adds, so the SSE2, AVX2 and AVX-512 copies give the same bits): msdet/ops/activations.py.
+// (no fused multiply-adds, so the SSE2, AVX2 and AVX-512 copies give the same bits): msdet/kernels/activations.py.
 //
 // The SE block (Hu et al. 2018, as EfficientNet's MBConv): m = mean over H, W of x [N, C, H, W]; s = a function of
 // m ([N, C, 1, 1], MindSpore ops); y = x * sigmoid(s). MindSpore runs the mean and its gradient as ReduceMean,

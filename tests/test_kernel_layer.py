@@ -1,0 +1,112 @@
+"""The CPU kernel layer as a whole (msdet/kernels): the one switch, the per-kernel fallback with one printed line
+(the network still trains), what a run reports (kernels that ran, compiler, ISA) and the cache key that follows
+the ISA and the compiler."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from msdet import train_ops
+from msdet.config import CPU_KERNELS
+from msdet.engine.runtime import setup_runtime
+from msdet.kernels import build, layer
+from msdet.kernels.library import KernelLibrary
+from tests.helpers import config, kernels_off
+
+
+@pytest.fixture
+def fresh_libraries(monkeypatch):
+    """Every kernel module with an unbuilt library of its own for the test (the process's are restored after)."""
+    for name in layer.KERNELS:
+        mod = layer.module(name)
+        lib = mod.LIBRARY
+        monkeypatch.setattr(mod, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback, lib.flags, lib.requires))
+    with kernels_off():
+        yield
+
+
+def test_the_kernel_names_are_one_list():
+    assert layer.KERNELS == CPU_KERNELS
+    assert set(layer.MODEL_KERNELS["nanodet"]) == set(CPU_KERNELS)
+    assert set(layer.MODEL_KERNELS["d0"]) == set(CPU_KERNELS) - {"group_norm", "max_pool"}
+    for name in CPU_KERNELS:
+        mod = layer.module(name)
+        assert mod.LIBRARY.name == name and mod.LIBRARY.source.name == f"{name}.cc" and mod.REPLACEMENTS
+    with pytest.raises(ValueError, match="unknown cpu kernel 'dwconv'"):
+        layer.module("dwconv")
+    with pytest.raises(ValueError, match="no cpu kernels listed for model 'yolo'"):
+        layer.for_model("yolo")
+
+
+def test_without_gxx_each_kernel_says_so_in_one_line_and_the_network_still_trains(fresh_libraries, monkeypatch,
+                                                                                   capsys, tmp_path):
+    from msdet.engine.trainer import Trainer
+    from tests.helpers import ToyDetector, ToyNet, cfg, toy_data
+
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    on = setup_runtime(config("runtime"), kernels=layer.for_model("d0"))
+    assert on == [] and train_ops.installed() == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"cpu kernel {name} off: g++ not found; {layer.module(name).LIBRARY.fallback}"
+                     for name in layer.KERNELS if name in layer.MODEL_KERNELS["d0"]]
+    assert layer.report() == {"kernels": [], "compiler": "", "isa": build.cpu_isa()}
+    trainer = Trainer(ToyDetector(), ToyNet(), cfg(epochs=1), toy_data(n=8), tmp_path / "run", progress=False,
+                      key_payload={})
+    assert trainer.optimizer.fast is None and trainer.ema.fast is None and not trainer.step_fn.square_sum.fast
+    summary = trainer.fit()
+    assert summary.steps > 0 and all(np.isfinite(v) for v in summary.final_losses.values())
+
+
+def test_the_switch_and_the_single_offs(fresh_libraries):
+    runtime = config("runtime")
+    assert setup_runtime(dataclasses.replace(runtime, cpu_kernels="off"), kernels=layer.for_model("nanodet")) == []
+    on = setup_runtime(dataclasses.replace(runtime, cpu_kernels_off=["max_pool", "dense_conv"]),
+                       kernels=layer.for_model("nanodet"))
+    assert on == [k for k in CPU_KERNELS if k not in ("max_pool", "dense_conv")] == train_ops.installed()
+    assert layer.report()["kernels"] == on
+    on = setup_runtime(runtime, kernels=layer.for_model("d0"))
+    assert on == [k for k in CPU_KERNELS if k in layer.MODEL_KERNELS["d0"]]
+    assert setup_runtime(runtime) == [] and train_ops.installed() == []   # evaluation, export: nothing
+
+
+def test_the_report_names_compiler_and_isa(monkeypatch):
+    report = layer.report()
+    assert set(report) == {"kernels", "compiler", "isa"}
+    assert report["compiler"].startswith("g++")
+    monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx", "avx2", "fma"})
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MSDET_KERNEL_ISA", raising=False)
+    assert build.cpu_isa() == "avx2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert build.cpu_isa() == "avx2 ONEDNN_MAX_CPU_ISA=AVX2"
+    monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx2", "avx512f"})
+    monkeypatch.setenv("MSDET_KERNEL_ISA", "avx2")
+    assert build.cpu_isa() == "avx512f ONEDNN_MAX_CPU_ISA=AVX2 MSDET_KERNEL_ISA=avx2"
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("MSDET_KERNEL_ISA")
+    assert build.cpu_isa() == "aarch64"
+    monkeypatch.setenv("MSDET_KERNEL_ISA", "avx1024")
+    with pytest.raises(ValueError, match="MSDET_KERNEL_ISA='avx1024': expected one of '', 'avx2'"):
+        build.cpu_isa()
+
+
+def test_the_cache_name_follows_the_isa_and_the_compiler(monkeypatch, tmp_path):
+    source = tmp_path / "k.cc"
+    source.write_text('extern "C" int f() { return 1; }\n')
+    monkeypatch.delenv("MSDET_KERNEL_ISA", raising=False)
+    monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx2", "avx512f"})
+    first = build.build_library(source, tmp_path / "cache")
+    assert build.build_library(source, tmp_path / "cache") == first
+    monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx2"})          # an AVX2-only host
+    second = build.build_library(source, tmp_path / "cache")
+    monkeypatch.setenv("MSDET_KERNEL_ISA", "avx2")                                   # AVX-512 left out
+    third = build.build_library(source, tmp_path / "cache")
+    monkeypatch.setattr(build, "compiler", lambda: "g++ (Other) 99.1")
+    fourth = build.build_library(source, tmp_path / "cache")
+    names = {p.name for p in (first, second, third, fourth)}
+    assert len(names) == 4 and all(n.startswith("k-") and n.endswith(".so") for n in names)
+    assert names == {p.name for p in (tmp_path / "cache").iterdir()}
