@@ -110,3 +110,63 @@ def test_the_cache_name_follows_the_isa_and_the_compiler(monkeypatch, tmp_path):
     names = {p.name for p in (first, second, third, fourth)}
     assert len(names) == 4 and all(n.startswith("k-") and n.endswith(".so") for n in names)
     assert names == {p.name for p in (tmp_path / "cache").iterdir()}
+
+
+POOL_TEST = r'''
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+
+extern "C" int64_t squares(int64_t n) {
+  std::vector<int64_t> out(n);
+  parallel_for(n, n * 1000, 1, [&](int64_t i) { out[i] = i * i; });
+  int64_t total = 0;
+  for (int64_t v : out) total += v;
+  return total;
+}
+
+extern "C" int64_t nested(int64_t n) {  // parallel_for inside parallel_for: the inner calls run alone
+  std::vector<int64_t> out(n);
+  parallel_for(n, n * 1000, 1, [&](int64_t i) { out[i] = squares(i + 1); }, 1);
+  int64_t total = 0;
+  for (int64_t v : out) total += v;
+  return total;
+}
+'''
+
+
+def _expected_squares(n: int) -> int:
+    return sum(i * i for i in range(n))
+
+
+def test_the_thread_pool_gives_every_call_its_result_concurrently_nested_and_after_fork(tmp_path):
+    """parallel.h's persistent pool: calls from many threads at once (one is served by the pool, the others run
+    alone), a call inside a call, and calls in a child forked after the pool started all give the exact result."""
+    import ctypes
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = tmp_path / "pool_test.cc"
+    source.write_text(POOL_TEST)
+    (tmp_path / "parallel.h").write_text((build.Path(layer.__file__).with_name("parallel.h")).read_text())
+    lib = ctypes.CDLL(str(build.build_library(source, tmp_path / "cache")))
+    for fn in (lib.squares, lib.nested):
+        fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    sizes = [1, 3, 17, 1000, 4096]
+    assert [lib.squares(n) for n in sizes] == [_expected_squares(n) for n in sizes]
+
+    def many(seed: int) -> bool:
+        return all(lib.squares(n) == _expected_squares(n) for n in sizes * 20)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(many, range(16)))
+    assert lib.nested(40) == sum(_expected_squares(i + 1) for i in range(40))
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool
+        ok = lib.squares(4096) == _expected_squares(4096) and lib.nested(20) == sum(
+            _expected_squares(i + 1) for i in range(20))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
