@@ -170,3 +170,24 @@ def test_the_thread_pool_gives_every_call_its_result_concurrently_nested_and_aft
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
+
+
+@pytest.mark.skipif(build.platform.machine() != "x86_64", reason="the instruction-set copies are x86-64's")
+def test_msdet_kernel_isa_avx2_builds_without_the_avx512_copies(monkeypatch, tmp_path):
+    """``MSDET_KERNEL_ISA=avx2``: activations.cc and adamw_ema.cc lose their AVX-512 copies (target_clones) and keep
+    the AVX2 and baseline ones, in a library of another name; unset, all three are built."""
+    import subprocess
+
+    from msdet.kernels import activations, adamw_ema
+
+    for mod, avx512, avx2 in ((activations, ".avx512f", ".avx2"),
+                              (adamw_ema, ".arch_x86_64_v4", ".arch_x86_64_v3")):
+        names = set()
+        for isa, present in (("", True), ("avx2", False)):
+            monkeypatch.setenv("MSDET_KERNEL_ISA", isa)
+            lib = build.build_library(mod.LIBRARY.source, tmp_path / "cache", mod.LIBRARY.flags)
+            names.add(lib.name)
+            symbols = subprocess.run(["nm", str(lib)], capture_output=True, text=True, check=True).stdout
+            assert (avx512 in symbols) is present, (mod.__name__, isa)
+            assert avx2 in symbols, (mod.__name__, isa)
+        assert len(names) == 2
