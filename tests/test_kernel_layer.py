@@ -77,14 +77,17 @@ def test_the_report_names_compiler_and_isa(monkeypatch):
     assert report["compiler"].startswith("g++")
     monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx", "avx2", "fma"})
     monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("MSDET_KERNEL_ISA", raising=False)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MSDET_KERNEL_ISA"):
+        monkeypatch.delenv(name, raising=False)
     assert build.cpu_isa() == "avx2"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert build.cpu_isa() == "avx2 ONEDNN_MAX_CPU_ISA=AVX2"
     monkeypatch.setattr(build, "_cpuinfo_flags", lambda: {"sse2", "avx2", "avx512f"})
     monkeypatch.setenv("MSDET_KERNEL_ISA", "avx2")
     assert build.cpu_isa() == "avx512f ONEDNN_MAX_CPU_ISA=AVX2 MSDET_KERNEL_ISA=avx2"
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert build.cpu_isa() == "avx512f ONEDNN_MAX_CPU_ISA=AVX2 DNNL_MAX_CPU_ISA=AVX2 MSDET_KERNEL_ISA=avx2"
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.delenv("MSDET_KERNEL_ISA")

@@ -55,16 +55,18 @@ def isa_flags() -> tuple[str, ...]:
 
 def cpu_isa() -> str:
     """The host's instruction set as the kernels see it: on x86 the best of ``X86_ISAS`` in /proc/cpuinfo's flags,
-    elsewhere ``platform.machine()``; then ``ONEDNN_MAX_CPU_ISA=...`` (caps the dense conv's oneDNN) and
-    ``MSDET_KERNEL_ISA=...`` when set. Part of every library's cache key."""
+    elsewhere ``platform.machine()``; then ``ONEDNN_MAX_CPU_ISA=...`` (caps the dense conv's oneDNN 3),
+    ``DNNL_MAX_CPU_ISA=...`` (MindSpore's oneDNN 2) and ``MSDET_KERNEL_ISA=...`` when set. Part of every library's
+    cache key and, through the kernel report, of the resume key."""
     machine = platform.machine().lower()
     isa = machine
     if machine in ("x86_64", "amd64"):
         flags = _cpuinfo_flags()
         isa = next((f for f in X86_ISAS if f in flags), machine)
     parts = [isa]
-    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
-        parts.append(f"ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}")
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(cap):
+            parts.append(f"{cap}={os.environ[cap]}")
     if kernel_isa():
         parts.append(f"MSDET_KERNEL_ISA={kernel_isa()}")
     return " ".join(parts)
