@@ -194,3 +194,21 @@ def test_msdet_kernel_isa_avx2_builds_without_the_avx512_copies(monkeypatch, tmp
             assert (avx512 in symbols) is present, (mod.__name__, isa)
             assert avx2 in symbols, (mod.__name__, isa)
         assert len(names) == 2
+
+
+def test_stages_that_do_not_train_import_no_kernel_module():
+    """Evaluation, export, inference and conversion import neither the kernel layer nor a kernel module (the static
+    side of this is tests/test_stage_deps.py); training's entry point does import the layer."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = ("import sys, importlib\n"
+            "for m in ('stages.eval', 'stages.export', 'stages.infer', 'stages.convert'):\n"
+            "    importlib.import_module(m)\n"
+            "print(sorted(n for n in sys.modules if n.startswith('msdet.kernels')))\n"
+            "import stages.train\n"
+            "print('msdet.kernels.layer' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-2:] == ["[]", "True"]
