@@ -34,6 +34,14 @@ def _f(**meta: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 # shared blocks
 
+#: the C++ kernels of CPU training (``runtime.cpu_kernels_off`` names them), in the order msdet.kernels installs
+#: them: depthwise_conv (depthwise 3x3/5x5 convs), dense_conv (dense k x k convs on oneDNN 3), batch_norm
+#: (BatchNorm's gradient), activations (swish, LeakyReLU, the SE block's mean and gate), group_norm (NanoDet-Plus's
+#: aux head), max_pool (ShuffleNetV2's stem pool), grad_norm (gradient clipping's global norm), adamw_ema (AdamW
+#: and the EMA as one op each over all tensors)
+CPU_KERNELS = ("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm", "max_pool", "grad_norm",
+               "adamw_ema")
+
 
 @dataclass(frozen=True)
 class LossScaleConfig:
@@ -54,32 +62,13 @@ class RuntimeConfig:
     graph_mode: bool = _f()
     # Host threads for MindSpore's CPU kernels; 0 leaves MindSpore's default.
     cpu_threads: int = _f(range=(0, 1024))
-    # On CPU, training graphs run depthwise 3x3/5x5 convs with the C++ kernel of msdet/ops/dwconv.py (3-8x
-    # faster per layer than MindSpore 2.8's CPU ops; same results within float rounding). GPU/Ascend and
-    # inference/export always use MindSpore's Conv2D.
-    cpu_depthwise_kernel: bool = _f()
-    # On CPU, training graphs run GroupNorm (NanoDet-Plus's aux head) with the C++ kernel of
-    # msdet/ops/groupnorm.py (~5x faster per op than MindSpore 2.8's; same results within float rounding).
-    cpu_group_norm_kernel: bool = _f()
-    # On CPU, training graphs run swish and the SE blocks' mean and gate (EfficientDet-D0) with the C++ kernels of
-    # msdet/ops/activations.py (one kernel each way instead of 2-6; same results within float rounding).
-    cpu_activation_kernel: bool = _f()
-    # On CPU, gradient clipping's global norm is one C++ op over all gradients (msdet/ops/sumsq.py) instead of two
-    # MindSpore ops per weight tensor.
-    cpu_grad_norm_kernel: bool = _f()
-    # On CPU, AdamW and the EMA are one C++ op each over all tensors, updating them in place (msdet/ops/update.py),
-    # instead of one to two MindSpore ops per tensor.
-    cpu_update_kernel: bool = _f()
-    # On CPU, training graphs run ShuffleNetV2's stem max-pool (3x3, stride 2, padding 1) with the C++ kernel of
-    # msdet/ops/maxpool.py instead of edge padding by Concats plus a valid pool (same values and gradients).
-    cpu_maxpool_kernel: bool = _f()
-    # On CPU, training graphs differentiate BatchNorm with the C++ gradient of msdet/ops/batchnorm.py (the forward
-    # stays MindSpore's; same gradients within float rounding).
-    cpu_batch_norm_kernel: bool = _f()
-    # On CPU, training graphs run dense k x k convs (k > 1: NanoDet-Plus's aux head and output convs, the stems) on
-    # oneDNN 3's blocked kernels (msdet/ops/denseconv.py, pip's onednn-cpu-gomp) instead of MindSpore's im2col +
-    # GEMM path (same results within float rounding).
-    cpu_dense_conv_kernel: bool = _f()
+    # The C++ kernels of CPU training (msdet/kernels, docs/performance.md "CPU kernels"): "auto" builds each that
+    # the host supports (g++ at first use) and that the model uses, falling back per kernel to MindSpore's ops
+    # with one printed line; "off" builds none. Same results within float rounding. GPU/Ascend, evaluation,
+    # export and inference never use them.
+    cpu_kernels: str = _f(choices=("auto", "off"))
+    # Kernels to turn off singly under "auto" (A/B tests), by name: see CPU_KERNELS.
+    cpu_kernels_off: list = _f()
     # Training precision (msdet/engine/precision.py, docs/precision.md): "fp32"; "amp_o1" (MindSpore's O1: convs and
     # dense layers in float16); "amp_o2" (O2: the network in float16 but its norm layers). Losses, assigners and box
     # decoding stay float32; the AMP levels add dynamic loss scaling (``loss_scale``). On Ascend the operator
@@ -472,6 +461,10 @@ def _check_cross(obj: Any, source: str, prefix: str) -> None:
             raise ConfigError(f"{source}: '{prefix}formats' = {obj.formats!r} must be a non-empty list of "
                               f"{', '.join(EXPORT_FORMATS)}" + (f"; unknown: {bad!r}" if bad else ""))
     if isinstance(obj, RuntimeConfig):
+        bad = [k for k in obj.cpu_kernels_off if k not in CPU_KERNELS]
+        if bad:
+            raise ConfigError(f"{source}: '{prefix}cpu_kernels_off' names unknown kernel(s) "
+                              f"{', '.join(map(repr, bad))}; valid: {', '.join(CPU_KERNELS)}")
         if obj.node_rank >= obj.nodes:
             raise ConfigError(f"{source}: '{prefix}node_rank' ({obj.node_rank}) must be below "
                               f"'{prefix}nodes' ({obj.nodes})")

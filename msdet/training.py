@@ -15,6 +15,7 @@ from msdet.engine.distributed import DistInfo, init_distributed, rank_seed
 from msdet.engine.precision import is_mixed
 from msdet.engine.runtime import setup_runtime
 from msdet.engine.trainer import TrainData, Trainer, TrainSummary
+from msdet.kernels import layer as cpu_kernels
 from msdet.models.flops import count_flops, count_trainable
 
 
@@ -56,16 +57,23 @@ def check_starting_weights_tracked(mcfg: Any, model: str, root: str | Path = "."
 
 
 def run_key_payload(params: Params, model: str, meta: dict, start_files: dict[str, str],
-                    code_sha256: str) -> dict[str, Any]:
+                    code_sha256: str, kernels: dict[str, Any] | None = None) -> dict[str, Any]:
     """What makes two training runs the same run, so that one may resume the other's state: the model's params
     (not how often the state is saved), the seed, the data, the starting weights, the code, and the runtime
     settings that change the float rounding of a step - device, graph mode, precision and loss scaling, CPU
-    threads and every ``cpu_*`` kernel switch (a run resumed across a kernel switch would keep the old run's
-    weights as the new one's)."""
+    threads, and the CPU kernels that run (``kernels``: :func:`msdet.kernels.layer.report`, taken after
+    ``setup_runtime``). The kernels are keyed by what actually runs, not by ``runtime.cpu_kernels`` /
+    ``cpu_kernels_off``: a run resumed on a host where another set of kernels builds (no g++, no oneDNN headers,
+    a switch changed), or where they are built by another compiler or for another instruction set, would
+    continue the old run's weights with other numerics, so it is another run (its resume point is set aside, not
+    continued); a switch that changes nothing (on GPU, say) keeps the run. With no kernel on, the compiler and
+    ISA are left out: they then change nothing."""
     model_key = dataclasses.asdict(getattr(params, model))
     del model_key["train"]["checkpoint_every_steps"]
     numerics = {k: v for k, v in dataclasses.asdict(params.runtime).items()
-                if k.startswith("cpu_") or k in ("device_target", "graph_mode", "precision", "loss_scale")}
+                if k in ("device_target", "graph_mode", "precision", "loss_scale", "cpu_threads")}
+    kernels = kernels or {"kernels": []}
+    numerics["cpu_kernels"] = kernels if kernels["kernels"] else {"kernels": []}
     return {"model": model_key, "runtime_seed": params.runtime.seed, "runtime_numerics": numerics, "meta": meta,
             "starting_weights_sha256": start_files, "code_sha256": code_sha256}
 
@@ -86,7 +94,9 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     """
     from msdet.data.pipeline import create_train_dataset, epoch_order, num_samples, resolve_max_gt_boxes
 
-    setup_runtime(params.runtime)  # the device must be set before communication.init()
+    # the device must be set before communication.init(); training alone turns the CPU kernel layer on
+    setup_runtime(params.runtime, kernels=cpu_kernels.for_model(model))
+    kernel_report = cpu_kernels.report()
     dist: DistInfo = init_distributed()
     mcfg = getattr(params, model)
     tcfg = mcfg.train
@@ -117,7 +127,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
                      make_dataset_from=make_dataset)
     # the starting files' content is part of the run: a replaced file must not resume the old run's state
     start_files = {key: sha256_file(path) for key, path in starting_weight_files(mcfg, model).items()}
-    payload = run_key_payload(params, model, meta, start_files, code_sha256)
+    payload = run_key_payload(params, model, meta, start_files, code_sha256, kernel_report)
     if dist.rank:  # after the weights are made (identical on every rank); rank 0 keeps setup_runtime's seed
         import mindspore as ms
 
@@ -131,7 +141,7 @@ def train_model(params: Params, model: str, mindrecord_dir: str | Path, out_dir:
     if not dist.is_main:
         return None
     card = model_card(detector, network, mcfg, meta, summary, dist, reinit, start_files, backbone_load,
-                      precision_card(params.runtime, summary))
+                      precision_card(params.runtime, summary), kernel_report)
     trainer.write_final(card)  # the card is part of the checkpoint set
     return card
 
@@ -148,10 +158,12 @@ def precision_card(runtime: RuntimeConfig, summary: TrainSummary) -> dict[str, A
 
 def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist: DistInfo,
                reinit: list[str], start_files: dict[str, str],
-               backbone_load: dict[str, Any] | None = None, precision: dict[str, Any] | None = None) -> dict[str, Any]:
+               backbone_load: dict[str, Any] | None = None, precision: dict[str, Any] | None = None,
+               cpu_kernels: dict[str, Any] | None = None) -> dict[str, Any]:
     """``backbone_load``: what loading ``pretrained_backbone`` did (``BackboneLoad.card()``: source, layout,
     tensors loaded, tensors that kept their initialisation, adaptations such as the BatchNorm eps fold);
-    ``precision``: :func:`precision_card`."""
+    ``precision``: :func:`precision_card`; ``cpu_kernels``: the CPU kernels that ran, the compiler and the
+    instruction set (:func:`msdet.kernels.layer.report`)."""
     flops = count_flops(detector.inference_cell(network), (1, 3, mcfg.input_size, mcfg.input_size))
     return {
         "model": detector.name,
@@ -170,6 +182,7 @@ def model_card(detector, network, mcfg, meta: dict, summary: TrainSummary, dist:
         "global_batch": summary.global_batch,
         "devices": dist.group_size,
         "precision": precision,
+        "cpu_kernels": cpu_kernels,
         "wall_time_s": summary.wall_time_s,
         "train_images_per_s": summary.images_per_s,
         "compile_time_s": summary.compile_time_s,

@@ -21,12 +21,12 @@ import numpy as np
 import yaml
 from mindspore import Tensor, nn, ops
 
-from msdet.config import Params, load_params
+from msdet import train_ops
+from msdet.config import CPU_KERNELS, Params, load_params
 from msdet.engine.live import SERIES_DIR
 from msdet.engine.trainer import TrainData
 from msdet.export.verify import Postprocess, Tolerances
-from msdet.models.layers import drop_connect
-from msdet.ops.batchnorm import batch_norm2d
+from msdet.models.layers import batch_norm2d, drop_connect
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -50,15 +50,36 @@ def project_params(profile: str = "default") -> Params:
 
 @contextlib.contextmanager
 def kernels_on(*modules):
-    """The C++ kernels of ``modules`` (``msdet.ops.dwconv`` ...) switched on for the block, each switch restored
-    after (the libraries are compiled once, in the user's cache)."""
-    saved = [(m.KERNEL.library, m.KERNEL.on) for m in modules]
-    assert all(m.enable(True) for m in modules)
+    """The C++ kernels of ``modules`` (``msdet.kernels.depthwise_conv`` ...) switched on, their replacements
+    installed (msdet.train_ops), for the block; each switch and the installed replacements restored after (the
+    libraries are compiled once, in the user's cache)."""
+    saved = [(m.LIBRARY.path, m.LIBRARY.on) for m in modules]
+    installed = train_ops.snapshot()
+    assert all(m.LIBRARY.enable(True) for m in modules)
+    for m in sorted(modules, key=lambda m: CPU_KERNELS.index(m.LIBRARY.name)):  # msdet.kernels.layer's order
+        train_ops.install(m.LIBRARY.name, m.REPLACEMENTS)
     try:
         yield
     finally:
-        for m, (library, on) in zip(modules, saved):
-            m.KERNEL.library, m.KERNEL.on = library, on
+        train_ops.restore(installed)
+        for m, (path, on) in zip(modules, saved):
+            m.LIBRARY.path, m.LIBRARY.on = path, on
+
+
+def kernels_if(on: bool, *modules):
+    """``kernels_on(*modules)`` if ``on``, else ``kernels_off()``."""
+    return kernels_on(*modules) if on else kernels_off()
+
+
+@contextlib.contextmanager
+def kernels_off():
+    """No kernel replacement installed for the block (restored after)."""
+    installed = train_ops.snapshot()
+    train_ops.clear()
+    try:
+        yield
+    finally:
+        train_ops.restore(installed)
 
 
 def conv_pads(size: int, k: int, stride: int, same: bool) -> tuple[int, int]:
@@ -182,7 +203,7 @@ class ToyNet(nn.Cell):
     def __init__(self, drop_connect_rate=0.0):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
-        self.bn = batch_norm2d(4, 1e-5, 0.9)  # the C++ gradient when msdet.ops.batchnorm is enabled
+        self.bn = batch_norm2d(4, 1e-5, 0.9)  # the C++ gradient when msdet.kernels.batch_norm is on
         self.fc = nn.Dense(4, 4)
         self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
         self.drop_connect_rate = drop_connect_rate

@@ -1,4 +1,4 @@
-"""The C++ swish, LeakyReLU and squeeze-and-excitation kernels (msdet/ops/activations.py): outputs and gradients
+"""The C++ swish, LeakyReLU and squeeze-and-excitation kernels (msdet/kernels/activations.py): outputs and gradients
 equal an independent float64 NumPy reference (and its finite differences; LeakyReLU's bit for bit) and MindSpore's
 ops, eval mode is MindSpore's ops, and without g++ the standard ops are used."""
 import mindspore as ms
@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
-from msdet.ops import activations, native
-from tests.helpers import Weighted, kernels_on
+from msdet.kernels import activations as kernel_module
+from msdet.kernels import build
+from msdet.kernels.library import KernelLibrary
+from msdet.models import layers as activations
+from tests.helpers import Weighted, kernels_off, kernels_on
 
 # the exponential's clamp and the sign select are where a vectorised sigmoid goes wrong
 EXTREMES = [-120.0, -88.0, -87.3, -30.0, -1e-8, -0.0, 0.0, 1e-8, 15.0, 87.3, 88.5, 120.0]
@@ -16,7 +19,7 @@ SE_SHAPES = [(2, 5, 7, 3), (1, 3, 1, 1), (3, 16, 4, 4), (2, 7, 9, 17)]
 
 @pytest.fixture
 def fast():
-    with kernels_on(activations):
+    with kernels_on(kernel_module):
         yield
 
 
@@ -97,8 +100,12 @@ def test_swish_gradient_equals_finite_differences(fast):
 @pytest.mark.parametrize("kernel", [True, False])
 def test_leaky_relu_training_graph_is_bit_exact(monkeypatch, kernel):
     """Kernel or ``relu(x) - 0.1 relu(-x)``: PyTorch's leaky_relu and its gradient to the bit, as in eval mode."""
-    monkeypatch.setattr(activations.KERNEL, "on", activations.KERNEL.on)
-    assert activations.enable(kernel) is kernel
+    context = kernels_on(kernel_module) if kernel else kernels_off()
+    with context:
+        _leaky_relu_training_graph_is_bit_exact(kernel)
+
+
+def _leaky_relu_training_graph_is_bit_exact(kernel):
     rng = np.random.default_rng(3)
     x = np.concatenate([np.array(EXTREMES), rng.standard_normal(500)]).astype(np.float32).reshape(2, 4, 8, 8)
     x[x == 0] = 1.0     # at exactly 0 the gradient is 0.1 dy in PyTorch and the kernel, 0 in the relu form
@@ -168,11 +175,12 @@ def test_eval_mode_is_mindspores_ops(fast):
     assert np.array_equal(cell(Tensor(x)).asnumpy(), _Plain()(Tensor(x)).asnumpy())
 
 
-def test_without_gxx_the_standard_ops_are_used(monkeypatch):
-    kernel = activations.KERNEL
-    monkeypatch.setattr(activations, "KERNEL", native.Kernel(kernel.source, kernel.fallback, kernel.flags))
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="g\\+\\+ not found: activations keep"):
-        assert activations.enable(True) is False
-    cells = (activations.Swish(), activations.LeakyReLU(0.1), activations.PlaneMean(), activations.SigmoidGate())
+def test_without_gxx_the_standard_ops_are_used(monkeypatch, capsys):
+    lib = kernel_module.LIBRARY
+    monkeypatch.setattr(kernel_module, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback, lib.flags))
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert kernel_module.LIBRARY.enable(True) is False
+    assert capsys.readouterr().out == "cpu kernel activations off: g++ not found; activations keep MindSpore's ops\n"
+    with kernels_off():
+        cells = (activations.Swish(), activations.LeakyReLU(0.1), activations.PlaneMean(), activations.SigmoidGate())
     assert all(cell.fast is None for cell in cells)

@@ -1,4 +1,4 @@
-"""BatchNorm with the C++ gradient (msdet/ops/batchnorm.py): MindSpore's forward and moving statistics bit for
+"""BatchNorm with the C++ gradient (msdet/kernels/batch_norm.py): MindSpore's forward and moving statistics bit for
 bit, and input, scale and shift gradients equal to an independent float64 NumPy reference and to MindSpore's
 BatchNormGrad, on both sides of the kernel's two-thread threshold."""
 import mindspore as ms
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.ops import batchnorm
+from msdet.kernels import batch_norm as batchnorm
 from tests.helpers import Weighted, kernels_on
 
 EPS = 1e-3
@@ -33,7 +33,7 @@ def test_batch_norm_kernel_gradients_and_statistics(shape):
     results = {}
     for kernel in (False, True):
         with kernels_on(batchnorm):
-            bn = batchnorm.FastBatchNorm2d(shape[1], EPS, 0.9, batchnorm.KERNEL.library) if kernel else \
+            bn = batchnorm.FastBatchNorm2d(shape[1], EPS, 0.9) if kernel else \
                 nn.BatchNorm2d(shape[1], eps=EPS, momentum=0.9)
         bn.gamma.set_data(Tensor(gamma))
         bn.set_train(True)

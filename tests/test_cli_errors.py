@@ -85,10 +85,8 @@ def test_a_bug_keeps_its_traceback():
 
 # --- a bad checkpoint through eval and train (<model>.init): one line naming the file, nothing written ---
 
-#: kernel switches off: setup_runtime then leaves the process's kernel state as the other tests expect
-KERNELS_OFF = {k: False for k in ("cpu_depthwise_kernel", "cpu_group_norm_kernel", "cpu_activation_kernel",
-                                  "cpu_grad_norm_kernel", "cpu_update_kernel", "cpu_maxpool_kernel",
-                                  "cpu_batch_norm_kernel", "cpu_dense_conv_kernel")}
+#: the CPU kernels off: a training stage run in this process then compiles and installs none
+KERNELS_OFF = {"cpu_kernels": "off"}
 
 
 def bad_checkpoint(path: Path, kind: str) -> str:

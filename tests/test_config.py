@@ -47,6 +47,12 @@ def test_repo_params_load_and_cover_every_field():
                                                  r"list of MINDIR, ONNX; unknown: \['FOO'\]"),
     ({"export": {"formats": []}}, r"'export.formats' = \[\] must be a non-empty list of MINDIR, ONNX$"),
     ({"export": {"formats": [1]}}, r"'export.formats' = \[1\] must be .* unknown: \[1\]"),
+    ({"runtime": {"cpu_kernels": "on"}}, r"'runtime.cpu_kernels' = 'on' is not one of \['auto', 'off'\]"),
+    ({"runtime": {"cpu_kernels_off": "max_pool"}}, r"'runtime.cpu_kernels_off' must be a list"),
+    ({"runtime": {"cpu_kernels_off": ["max_pool", "dwconv"]}},
+     r"'runtime.cpu_kernels_off' names unknown kernel\(s\) 'dwconv'; valid: depthwise_conv, dense_conv, "
+     r"batch_norm, activations, group_norm, max_pool, grad_norm, adamw_ema$"),
+    ({"runtime": {"cpu_depthwise_kernel": True}}, r"unknown key\(s\) runtime.cpu_depthwise_kernel"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,3 +150,11 @@ def test_coco_overlay_sets_the_official_values():
     assert default.d0.input_size == 128 and coco.d0.head_init == default.d0.head_init
     with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
         load_params(ROOT / "params.yaml", overlay=ROOT / "nope.yaml")
+
+
+def test_cpu_kernels_off_takes_any_of_the_kernel_names(tmp_path):
+    from msdet.config import CPU_KERNELS
+
+    params = load_params(write_params(tmp_path / "params.yaml", {"runtime": {"cpu_kernels_off": list(CPU_KERNELS)}}))
+    assert params.runtime.cpu_kernels_off == list(CPU_KERNELS)
+    assert load_params(ROOT / "params.yaml").runtime.cpu_kernels == "auto"

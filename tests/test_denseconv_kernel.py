@@ -1,4 +1,4 @@
-"""Dense k x k convs on oneDNN 3 (msdet/ops/denseconv.py): output and both gradients equal an independent float64
+"""Dense k x k convs on oneDNN 3 (msdet/kernels/dense_conv.py): output and both gradients equal an independent float64
 NumPy reference and MindSpore's conv, also when the batch is split over threads; the factory picks the kernel only
 where it fits; eval mode exports the plain conv."""
 import mindspore as ms
@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.ops import conv, denseconv, dwconv
-from tests.helpers import conv_output_and_grads, conv_pads, kernels_on
+from msdet import train_ops
+from msdet.kernels import dense_conv as denseconv
+from msdet.kernels import depthwise_conv as dwconv
+from msdet.kernels.library import KernelLibrary
+from msdet.models import layers as conv
+from tests.helpers import conv_output_and_grads, conv_pads, kernels_off, kernels_on
 
 # (batch, in, out, height, width, kernel, stride, TF "same" padding or (k - 1) / 2, bias)
 CASES = [
@@ -88,8 +92,11 @@ def test_the_factory_uses_the_kernel_only_where_it_fits(fast):
     assert type(conv.conv2d(4, 8, 3, pad_mode="pad", padding=2)) is nn.Conv2d
     assert type(conv.conv2d(4, 8, 3, pad_mode="valid")) is nn.Conv2d
     assert type(conv.conv2d(4, 8, 3, group=2)) is nn.Conv2d
-    assert type(conv.conv2d(4, 4, 3, group=4)) is (dwconv.FastDepthwiseConv2d if dwconv.enabled() else nn.Conv2d)
-    denseconv.KERNEL.on = False
+    assert type(conv.conv2d(4, 4, 3, group=4)) is nn.Conv2d  # the depthwise kernel is not installed
+    with kernels_on(dwconv):
+        assert type(conv.conv2d(4, 4, 3, group=4)) is dwconv.FastDepthwiseConv2d
+        assert type(conv.conv2d(4, 8, 3)) is denseconv.FastDenseConv2d
+    train_ops.remove("dense_conv")
     assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d
 
 
@@ -109,17 +116,25 @@ def test_eval_mode_is_the_plain_conv_and_exports(fast, tmp_path):
     np.testing.assert_allclose(got, y_np, rtol=1e-5, atol=1e-5)
 
 
-def test_without_onednn_headers_the_standard_conv_is_used(monkeypatch, tmp_path):
-    """A machine without pip's onednn-devel-cpu-gomp: the build fails, a one-line warning names the fallback, and
-    networks keep nn.Conv2d."""
-    monkeypatch.setattr(denseconv.KERNEL, "library", None)
-    monkeypatch.setattr(denseconv.KERNEL, "on", False)
+def test_without_onednn_headers_the_standard_conv_is_used(monkeypatch, tmp_path, capsys):
+    """A machine without pip's onednn-devel-cpu-gomp: nothing is compiled, one printed line names the missing header
+    and the fallback; a build that fails otherwise (a header that does not compile) falls back the same way."""
+    lib = denseconv.LIBRARY
+    missing = tmp_path / "include" / "oneapi" / "dnnl" / "dnnl.hpp"
+    monkeypatch.setattr(denseconv, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback, lib.flags, (missing,)))
+    assert denseconv.LIBRARY.enable(True) is False
+    assert capsys.readouterr().out == (f"cpu kernel dense_conv off: {missing} not found; dense convs keep MindSpore's "
+                                       f"CPU kernels\n")
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path))
-    for header in ("aot.h", "parallel.h"):
-        (tmp_path / header).write_text(denseconv.KERNEL.source.with_name(header).read_text())
-    source = tmp_path / "denseconv.cc"
-    source.write_text(denseconv.KERNEL.source.read_text().replace("<oneapi/dnnl/dnnl.hpp>", "<oneapi/missing.hpp>"))
-    monkeypatch.setattr(denseconv.KERNEL, "source", source)
-    with pytest.warns(UserWarning, match="dense convs keep MindSpore's CPU kernels"):
-        assert denseconv.enable(True) is False
-    assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d
+    for header in ("aot.h", "parallel.h", "isa.h"):
+        if lib.source.with_name(header).is_file():
+            (tmp_path / header).write_text(lib.source.with_name(header).read_text())
+    source = tmp_path / "dense_conv.cc"
+    source.write_text(lib.source.read_text().replace("<oneapi/dnnl/dnnl.hpp>", "<oneapi/missing.hpp>"))
+    monkeypatch.setattr(denseconv, "LIBRARY", KernelLibrary(lib.name, source, lib.fallback, lib.flags))
+    assert denseconv.LIBRARY.enable(True) is False
+    out = capsys.readouterr().out
+    assert out.startswith("cpu kernel dense_conv off: building dense_conv.cc failed (") and out.count("\n") == 1
+    assert out.endswith("; dense convs keep MindSpore's CPU kernels\n")
+    with kernels_off():
+        assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d

@@ -268,6 +268,11 @@ def test_two_workers_train_identical_weights_on_disjoint_halves(tmp_path):
 
     card = json.loads((tmp_path / "models" / "d0" / "model_card.json").read_text())
     assert card["devices"] == 2 and card["global_batch"] == 8 and card["steps"] == 12
+    # what ran (params.yaml: cpu_kernels auto, and this host builds every kernel D0 uses)
+    from msdet.kernels import build, layer
+
+    assert card["cpu_kernels"] == {"kernels": [k for k in layer.KERNELS if k in layer.MODEL_KERNELS["d0"]],
+                                   "compiler": build.compiler(), "isa": build.cpu_isa()}
     losses = [v for _, v in read_series(tmp_path / "dvclive" / "d0", "train/loss")]  # rank 0's live log
     assert len(losses) == 12
     # rank 0's loss swings by up to 2 from step to step (its half of the images changes every epoch): the later

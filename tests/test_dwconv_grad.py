@@ -1,15 +1,28 @@
-"""The C++ backward of depthwise 3x3/5x5 convs (msdet/ops/dwconv.py): gradients equal MindSpore's and a NumPy
-reference, the eval/export path is the plain conv, the compiled library follows its source, and without g++
-the standard conv is used."""
+"""The C++ backward of depthwise 3x3/5x5 convs (msdet/kernels/depthwise_conv.py): gradients equal MindSpore's and a
+NumPy reference, the eval/export path is the plain conv, the compiled library follows its source, and without g++
+the standard conv is used; how setup_runtime switches the kernel layer."""
+import contextlib
+
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from msdet import train_ops
 from msdet.engine.ema import EMA
+from msdet.engine.optim import SquareSum
+from msdet.kernels import activations, build, layer
+from msdet.kernels import adamw_ema as update
+from msdet.kernels import batch_norm as batchnorm
+from msdet.kernels import dense_conv as denseconv
+from msdet.kernels import depthwise_conv as dwconv
+from msdet.kernels import grad_norm as sumsq
+from msdet.kernels import group_norm as groupnorm
+from msdet.kernels import max_pool as maxpool
+from msdet.kernels.library import KernelLibrary
+from msdet.models import layers
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
-from msdet.ops import activations, batchnorm, conv, denseconv, dwconv, groupnorm, maxpool, native, sumsq, update
-from tests.helpers import config, conv_output_and_grads, conv_pads, kernels_on
+from tests.helpers import config, conv_output_and_grads, conv_pads, kernels_off, kernels_on
 
 # (batch, channels, height, width, kernel, stride, TF "same" padding or (k - 1) / 2 on every side)
 CASES = [
@@ -98,14 +111,14 @@ def test_eval_mode_is_the_plain_conv_and_exports(fast, tmp_path):
 
 
 def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
-    assert type(dwconv.conv2d(4, 4, 7, group=4)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 1, group=4)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 8, 3, group=4)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 3, group=1)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 3, stride=3, group=4)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 3, group=4, has_bias=True)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 3, pad_mode="pad", padding=2, group=4)) is nn.Conv2d
-    assert type(dwconv.conv2d(4, 4, 5, pad_mode="pad", padding=1, group=4)) is nn.Conv2d
+    assert dwconv.conv2d(4, 4, 7, group=4) is None
+    assert dwconv.conv2d(4, 4, 1, group=4) is None
+    assert dwconv.conv2d(4, 8, 3, group=4) is None
+    assert dwconv.conv2d(4, 4, 3, group=1) is None
+    assert dwconv.conv2d(4, 4, 3, stride=3, group=4) is None
+    assert dwconv.conv2d(4, 4, 3, group=4, has_bias=True) is None
+    assert dwconv.conv2d(4, 4, 3, pad_mode="pad", padding=2, group=4) is None
+    assert dwconv.conv2d(4, 4, 5, pad_mode="pad", padding=1, group=4) is None
     assert type(dwconv.conv2d(4, 4, 3, pad_mode="pad", padding=1, group=4)) is dwconv.FastDepthwiseConv2d
     assert type(dwconv.conv2d(4, 4, 5, pad_mode="pad", padding=2, group=4)) is dwconv.FastDepthwiseConv2d
     assert type(dwconv.conv2d(4, 4, 5, stride=2, group=4)) is dwconv.FastDepthwiseConv2d
@@ -113,38 +126,51 @@ def test_only_depthwise_3x3_5x5_without_bias_is_replaced(fast):
 
 def test_library_is_rebuilt_when_the_source_or_its_header_changes(tmp_path):
     source, checks, header = tmp_path / "kernel.cc", tmp_path / "aot.h", tmp_path / "parallel.h"
-    source.write_text(dwconv.KERNEL.source.read_text())
+    source.write_text(dwconv.LIBRARY.source.read_text())
     for copy in (checks, header):
-        copy.write_text(dwconv.KERNEL.source.with_name(copy.name).read_text())
-    assert native.local_includes(source) == [checks, header]
-    first = native.build_library(source, tmp_path / "cache")
+        copy.write_text(dwconv.LIBRARY.source.with_name(copy.name).read_text())
+    assert build.local_includes(source) == [checks, header]
+    first = build.build_library(source, tmp_path / "cache")
     stamp = first.stat().st_mtime_ns
-    assert native.build_library(source, tmp_path / "cache") == first
+    assert build.build_library(source, tmp_path / "cache") == first
     assert first.stat().st_mtime_ns == stamp                  # cached: not compiled again
-    source.write_text(dwconv.KERNEL.source.read_text() + "\n// edited\n")
-    second = native.build_library(source, tmp_path / "cache")
+    source.write_text(dwconv.LIBRARY.source.read_text() + "\n// edited\n")
+    second = build.build_library(source, tmp_path / "cache")
     header.write_text(header.read_text() + "\n// edited\n")
-    third = native.build_library(source, tmp_path / "cache")
+    third = build.build_library(source, tmp_path / "cache")
     assert len({first, second, third}) == 3 and third.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(p.name for p in (first, second, third))
 
 
-def test_without_gxx_the_standard_conv_is_used(monkeypatch):
-    monkeypatch.setattr(dwconv, "KERNEL", native.Kernel(dwconv.KERNEL.source, dwconv.KERNEL.fallback))
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="g\\+\\+ not found"):
-        assert dwconv.enable(True) is False
-    assert type(dwconv.conv2d(4, 4, 3, group=4)) is nn.Conv2d
+def test_without_gxx_the_standard_conv_is_used(monkeypatch, capsys):
+    lib = dwconv.LIBRARY
+    monkeypatch.setattr(dwconv, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback))
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert dwconv.LIBRARY.enable(True) is False
+    assert capsys.readouterr().out == ("cpu kernel depthwise_conv off: g++ not found; depthwise convs keep "
+                                       "MindSpore's (slow) CPU kernels\n")
+    with kernels_off():
+        assert type(layers.conv2d(4, 4, 3, group=4)) is nn.Conv2d
 
 
-def test_a_failing_build_falls_back(monkeypatch, tmp_path):
+def test_a_failing_build_falls_back(monkeypatch, tmp_path, capsys):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(dwconv, "KERNEL", native.Kernel(broken, dwconv.KERNEL.fallback))
+    monkeypatch.setattr(dwconv, "LIBRARY", KernelLibrary("depthwise_conv", broken, dwconv.LIBRARY.fallback))
     monkeypatch.setenv("MSDET_CACHE", str(tmp_path / "cache"))
-    with pytest.warns(UserWarning, match="building broken.cc failed"):
-        assert dwconv.enable(True) is False
+    assert dwconv.LIBRARY.enable(True) is False
+    out = capsys.readouterr().out
+    assert out.startswith("cpu kernel depthwise_conv off: building broken.cc failed (") and out.count("\n") == 1
     assert not list((tmp_path / "cache").glob("*"))           # no half-written library left behind
+
+
+@pytest.mark.parametrize("machine", ["riscv64", "ppc64le"])
+def test_a_machine_the_sources_are_not_written_for_builds_nothing(monkeypatch, capsys, machine):
+    lib = dwconv.LIBRARY
+    monkeypatch.setattr(dwconv, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback))
+    monkeypatch.setattr(build.platform, "machine", lambda: machine)
+    assert dwconv.LIBRARY.enable(True) is False
+    assert capsys.readouterr().out.startswith(f"cpu kernel depthwise_conv off: machine {machine} is not x86-64")
 
 
 class _OutputLoss(nn.Cell):
@@ -171,13 +197,12 @@ def _network_gradients(model, kernel, graph):
     from msdet.detectors.nanodet import NanoDetDetector
 
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
-    for module in (dwconv, groupnorm, activations, batchnorm, maxpool, denseconv):
-        module.KERNEL.on = kernel
     ms.set_seed(0)
-    if model == "d0":
-        net = D0Detector(config("d0", input_size=128, drop_connect_rate=0.0), 3).build_network()
-    else:
-        net = NanoDetDetector(config("nanodet", input_size=128), 3).build_network()
+    with contextlib.nullcontext() if kernel else kernels_off():
+        if model == "d0":
+            net = D0Detector(config("d0", input_size=128, drop_connect_rate=0.0), 3).build_network()
+        else:
+            net = NanoDetDetector(config("nanodet", input_size=128), 3).build_network()
     net.set_train(True)
     fast_cells = (dwconv.FastDepthwiseConv2d, groupnorm.FastGroupNorm, activations.SwishKernel,
                   activations.LeakyReLUKernel, activations.PlaneMeanKernel, activations.SigmoidGateKernel,
@@ -238,32 +263,38 @@ def test_d0_gradient_with_the_kernel_matches_finite_differences(fast, pynative):
     _check_gradient_by_module()
 
 
-@pytest.mark.parametrize("kernel", ["depthwise", "group_norm", "activation", "grad_norm", "update", "maxpool",
-                                    "batch_norm", "dense_conv"])
-@pytest.mark.parametrize("switch,target,expected", [(True, "CPU", True), (False, "CPU", False), (True, "GPU", False)])
-def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch, kernel, switch, target, expected):
-    """``runtime.cpu_depthwise_kernel`` / ``cpu_group_norm_kernel`` / ``cpu_activation_kernel`` /
-    ``cpu_grad_norm_kernel`` / ``cpu_update_kernel`` / ``cpu_maxpool_kernel`` / ``cpu_batch_norm_kernel`` /
-    ``cpu_dense_conv_kernel`` on CPU turn them on; GPU and Ascend keep MindSpore's kernels."""
+@pytest.mark.parametrize("kernel", list(layer.KERNELS))
+@pytest.mark.parametrize("switch,off,target,expected", [("auto", False, "CPU", True), ("off", False, "CPU", False),
+                                                        ("auto", True, "CPU", False), ("auto", False, "GPU", False)])
+def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch, kernel, switch, off, target,
+                                                                     expected):
+    """``runtime.cpu_kernels: auto`` on CPU turns every kernel of the training run's layer on, ``off`` none,
+    ``cpu_kernels_off`` names one off singly; GPU and Ascend keep MindSpore's kernels; without the layer
+    (evaluation, export) nothing is installed."""
     import dataclasses
 
     from msdet.engine import runtime
 
-    module, is_fast = {
-        "depthwise": (dwconv, lambda: isinstance(dwconv.conv2d(8, 8, 3, group=8), dwconv.FastDepthwiseConv2d)),
-        "group_norm": (groupnorm, lambda: isinstance(groupnorm.group_norm(4, 8), groupnorm.FastGroupNorm)),
-        "activation": (activations, lambda: all(cell.fast is not None for cell in (
-            activations.Swish(), activations.LeakyReLU(0.1), activations.PlaneMean(), activations.SigmoidGate()))),
-        "grad_norm": (sumsq, lambda: sumsq.SquareSum().fast),
-        "update": (update, lambda: EMA(nn.Dense(2, 2), 0.9).fast is not None),
-        "maxpool": (maxpool, lambda: MaxPool3x3s2p1().fast is not None),
-        "batch_norm": (batchnorm, lambda: isinstance(batchnorm.batch_norm2d(4, 1e-5, 0.9), batchnorm.FastBatchNorm2d)),
-        "dense_conv": (denseconv, lambda: isinstance(conv.conv2d(4, 8, 3), denseconv.FastDenseConv2d)),
+    is_fast = {
+        "depthwise_conv": lambda: isinstance(layers.conv2d(8, 8, 3, group=8), dwconv.FastDepthwiseConv2d),
+        "group_norm": lambda: isinstance(layers.group_norm(4, 8), groupnorm.FastGroupNorm),
+        "activations": lambda: all(cell.fast is not None for cell in (
+            layers.Swish(), layers.LeakyReLU(0.1), layers.PlaneMean(), layers.SigmoidGate())),
+        "grad_norm": lambda: SquareSum().fast,
+        "adamw_ema": lambda: EMA(nn.Dense(2, 2), 0.9).fast is not None,
+        "max_pool": lambda: MaxPool3x3s2p1().fast is not None,
+        "batch_norm": lambda: isinstance(layers.batch_norm2d(4, 1e-5, 0.9), batchnorm.FastBatchNorm2d),
+        "dense_conv": lambda: isinstance(layers.conv2d(4, 8, 3), denseconv.FastDenseConv2d),
     }[kernel]
     for m in (activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update):
-        monkeypatch.setattr(m.KERNEL, "on", m.KERNEL.on)
+        monkeypatch.setattr(m.LIBRARY, "on", m.LIBRARY.on)
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
-    cfg = dataclasses.replace(config("runtime"), device_target=target, **{f"cpu_{kernel}_kernel": switch})
-    runtime.setup_runtime(cfg)
-    assert module.enabled() is expected
-    assert is_fast() is expected
+    cfg = dataclasses.replace(config("runtime"), device_target=target, cpu_kernels=switch,
+                              cpu_kernels_off=[kernel] if off else [])
+    with kernels_off():
+        assert runtime.setup_runtime(cfg, kernels=layer.for_model("nanodet")) == (
+            [k for k in layer.KERNELS if k != kernel or expected] if switch == "auto" and target == "CPU" else [])
+        assert (kernel in train_ops.installed()) is expected
+        assert bool(is_fast()) is expected
+        runtime.setup_runtime(cfg)
+        assert train_ops.installed() == [] and not is_fast()

@@ -122,16 +122,17 @@ def test_resume_gives_identical_weights(tmp_path):
 
 
 def test_update_kernel_trains_like_the_per_tensor_ops(tmp_path, monkeypatch):
-    """The C++ AdamW and EMA (msdet/ops/update.py) in the real step: the weights, moments and EMA shadows of
+    """The C++ AdamW and EMA (msdet/kernels/adamw_ema.py) in the real step: the weights, moments and EMA shadows of
     MindSpore's per-tensor ops within float rounding, and every weight moved (the in-place writes reached the
     Parameters, not copies of them: without ``side_effect_mem`` they do not)."""
-    from msdet.ops import update
+    from msdet.kernels import adamw_ema
+    from tests.helpers import kernels_if
 
-    monkeypatch.setattr(update.KERNEL, "on", update.KERNEL.on)
     runs = {}
     for on in (False, True):
-        assert update.enable(on) is on
-        trainer, net = fresh_trainer(tmp_path, cfg(epochs=2, weight_decay=0.05), sub=f"kernel{int(on)}", live=False)
+        with kernels_if(on, adamw_ema):
+            trainer, net = fresh_trainer(tmp_path, cfg(epochs=2, weight_decay=0.05), sub=f"kernel{int(on)}",
+                                         live=False)
         assert (trainer.optimizer.fast is not None) is on and (trainer.ema.fast is not None) is on
         start = [p.asnumpy().copy() for p in trainer.optimizer.parameters]
         trainer.fit()
@@ -257,16 +258,18 @@ def test_adamw_matches_torch_formula():
 
 
 def test_square_sum_kernel_equals_float64_over_many_tensors(monkeypatch):
-    from msdet.ops import sumsq
+    from msdet.engine.optim import SquareSum
+    from msdet.kernels import grad_norm
+    from tests.helpers import kernels_if
 
-    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
     rng = np.random.default_rng(4)
     shapes = [(), (1,), (7,), (3, 5), (16, 3, 3, 3), (2, 1, 1, 1), (1000,)] * 6
     arrays = [(rng.normal(size=s) * 10.0 ** rng.integers(-3, 3)).astype(np.float32) for s in shapes]
     expected = sum((a.astype(np.float64) ** 2).sum() for a in arrays)
     for kernel in (True, False):
-        assert sumsq.enable(kernel) is kernel
-        cell = sumsq.SquareSum()
+        with kernels_if(kernel, grad_norm):
+            cell = SquareSum()
+        assert cell.fast is kernel
 
         def total(*tensors, cell=cell):
             return cell(tensors)
@@ -278,12 +281,12 @@ def test_square_sum_kernel_equals_float64_over_many_tensors(monkeypatch):
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
-    from msdet.engine.optim import clip_grad_norm
-    from msdet.ops import sumsq
+    from msdet.engine.optim import SquareSum, clip_grad_norm
+    from msdet.kernels import grad_norm
+    from tests.helpers import kernels_if
 
-    monkeypatch.setattr(sumsq.KERNEL, "on", sumsq.KERNEL.on)
-    assert sumsq.enable(kernel) is kernel
-    square_sum = sumsq.SquareSum()
+    with kernels_if(kernel, grad_norm):
+        square_sum = SquareSum()
     assert square_sum.fast is kernel
     grads = (Tensor(np.array([3.0, 0.0], np.float32)), Tensor(np.float32(4.0)))
     def clip_to_one(g):
@@ -337,12 +340,12 @@ def test_clip_grad_norm_is_bit_identical_to_numpy(monkeypatch, kernel, max_norm)
 @pytest.mark.parametrize("kernel", [False, True])
 def test_recalibrate_batch_norm_sets_mean_of_batch_statistics(monkeypatch, kernel):
     """With MindSpore's BatchNorm and with the C++-gradient one (which holds the training primitive twice)."""
-    from msdet.ops import batchnorm
+    from msdet.kernels import batch_norm as batchnorm
+    from tests.helpers import kernels_if
 
-    monkeypatch.setattr(batchnorm.KERNEL, "on", batchnorm.KERNEL.on)
-    assert batchnorm.enable(kernel) is kernel
     ms.set_seed(0)
-    net = ToyNet()
+    with kernels_if(kernel, batchnorm):
+        net = ToyNet()
     assert isinstance(net.bn, batchnorm.FastBatchNorm2d) is kernel
     net.bn.moving_mean.set_data(Tensor(np.full(4, 7.0, np.float32)))
     net.bn.moving_variance.set_data(Tensor(np.full(4, 50.0, np.float32)))

@@ -1,12 +1,15 @@
-"""The C++ GroupNorm (msdet/ops/groupnorm.py): output and gradients equal an independent NumPy reference (and its
+"""The C++ GroupNorm (msdet/kernels/group_norm.py): output and gradients equal an independent NumPy reference (and its
 finite differences) and MindSpore's GroupNorm, eval mode is MindSpore's op, and the switch and fallbacks work."""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from msdet.ops import groupnorm, native
-from tests.helpers import Weighted, kernels_on
+from msdet.kernels import build
+from msdet.kernels import group_norm as groupnorm
+from msdet.kernels.library import KernelLibrary
+from msdet.models import layers
+from tests.helpers import Weighted, kernels_off, kernels_on
 
 # (batch, channels, height, width, groups)
 CASES = [(2, 8, 5, 7, 4), (1, 6, 3, 3, 1), (2, 6, 4, 5, 6), (3, 192, 4, 4, 32), (2, 12, 1, 1, 3)]
@@ -71,7 +74,7 @@ def _cell(cls, groups, channels, gamma, beta):
 def test_output_and_gradients_equal_the_reference_and_mindspore(fast, shape):
     x, dy, gamma, beta = _inputs(shape)
     groups, channels = shape[4], shape[1]
-    got = _run(_cell(groupnorm.group_norm, groups, channels, gamma, beta), x, dy)
+    got = _run(_cell(layers.group_norm, groups, channels, gamma, beta), x, dy)
     ms_ = _run(_cell(nn.GroupNorm, groups, channels, gamma, beta), x, dy)
     y_ref = _reference(x.astype(np.float64), gamma, beta, groups)
     n, c = x.shape[:2]
@@ -89,8 +92,8 @@ def test_threaded_result_is_the_single_threaded_one(fast):
     output and input gradient are the same bits either way, and the affine gradients, summed over the samples in
     the same order, too."""
     x, dy, gamma, beta = _inputs((8, 64, 48, 48, 32), seed=5)
-    whole = _run(_cell(groupnorm.group_norm, 32, 64, gamma, beta), x, dy)
-    parts = [_run(_cell(groupnorm.group_norm, 32, 64, gamma, beta), x[i:i + 1], dy[i:i + 1]) for i in range(8)]
+    whole = _run(_cell(layers.group_norm, 32, 64, gamma, beta), x, dy)
+    parts = [_run(_cell(layers.group_norm, 32, 64, gamma, beta), x[i:i + 1], dy[i:i + 1]) for i in range(8)]
     np.testing.assert_array_equal(whole[0], np.concatenate([p[0] for p in parts]))
     np.testing.assert_array_equal(whole[1], np.concatenate([p[1] for p in parts]))
     y_ref = _reference(x.astype(np.float64), gamma, beta, 32)
@@ -100,7 +103,7 @@ def test_threaded_result_is_the_single_threaded_one(fast):
 def test_input_gradient_equals_finite_differences(fast):
     shape = (2, 4, 3, 3, 2)
     x, dy, gamma, beta = _inputs(shape, seed=1)
-    got = _run(_cell(groupnorm.group_norm, 2, 4, gamma, beta), x, dy)
+    got = _run(_cell(layers.group_norm, 2, 4, gamma, beta), x, dy)
     fd = _finite_differences(x, gamma, beta, dy, 2)
     for mine, ref, name in zip(got[1:], fd, ("dx", "dgamma", "dbeta")):
         np.testing.assert_allclose(mine, ref, rtol=1e-3, atol=1e-4, err_msg=name)
@@ -108,7 +111,7 @@ def test_input_gradient_equals_finite_differences(fast):
 
 def test_eval_mode_is_mindspores_group_norm(fast):
     x, _, gamma, beta = _inputs((2, 8, 5, 7, 4))
-    cell = _cell(groupnorm.group_norm, 4, 8, gamma, beta)
+    cell = _cell(layers.group_norm, 4, 8, gamma, beta)
     assert isinstance(cell, groupnorm.FastGroupNorm)
     plain = _cell(nn.GroupNorm, 4, 8, gamma, beta)
     cell.set_train(False)
@@ -117,9 +120,12 @@ def test_eval_mode_is_mindspores_group_norm(fast):
     assert [p.name for p in cell.get_parameters()] == [p.name for p in plain.get_parameters()]
 
 
-def test_without_gxx_mindspores_group_norm_is_used(monkeypatch):
-    monkeypatch.setattr(groupnorm, "KERNEL", native.Kernel(groupnorm.KERNEL.source, groupnorm.KERNEL.fallback))
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="g\\+\\+ not found: GroupNorm keeps"):
-        assert groupnorm.enable(True) is False
-    assert type(groupnorm.group_norm(4, 8)) is nn.GroupNorm
+def test_without_gxx_mindspores_group_norm_is_used(monkeypatch, capsys):
+    lib = groupnorm.LIBRARY
+    monkeypatch.setattr(groupnorm, "LIBRARY", KernelLibrary(lib.name, lib.source, lib.fallback, lib.flags))
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    assert groupnorm.LIBRARY.enable(True) is False
+    assert capsys.readouterr().out == "cpu kernel group_norm off: g++ not found; GroupNorm keeps MindSpore's (slow) " \
+                                      "CPU kernel\n"
+    with kernels_off():
+        assert type(layers.group_norm(4, 8)) is nn.GroupNorm

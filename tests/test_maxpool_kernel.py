@@ -1,4 +1,4 @@
-"""The C++ 3x3 / stride-2 / padding-1 max-pool (msdet/ops/maxpool.py): PyTorch's values (-inf padding) and its
+"""The C++ 3x3 / stride-2 / padding-1 max-pool (msdet/kernels/max_pool.py): PyTorch's values (-inf padding) and its
 gradient routing (each output gradient to the window's first maximum, ties included) against an independent
 NumPy reference, and the network's exportable form in inference."""
 import mindspore as ms
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
+from msdet.kernels import max_pool as maxpool
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
-from msdet.ops import maxpool
 from tests.helpers import Weighted, kernels_on
 
 SHAPES = [(2, 3, 8, 6), (1, 2, 7, 5), (1, 1, 1, 1), (2, 4, 2, 9)]

@@ -20,8 +20,11 @@ from msdet.engine.checkpoint import read_checkpoint
 from msdet.engine.live import read_series
 from msdet.engine.precision import apply_precision
 from msdet.engine.trainer import Trainer, TrainingDiverged
-from msdet.ops import batchnorm, sumsq, update
-from tests.helpers import ROOT, ToyDetector, ToyLoss, ToyNet, cfg, config, kernels_on, toy_data
+from msdet.kernels import adamw_ema as update
+from msdet.kernels import batch_norm as batchnorm
+from msdet.kernels import grad_norm as sumsq
+from msdet.kernels import layer
+from tests.helpers import ROOT, ToyDetector, ToyLoss, ToyNet, cfg, config, kernels_off, kernels_on, toy_data
 
 ms.set_device("CPU")
 
@@ -61,16 +64,9 @@ def _avx512_uncapped() -> bool:
 @pytest.mark.parametrize("kernels", [False, True], ids=["ms-ops", "cpu-kernels"])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_fp32_step_is_unchanged_bit_for_bit(tmp_path, kernels, accumulate):
-    modules = (sumsq, update, batchnorm)
-    saved = [(m.KERNEL.library, m.KERNEL.on) for m in modules]
-    try:
-        for m in modules:
-            m.enable(kernels)
+    with kernels_on(sumsq, update, batchnorm) if kernels else kernels_off():
         trainer = toy_trainer(tmp_path, "fp32", accumulate_steps=accumulate)
         trainer.fit()
-    finally:
-        for m, (library, on) in zip(modules, saved):
-            m.KERNEL.library, m.KERNEL.on = library, on
     assert trainer.scaling is None
     assert digest(trainer) == FP32_DIGESTS[(kernels, accumulate)]
 
@@ -229,7 +225,7 @@ def detector_trainer(tmp_path, model, precision, steps, batch=4, live=True):
     from tests.helpers import detector_data, project_params
 
     params = project_params()
-    setup_runtime(dataclasses.replace(params.runtime, precision=precision))
+    setup_runtime(dataclasses.replace(params.runtime, precision=precision), kernels=layer.for_model(model))
     ms.set_seed(0)
     detector = build_detector(params, model, 3)
     tcfg = dataclasses.replace(getattr(params, model).train, epochs=1, batch_size=batch, bn_recalibration_batches=0,
@@ -243,7 +239,8 @@ def detector_trainer(tmp_path, model, precision, steps, batch=4, live=True):
 
 @pytest.fixture
 def fp32_runtime_after():
-    """setup_runtime switches kernels for the whole process: restore params.yaml's fp32 runtime after."""
+    """setup_runtime switches kernels for the whole process: restore params.yaml's fp32 runtime (no kernel
+    layer) after."""
     yield
     from msdet.engine.runtime import setup_runtime
     from tests.helpers import project_params
@@ -335,14 +332,15 @@ def test_overflow_on_one_rank_skips_the_step_on_both(tmp_path):
 
 def test_kernels_on_activations_are_off_at_an_amp_level(capsys, fp32_runtime_after):
     from msdet.engine.runtime import setup_runtime
-    from msdet.ops import dwconv
     from tests.helpers import project_params
 
-    with kernels_on(dwconv):
-        setup_runtime(dataclasses.replace(project_params().runtime, precision="amp_o1"))
-        assert not dwconv.enabled() and sumsq.enabled() == project_params().runtime.cpu_grad_norm_kernel
+    with kernels_off():
+        on = setup_runtime(dataclasses.replace(project_params().runtime, precision="amp_o1"),
+                           kernels=layer.for_model("d0"))
+        assert on == ["batch_norm", "grad_norm", "adamw_ema"]
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "cpu_depthwise_kernel" in out[0] and "off" in out[0]
+    assert out == ["runtime.precision amp_o1: the float32-only CPU kernels depthwise_conv, dense_conv, activations "
+                   "are off"]
 
 
 

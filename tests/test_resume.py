@@ -162,28 +162,37 @@ def test_save_due_skips_epoch_ends_and_zero():
 
 
 def test_run_key_changes_with_every_switch_that_changes_the_numerics():
-    """A kernel switch changes a step's float rounding: a state trained with the other setting must not be resumed
-    as this run's (the rerun would keep the other setting's weights)."""
+    """A kernel that runs or not changes a step's float rounding: a state trained with another set of kernels (a
+    switch, or a host where another set builds), or with kernels built by another compiler or for another
+    instruction set, must not be resumed as this run's (the rerun would keep the other setting's weights). The
+    key follows the kernels that run, not the switches: a switch that changes nothing keeps the run."""
     from msdet.engine.trainer import run_key
     from msdet.training import run_key_payload
     from tests.helpers import project_params
 
     params = project_params()
+    ran = {"kernels": ["depthwise_conv", "batch_norm"], "compiler": "g++ (Debian 12.2.0-14) 12.2.0",
+           "isa": "avx512f"}
 
-    def key(runtime=None, train=None):
+    def key(runtime=None, train=None, kernels=ran):
         p = params
         if runtime:
             p = dataclasses.replace(p, runtime=dataclasses.replace(p.runtime, **runtime))
         if train:
             p = dataclasses.replace(p, nanodet=dataclasses.replace(
                 p.nanodet, train=dataclasses.replace(p.nanodet.train, **train)))
-        return run_key(run_key_payload(p, "nanodet", {"num_classes": 4}, {}, "code"))
+        return run_key(run_key_payload(p, "nanodet", {"num_classes": 4}, {}, "code", kernels))
 
     base = key()
-    kernels = [f.name for f in dataclasses.fields(params.runtime) if f.name.endswith("_kernel")]
-    assert len(kernels) >= 4
-    for name in kernels:
-        assert key(runtime={name: not getattr(params.runtime, name)}) != base, name
+    assert key(kernels={**ran, "kernels": ["depthwise_conv"]}) != base        # one kernel fewer built or on
+    assert key(kernels={**ran, "isa": "avx2"}) != base
+    assert key(kernels={**ran, "compiler": "g++ (GCC) 13.1.0"}) != base
+    assert key(kernels={"kernels": []}) != base
+    # with no kernel on, neither the compiler nor the ISA matters; the switches themselves are not the key
+    none = key(kernels={"kernels": []})
+    assert key(kernels={"kernels": [], "compiler": "x", "isa": "y"}) == none == key(kernels=None)
+    assert key(runtime={"cpu_kernels": "off"}) == base
+    assert key(runtime={"cpu_kernels_off": ["max_pool"]}) == base
     assert key(runtime={"device_target": "Ascend"}) != base
     assert key(runtime={"graph_mode": not params.runtime.graph_mode}) != base
     assert key(runtime={"cpu_threads": 1}) != base

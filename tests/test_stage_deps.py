@@ -61,8 +61,8 @@ def test_closure_follows_lazy_and_relative_imports_only_into_the_project(tmp_pat
 
 
 def test_a_modules_compiled_companion_source_is_part_of_its_code(tmp_path):
-    """msdet/ops/dwconv.py compiles dwconv.cc, which includes parallel.h, at run time: editing either must make
-    training stale."""
+    """msdet/kernels/depthwise_conv.py compiles depthwise_conv.cc, which includes parallel.h, at run time: editing
+    either must make training stale."""
     pkg = tmp_path / "msdet"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -75,7 +75,68 @@ def test_a_modules_compiled_companion_source_is_part_of_its_code(tmp_path):
     got = {p.as_posix() for p in closure(tmp_path, [Path("msdet/a.py")])}
     assert got == {"msdet/a.py", "msdet/__init__.py", "msdet/kernel.py", "msdet/kernel.cc", "msdet/shared.h"}
     deps = expected_code_deps("python -m stages.train --model d0", ROOT)
-    assert {"msdet/ops/dwconv.cc", "msdet/ops/parallel.h"} <= set(deps)
+    assert {"msdet/kernels/depthwise_conv.cc", "msdet/kernels/parallel.h", "msdet/kernels/aot.h"} <= set(deps)
+
+
+def _stage_deps(stage: str) -> set[str]:
+    return {str(d) for d in load_stages(ROOT)[stage]["deps"]}
+
+
+def test_only_training_depends_on_kernel_sources_and_each_model_on_its_own():
+    """The generated deps (dvc.yaml): no evaluation or export stage names a kernel module or source (they never
+    import msdet.kernels, so compile nothing); train_d0 names no NanoDet-only kernel (GroupNorm, the stem
+    max-pool); train_nanodet names every kernel, each source with the headers it includes."""
+    from msdet.kernels import layer
+
+    def kernel_files(deps):
+        return {d for d in deps if d.startswith("msdet/kernels/")}
+
+    stages = load_stages(ROOT)
+    for name in stages:
+        if not name.startswith("train_"):
+            assert not kernel_files(_stage_deps(name)), name
+            assert not {d for d in _stage_deps(name) if d.endswith((".cc", ".h"))}, name
+    nanodet_only = set(layer.MODEL_KERNELS["nanodet"]) - set(layer.MODEL_KERNELS["d0"])
+    assert nanodet_only == {"group_norm", "max_pool"}
+    train_d0, train_nd = _stage_deps("train_d0"), _stage_deps("train_nanodet")
+    for kernel in layer.KERNELS:
+        files = {f"msdet/kernels/{kernel}.py", f"msdet/kernels/{kernel}.cc"}
+        assert files <= train_nd
+        assert (files <= train_d0) is (kernel not in nanodet_only), kernel
+        assert not (files & train_d0) or kernel not in nanodet_only, kernel
+    headers = {"msdet/kernels/aot.h", "msdet/kernels/parallel.h", "msdet/kernels/isa.h"}
+    assert {h for h in headers if (ROOT / h).is_file()} <= train_d0 & train_nd
+    # exact: a kernel file is a dep iff the stage's model uses that kernel (or it is the layer's own code)
+    layer_code = {"msdet/kernels/__init__.py", "msdet/kernels/build.py", "msdet/kernels/layer.py",
+                  "msdet/kernels/library.py"}
+    for stage, model in (("train_d0", "d0"), ("train_nanodet", "nanodet")):
+        sources = {f"msdet/kernels/{k}.{ext}" for k in layer.MODEL_KERNELS[model] for ext in ("py", "cc")}
+        assert kernel_files(_stage_deps(stage)) - layer_code - headers == sources, stage
+
+
+def test_the_kernel_table_is_followed_only_where_it_is_imported(tmp_path):
+    """A closure that imports the kernel layer's table gets the kernels of the command's model, one that does not
+    gets none (the table is read, not imported: msdet/kernels/layer.py imports its modules by name)."""
+    pkg = tmp_path / "msdet"
+    (pkg / "kernels").mkdir(parents=True)
+    (tmp_path / "stages").mkdir()
+    for d in (tmp_path / "stages", pkg, pkg / "kernels"):
+        (d / "__init__.py").write_text("")
+    (pkg / "detectors").mkdir()
+    (pkg / "detectors" / "__init__.py").write_text('DETECTORS = {"a": ("msdet.detectors.a", "A")}\n')
+    (pkg / "detectors" / "a.py").write_text("")
+    (pkg / "kernels" / "layer.py").write_text('MODEL_KERNELS = {"a": ("one",)}\n')
+    for k in ("one", "two"):
+        (pkg / "kernels" / f"{k}.py").write_text("")
+        (pkg / "kernels" / f"{k}.cc").write_text('#include "common.h"\n')
+    (pkg / "kernels" / "common.h").write_text("")
+    (tmp_path / "stages" / "train.py").write_text("from msdet.kernels import layer\n")
+    (tmp_path / "stages" / "eval.py").write_text("import msdet.detectors\n")
+    train = set(expected_code_deps("python -m stages.train --model a", tmp_path))
+    evaluate = set(expected_code_deps("python -m stages.eval --model a", tmp_path))
+    assert {"msdet/kernels/one.py", "msdet/kernels/one.cc", "msdet/kernels/common.h"} <= train
+    assert not {f for f in train if "two" in f}
+    assert not {f for f in evaluate if f.startswith("msdet/kernels/")}
 
 
 def test_code_fingerprint_follows_exactly_the_imported_files(tmp_path):

@@ -1,12 +1,12 @@
-"""The C++ AdamW and EMA updates (msdet/ops/update.py): in place on every tensor of a graph's Parameters, equal to
-MindSpore's per-tensor kernels (moments and shadows bit for bit, weights within one float32 rounding) and to an
+"""The C++ AdamW and EMA updates (msdet/kernels/adamw_ema.py): in place on every tensor of a graph's Parameters, equal
+to MindSpore's per-tensor kernels (moments and shadows bit for bit, weights within one float32 rounding) and to an
 independent float64 NumPy AdamW, over several steps, 0-d tensors and SIMD tails included."""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from msdet.ops import update
+from msdet.kernels import adamw_ema as update
 from tests.helpers import kernels_on
 
 SHAPES = [(), (1,), (7,), (3, 5), (16, 3, 3, 3), (1000,), (37, 1)]
@@ -35,7 +35,7 @@ class _KernelAdamW(nn.Cell):
         self.p = _parameters("p", p)
         self.m = _parameters("m", m)
         self.v = _parameters("v", v)
-        self.op = update.AdamWUpdate(update.KERNEL.library)
+        self.op = update.AdamWUpdate()
 
     def construct(self, hyper, decays, grads):
         return self.op(hyper, decays, self.p, self.m, self.v, grads)
@@ -99,7 +99,7 @@ class _KernelEMA(nn.Cell):
     def __init__(self, shadows):
         super().__init__()
         self.shadows = _parameters("s", shadows)
-        self.op = update.EMAUpdate(update.KERNEL.library)
+        self.op = update.EMAUpdate()
 
     def construct(self, rate, sources):
         return self.op(rate, self.shadows, sources)

@@ -1,12 +1,12 @@
 """Depthwise convs, backward formulations side by side (``python -m msdet.bench.dwconv``).
 
-``conv``: MindSpore's ``nn.Conv2d(group=C)``; ``kernel``: :class:`msdet.ops.dwconv.FastDepthwiseConv2d`
+``conv``: MindSpore's ``nn.Conv2d(group=C)``; ``kernel``: :class:`msdet.kernels.depthwise_conv.FastDepthwiseConv2d`
 (C++ forward and backward). Every case is compiled in graph mode once per formulation, then timed in
 interleaved rounds (each round runs every formulation ``repeats`` times, in turn), so all see the same load; the
 figures are medians over rounds of the per-round median, and the ratios are medians of the per-round ratios to ``conv``.
 ``--train-step d0|nanodet``: the whole compiled training step (as ``make bench`` builds it) with MindSpore's
-op and with the kernel (``--kernel dwconv|groupnorm``; the other one as ``params.yaml`` sets it), two networks
-from the same seed in one process, steps interleaved.
+op and with the kernel (``--kernel depthwise_conv|group_norm|...``, any of msdet.kernels.layer.KERNELS; the
+others as ``params.yaml`` sets them), two networks from the same seed in one process, steps interleaved.
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ FORMULATIONS = ("conv", "kernel")
 def _cell(formulation: str, channels: int, kernel: int, stride: int, same: bool) -> Any:
     from mindspore import nn
 
-    from msdet.ops import dwconv
+    from msdet.kernels import depthwise_conv as dwconv
 
     pad_mode, padding = ("same", 0) if same else ("pad", (kernel - 1) // 2)
     if formulation == "conv":
         return nn.Conv2d(channels, channels, kernel, stride=stride, pad_mode=pad_mode, padding=padding,
                          has_bias=False, group=channels)
-    if not dwconv.enable(True):
+    if not dwconv.LIBRARY.enable(True):
         raise RuntimeError("the depthwise conv kernel could not be built")
     return dwconv.conv2d(channels, channels, kernel, stride=stride, pad_mode=pad_mode, padding=padding, group=channels)
 
@@ -82,20 +82,21 @@ def bench(rounds: int = 7, repeats: int = 3, cases: tuple = CASES) -> dict[str, 
 
 
 def bench_train_step(params: Any, model: str, num_classes: int, rounds: int = 7,
-                     kernel_module: str = "dwconv") -> dict[str, Any]:
+                     kernel_module: str = "depthwise_conv") -> dict[str, Any]:
     """{"standard_ms", "kernel_ms", "ratio"}: one step of each per round, in turn (after one compiling step);
-    ``kernel_module``: ``msdet.ops.dwconv`` or ``msdet.ops.groupnorm``, switched off then on."""
-    import importlib
-
+    ``kernel_module``: a kernel of msdet.kernels.layer.KERNELS, removed then put back (the kernel layer of
+    ``model`` must be on: ``sections.setup(..., train_model=model)``)."""
+    from msdet import train_ops
     from msdet.bench.layers import train_step_runner
     from msdet.bench.sections import _timed, _timed_cpu
     from msdet.bench.stats import summarize
 
-    switch = importlib.import_module(f"msdet.ops.{kernel_module}")
-    switch.enable(False)
+    if kernel_module not in train_ops.installed():
+        raise RuntimeError(f"the {kernel_module} kernel is not on (runtime.cpu_kernels, or it could not be built)")
+    installed = train_ops.snapshot()
+    train_ops.remove(kernel_module)
     standard = train_step_runner(params, model, num_classes)
-    if not switch.enable(True):
-        raise RuntimeError(f"the {kernel_module} kernel could not be built")
+    train_ops.restore(installed)
     kernel = train_step_runner(params, model, num_classes)
     first = {"standard": _timed(standard)[0], "kernel": _timed(kernel)[0]}
     times: dict[str, list] = {"standard": [], "kernel": []}
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per formulation per round")
     parser.add_argument("--train-step", choices=("d0", "nanodet"), default=None,
                         help="time the whole training step with and without the kernel instead")
-    parser.add_argument("--kernel", choices=("dwconv", "groupnorm"), default="dwconv",
+    parser.add_argument("--kernel", choices=("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm",
+                                             "max_pool", "grad_norm", "adamw_ema"), default="depthwise_conv",
                         help="with --train-step: the kernel to switch")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--mindrecord-dir", default="data/mindrecord")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         from msdet.config import load_params
 
         params = load_params(args.params)
-        setup(params, {})
+        setup(params, {}, args.train_step)
         report = bench_train_step(params, args.train_step, dataset_num_classes(args.mindrecord_dir), args.rounds,
                                   args.kernel)
         print(json.dumps(report, indent=1))

@@ -109,9 +109,8 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
     from mindspore import nn, ops
 
     from msdet.engine.ema import EMA
-    from msdet.engine.optim import clip_grad_norm
+    from msdet.engine.optim import SquareSum, clip_grad_norm
     from msdet.engine.trainer import build_optimizer
-    from msdet.ops.sumsq import SquareSum
 
     class OptimizerEma(nn.Cell):
         def __init__(self) -> None:
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mindrecord-dir", default="data/mindrecord")
     args = ap.parse_args(argv)
     params = load_params(args.params)
-    setup(params, {})
+    setup(params, {}, args.model)
     serve(params, args.model, dataset_num_classes(args.mindrecord_dir))
     return 0
 

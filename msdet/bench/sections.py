@@ -73,10 +73,17 @@ def apply_context(options: dict[str, Any]) -> None:
             ms.set_context(**{key: value})
 
 
-def setup(params: Params, context: dict[str, Any]) -> None:
+def setup(params: Params, context: dict[str, Any], train_model: str | None = None) -> None:
+    """``setup_runtime`` and the extra options; ``train_model``: the model whose training is measured, whose CPU
+    kernel layer is then switched on as the train stage does (``runtime.cpu_kernels``)."""
     from msdet.engine.runtime import setup_runtime
 
-    setup_runtime(params.runtime)
+    kernels = None
+    if train_model is not None:
+        from msdet.kernels import layer
+
+        kernels = layer.for_model(train_model)
+    setup_runtime(params.runtime, kernels=kernels)
     apply_context(context)
 
 
@@ -569,7 +576,7 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
     if args.section == "data":
         return bench_data(params, args.model, args.mindrecord_dir, args.repeats, args.batches,
                           num_workers=args.num_workers, python_multiprocessing=args.python_multiprocessing)
-    setup(params, context)
+    setup(params, context, args.model if args.section in ("train", "profile") else None)
     if args.section == "micro":
         return bench_micro(REGRESSION_CASES if not args.micro_small else SMALL_CASES, args.repeats)
     num_classes = dataset_num_classes(args.mindrecord_dir)

@@ -2,9 +2,12 @@
 
 The import closure is static (``ast``): every ``import``/``from`` of a project module anywhere in a file, imports
 inside functions included, followed transitively, with each package's ``__init__.py``; imports under
-``if TYPE_CHECKING:`` are left out (they never run). The one import made by
-name at run time, the detector registry (``msdet.detectors.DETECTORS``), is resolved from the stage command's
-``--model``: ``train_d0`` gets D0's code and not NanoDet's.
+``if TYPE_CHECKING:`` are left out (they never run). A module's compiled companion (``msdet/kernels/<name>.py``
+builds ``<name>.cc`` at run time) and the headers that source includes with quotes are part of its code. The two
+imports made by name at run time are resolved from the stage command's ``--model``: the detector registry
+(``msdet.detectors.DETECTORS``: ``train_d0`` gets D0's code and not NanoDet's) and, in a closure that imports the
+CPU kernel layer (training), that model's kernels (``msdet.kernels.MODEL_KERNELS``: ``train_d0`` gets no
+NanoDet-only kernel source).
 
 The same closure fingerprints the code a training run used (:func:`code_sha256`): a resume point left by other
 code is not continued (see msdet/engine/trainer.py ``run_key``).
@@ -22,13 +25,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from msdet.ops.native import local_includes
+from msdet.kernels.build import local_includes
 
 #: top-level packages of this project: imports of anything else (mindspore, numpy, ...) are not followed
 PROJECT_PACKAGES = ("msdet", "stages")
 REGISTRY_FILE = "msdet/detectors/__init__.py"
 REGISTRY_NAME = "DETECTORS"
-#: a module's compiled companion (``msdet/ops/dwconv.py`` builds ``dwconv.cc`` at run time) is part of its code
+#: the CPU kernel layer's table of the kernels each model's training uses (modules ``KERNEL_PACKAGE.<name>``)
+KERNEL_REGISTRY_FILE = "msdet/kernels/layer.py"
+KERNEL_REGISTRY_NAME = "MODEL_KERNELS"
+KERNEL_PACKAGE = "msdet.kernels"
+#: a module's compiled companion (``msdet/kernels/depthwise_conv.py`` builds ``depthwise_conv.cc`` at run time) is
+#: part of its code
 NATIVE_SUFFIXES = (".cc",)
 
 
@@ -78,23 +86,39 @@ def _walk_runtime(tree: ast.AST):
         todo.extend(ast.iter_child_nodes(node))
 
 
-def detector_modules(root: Path) -> dict[str, str]:
-    """``{model: module}`` from the registry's literal ``DETECTORS`` table."""
-    tree = ast.parse((root / REGISTRY_FILE).read_text())
+def _literal_table(path: Path, name: str) -> dict:
+    tree = ast.parse(path.read_text())
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else (
             node.targets[0] if isinstance(node, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id == REGISTRY_NAME:
-            table = ast.literal_eval(node.value)
-            return {name: entry[0] for name, entry in table.items()}
-    raise ValueError(f"{REGISTRY_FILE}: no literal {REGISTRY_NAME} table")
+        if isinstance(target, ast.Name) and target.id == name:
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{path}: no literal {name} table")
 
 
-def closure(root: Path, start: list[Path]) -> set[Path]:
+def detector_modules(root: Path) -> dict[str, str]:
+    """``{model: module}`` from the registry's literal ``DETECTORS`` table."""
+    table = _literal_table(root / REGISTRY_FILE, REGISTRY_NAME)
+    return {name: entry[0] for name, entry in table.items()}
+
+
+def kernel_modules(root: Path, model: str) -> list[str]:
+    """The kernel modules ``model``'s training imports by name (``MODEL_KERNELS``); none without the table."""
+    if not (root / KERNEL_REGISTRY_FILE).is_file():
+        return []
+    table = _literal_table(root / KERNEL_REGISTRY_FILE, KERNEL_REGISTRY_NAME)
+    if model not in table:
+        raise ValueError(f"model {model!r} is not in {KERNEL_REGISTRY_FILE} {KERNEL_REGISTRY_NAME}")
+    return [f"{KERNEL_PACKAGE}.{name}" for name in table[model]]
+
+
+def closure(root: Path, start: list[Path], model: str | None = None) -> set[Path]:
     """Project files reachable from ``start`` through imports, with their compiled companions (paths relative
-    to ``root``)."""
+    to ``root``); with ``model``, a closure that reaches the kernel layer's table also imports that model's
+    kernel modules."""
     seen: set[Path] = set()
     todo = [root / p for p in start]
+    registry = root / KERNEL_REGISTRY_FILE
     while todo:
         path = todo.pop()
         if path in seen:
@@ -113,7 +137,19 @@ def closure(root: Path, start: list[Path]) -> set[Path]:
                 found = module_file(root, ".".join(parts[:i]))
                 if found is not None and found not in seen:
                     todo.append(found)
+        if model is not None and path == registry:
+            for name in kernel_modules(root, model):
+                found = module_file(root, name)
+                if found is None:
+                    raise ValueError(f"{KERNEL_REGISTRY_FILE}: kernel module {name} not found")
+                todo.append(found)
     return {p.relative_to(root) for p in seen}
+
+
+def command_model(cmd: str) -> str | None:
+    """The ``--model`` of a stage command, or None."""
+    args = shlex.split(cmd)
+    return args[args.index("--model") + 1] if "--model" in args else None
 
 
 def command_roots(cmd: str, root: Path) -> list[Path]:
@@ -146,7 +182,7 @@ def is_code(path: str) -> bool:
 
 
 def expected_code_deps(cmd: str, root: Path) -> list[str]:
-    return sorted(p.as_posix() for p in closure(root, command_roots(cmd, root)))
+    return sorted(p.as_posix() for p in closure(root, command_roots(cmd, root), command_model(cmd)))
 
 
 def code_sha256(cmd: str, root: Path) -> str:

@@ -23,9 +23,8 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from msdet.engine.ema import EMA
-from msdet.engine.optim import clip_grad_norm
+from msdet.engine.optim import SquareSum, clip_grad_norm
 from msdet.engine.precision import LossScaling, ScaledLoss
-from msdet.ops.sumsq import SquareSum
 
 _add_scaled = ops.MultitypeFuncGraph("add_scaled")
 _scaled = ops.MultitypeFuncGraph("scaled")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from msdet.ops import update
+from msdet import train_ops
 
 _update = ops.MultitypeFuncGraph("ema_update")
 _STEP_TOWARDS = ops.ApplyGradientDescent()
@@ -37,7 +37,8 @@ class EMA(nn.Cell):
         #: takes them, the other backends' kernels were not tried on them
         self.fused = tuple(p.ndim > 0 for p in self.sources)
         self.hyper_map = ops.HyperMap()
-        self.fast = update.EMAUpdate(update.KERNEL.library) if update.enabled() else None
+        #: CPU training: one C++ op over every pair (the ``ema_update`` part of msdet.train_ops)
+        self.fast = train_ops.make("ema_update")
 
     def construct(self, step: Tensor) -> Tensor:
         """Update the shadows; ``step`` must depend on the optimizer's update (the weights it reads)."""

@@ -8,9 +8,9 @@ step size, epsilon and decay (Loshchilov & Hutter 2019, Algorithm 2; torch.optim
     w * (1 - lr wd) - lr (m / b1) / (sqrt(v / b2) + eps)
       = w - lr' (m / (sqrt(v) + eps') + wd' w),   lr' = lr sqrt(b2) / b1,  eps' = eps sqrt(b2),  wd' = wd lr / lr'
 
-with b1 = 1 - beta1^t, b2 = 1 - beta2^t. 0-d weights keep the element-wise formula. In CPU training with
-``runtime.cpu_update_kernel`` the same update runs on every tensor, 0-d ones included, as one C++ op
-(:class:`msdet.ops.update.AdamWUpdate`).
+with b1 = 1 - beta1^t, b2 = 1 - beta2^t. 0-d weights keep the element-wise formula. In CPU training with the
+``adamw_ema`` kernel on the same update runs on every tensor, 0-d ones included, as one C++ op (the
+``adamw_update`` part of :mod:`msdet.train_ops`, :class:`msdet.kernels.adamw_ema.AdamWUpdate`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-from msdet.ops import update
+from msdet import train_ops
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 
@@ -74,7 +74,7 @@ class AdamW(nn.Cell):
         #: MindSpore's fused kernel takes weights of at least one dimension
         self.fused = tuple(p.ndim > 0 for p in params)
         self.hyper_map = ops.HyperMap()
-        self.fast = update.AdamWUpdate(update.KERNEL.library) if update.enabled() else None
+        self.fast = train_ops.make("adamw_update")
         self.decay_vector = Tensor(np.array([float(d) for d in decays], np.float32))
 
     def construct(self, gradients: tuple) -> Tensor:
@@ -105,9 +105,36 @@ def _scale_one(factor, grad):
     return grad * factor.astype(grad.dtype)
 
 
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(t):
+    return ops.reduce_sum(ops.square(t.astype(ms.float32)))
+
+
+class SquareSum(nn.Cell):
+    """``sum_i sum(t_i ** 2)`` over a tuple of tensors, a 0-d float32: one op (the ``square_sum`` part of
+    :mod:`msdet.train_ops`, float32 tensors) when built while a kernel provides it, else per-tensor ``Square`` +
+    ``ReduceSum`` and an ``AddN``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        op = train_ops.make("square_sum")
+        self.fast = op is not None
+        if self.fast:
+            self.op = op
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, tensors: tuple) -> Tensor:
+        if self.fast:
+            return self.op(*tensors)
+        return ops.addn(self.hyper_map(_square_sum, tensors))
+
+
 def clip_grad_norm(gradients: tuple, max_norm: float, square_sum: nn.Cell) -> tuple:
     """Scale all gradients by min(1, max_norm / (global L2 norm + 1e-6)), as torch's clip_grad_norm_;
-    ``square_sum`` is a :class:`msdet.ops.sumsq.SquareSum` (built once, outside the graph).
+    ``square_sum`` is a :class:`SquareSum` (built once, outside the graph).
 
     ``ops.clip_by_global_norm`` turns 0-d gradients into shape [1]; this keeps every shape. The scaling runs
     on every step, without a branch on the norm: a branch on a tensor value makes the graph wait for the norm

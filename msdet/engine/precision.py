@@ -33,10 +33,10 @@ PRECISIONS = ("fp32", "amp_o1", "amp_o2")
 #: "force_fp16", which runs convolutions and matrix products in float16 even in a float32 graph.
 ASCEND_PRECISION_MODE = "must_keep_origin_dtype"
 
-#: the ``runtime.cpu_*`` C++ kernels that take the network's activations: float32-only, so off at an AMP level
+#: the CPU kernels (msdet/kernels) that take the network's activations: float32-only, so off at an AMP level
 #: (the BatchNorm and GroupNorm kernels run on float32 islands, the clipping norm and the AdamW/EMA update on
 #: the float32 gradients and weights, so those stay on)
-ACTIVATION_KERNELS = ("cpu_depthwise_kernel", "cpu_activation_kernel", "cpu_maxpool_kernel", "cpu_dense_conv_kernel")
+ACTIVATION_KERNELS = ("depthwise_conv", "activations", "max_pool", "dense_conv")
 
 
 #: cells that stay float32 at both AMP levels: MindSpore's O2 black list, GroupNorm, and NanoDet's distance

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from msdet import train_ops
 from msdet.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from msdet.kernels.layer import KernelLayer
 
 #: MindSpore 2.8's graph execution level per device (docs/distributed.md): O0 (kernel by kernel, no fusion) is
 #: what 2.8 picks on CPU by itself and keeps each op's float rounding on every device; O2 (Ascend graph sink)
@@ -15,14 +20,36 @@ from msdet.config import RuntimeConfig
 JIT_LEVEL = {"CPU": "O0", "GPU": "O0", "Ascend": "O0"}
 
 
-def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
-    """Set device target, graph/pynative mode, CPU threads and every seed before any network is built."""
+def wanted_kernels(cfg: RuntimeConfig, kernels: tuple[str, ...]) -> tuple[set[str], list[str]]:
+    """(the kernels of ``kernels`` that ``cfg`` switches on, those of them turned off by its precision): on CPU
+    only, all unless ``runtime.cpu_kernels`` is ``off``, less ``runtime.cpu_kernels_off``, less the float32-only
+    activation kernels at an AMP level."""
+    from msdet.engine.precision import ACTIVATION_KERNELS, is_mixed
+
+    if cfg.device_target != "CPU" or cfg.cpu_kernels == "off":
+        return set(), []
+    wanted = set(kernels) - set(cfg.cpu_kernels_off)
+    amp_off = []
+    if is_mixed(cfg.precision):
+        amp_off = [name for name in kernels if name in ACTIVATION_KERNELS and name in wanted]
+        wanted -= set(ACTIVATION_KERNELS)
+    return wanted, amp_off
+
+
+def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0, kernels: KernelLayer | None = None) -> list[str]:
+    """Set device target, graph/pynative mode, CPU threads and every seed before any network is built.
+
+    ``kernels``: the CPU kernel layer of a training run (``msdet.kernels.layer.for_model(model)``, passed by the train
+    stages only): the kernels of it that ``runtime.cpu_kernels`` / ``cpu_kernels_off`` / the precision leave on
+    are built (those the host cannot build stay off, one printed line each) and used by the networks and steps
+    built from now on. None (evaluation, export, inference, conversion): no kernel, none compiled, none imported
+    (the layer is passed in, not imported here, so that those stages' code deps name no kernel source).
+    Returns the kernels on."""
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's INFO/WARNING logs drown the progress bar
     import mindspore as ms
 
     from msdet.engine.distributed import device_id
-    from msdet.engine.precision import ACTIVATION_KERNELS, ASCEND_PRECISION_MODE, is_mixed
-    from msdet.ops import activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update
+    from msdet.engine.precision import ASCEND_PRECISION_MODE
 
     ms.set_context(mode=ms.GRAPH_MODE if cfg.graph_mode else ms.PYNATIVE_MODE,
                    jit_config={"jit_level": JIT_LEVEL[cfg.device_target]})
@@ -34,24 +61,16 @@ def setup_runtime(cfg: RuntimeConfig, seed_offset: int = 0) -> None:
         ms.device_context.ascend.op_precision.precision_mode(ASCEND_PRECISION_MODE)
     if cfg.cpu_threads:
         ms.set_context(runtime_num_threads=cfg.cpu_threads)
-    cpu = cfg.device_target == "CPU"
-    kernel = {name: getattr(cfg, name) and cpu for name in dir(cfg)
-              if name.startswith("cpu_") and name.endswith("_kernel")}
-    if is_mixed(cfg.precision):
-        off = [name for name in ACTIVATION_KERNELS if kernel[name]]
-        if off:
-            print(f"runtime.precision {cfg.precision}: the float32-only CPU kernels {', '.join(off)} are off",
+    train_ops.clear()
+    on: list[str] = []
+    if kernels is not None:
+        wanted, amp_off = wanted_kernels(cfg, kernels.kernels)
+        if amp_off:
+            print(f"runtime.precision {cfg.precision}: the float32-only CPU kernels {', '.join(amp_off)} are off",
                   flush=True)
-        kernel.update(dict.fromkeys(ACTIVATION_KERNELS, False))
-    dwconv.enable(kernel["cpu_depthwise_kernel"])
-    groupnorm.enable(kernel["cpu_group_norm_kernel"])
-    activations.enable(kernel["cpu_activation_kernel"])
-    sumsq.enable(kernel["cpu_grad_norm_kernel"])
-    update.enable(kernel["cpu_update_kernel"])
-    maxpool.enable(kernel["cpu_maxpool_kernel"])
-    batchnorm.enable(kernel["cpu_batch_norm_kernel"])
-    denseconv.enable(kernel["cpu_dense_conv_kernel"])
+        on = kernels.enable(wanted)
     seed = cfg.seed + seed_offset
     ms.set_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    return on

@@ -50,11 +50,10 @@ from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weigh
 from msdet.engine.distributed import DistInfo, all_gather, from_main, gradient_reducer
 from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
-from msdet.engine.optim import AdamW, clip_grad_norm
+from msdet.engine.optim import AdamW, SquareSum, clip_grad_norm
 from msdet.engine.precision import LossScaling, ScaledLoss, apply_precision, is_mixed
 from msdet.engine.schedules import warmup_cosine
 from msdet.errors import UserError
-from msdet.ops.sumsq import SquareSum
 
 
 class TrainingDiverged(UserError):

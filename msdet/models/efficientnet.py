@@ -11,8 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor, nn
 
-from msdet.models.layers import Conv2dSame, Swish, batch_norm, drop_connect, init_conv_normal_fan_out
-from msdet.ops.activations import PlaneMean, SigmoidGate
+from msdet.models.layers import (
+    Conv2dSame,
+    PlaneMean,
+    SigmoidGate,
+    Swish,
+    batch_norm,
+    drop_connect,
+    init_conv_normal_fan_out,
+)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
+from msdet.models.layers import batch_norm2d, conv2d, group_norm
 from msdet.models.shufflenetv2 import activation_cell
-from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.conv import conv2d
-from msdet.ops.groupnorm import group_norm
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

@@ -1,5 +1,10 @@
-"""Small generic layers shared by the networks: swish (from msdet.ops.activations), TF-"same" conv and max-pool,
-separable conv, BN, init.
+"""Small generic layers shared by the networks: the layers a CPU training graph may run on a kernel (conv,
+BatchNorm, GroupNorm, swish, LeakyReLU, the SE block's mean and gate), TF-"same" conv and max-pool, separable conv,
+init.
+
+The kernel-backed layers are built through :mod:`msdet.train_ops`: MindSpore's own cells unless a kernel layer
+(:mod:`msdet.kernels`, switched on by CPU training only) installed a replacement. Every replacement has the
+parameters, names and eval-mode graph of the cell it replaces.
 
 TF "same" semantics (as TensorFlow and zylo117's ``Conv2dStaticSamePadding``): the output is
 ``ceil(in / stride)`` and the padding total ``max((out - 1) * stride + k - in, 0)`` is split with the extra
@@ -12,9 +17,97 @@ import math
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from msdet.ops.activations import Swish
-from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.conv import conv2d
+from msdet import train_ops
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, pad_mode: str = "same",
+           padding: int = 0, has_bias: bool = False, group: int = 1) -> nn.Conv2d:
+    """``nn.Conv2d(...)`` with these arguments, or the kernel-backed subclass that fits it (``conv2d`` of
+    :mod:`msdet.train_ops`: a dense k x k conv on oneDNN 3, a depthwise 3x3/5x5 on the C++ kernel)."""
+    fast = train_ops.make("conv2d", in_channels, out_channels, kernel_size, stride, pad_mode, padding, has_bias,
+                          group)
+    if fast is not None:
+        return fast
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode=pad_mode, padding=padding,
+                     has_bias=has_bias, group=group)
+
+
+def batch_norm2d(num_features: int, eps: float, momentum: float) -> nn.BatchNorm2d:
+    """``nn.BatchNorm2d`` (MindSpore's momentum: the weight of the old moving value), or its kernel-backed
+    subclass (``batch_norm2d`` of :mod:`msdet.train_ops`, float32 NCHW input)."""
+    fast = train_ops.make("batch_norm2d", num_features, eps, momentum)
+    if fast is not None:
+        return fast
+    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+
+
+def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """``nn.GroupNorm``, or its kernel-backed subclass (``group_norm`` of :mod:`msdet.train_ops`)."""
+    fast = train_ops.make("group_norm", num_groups, num_channels, eps)
+    if fast is not None:
+        return fast
+    return nn.GroupNorm(num_groups, num_channels, eps=eps)
+
+
+class Swish(nn.Cell):
+    """``x * sigmoid(x)`` written out, so export formats without a SiLU op still get it; a training graph built
+    while a kernel provides ``swish`` runs that instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = train_ops.make("swish")
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.fast is not None:
+            return self.fast(x)
+        return x * ops.sigmoid(x)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    """``nn.LeakyReLU`` whose training graph is the ``leaky_relu`` kernel when one is installed, else
+    ``relu(x) - alpha * relu(-x)``: both give PyTorch's values and gradients bit for bit (``0 - alpha * -x`` is
+    ``alpha * x`` exactly; the gradient is ``dy`` or ``alpha * dy`` plus an exact zero), where MindSpore lowers
+    ``nn.LeakyReLU`` to ``Maximum(alpha * x, x)``, whose gradient is two slow ``Select`` kernels. Eval and export
+    keep the one op."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        super().__init__(alpha=alpha)
+        self.fast = train_ops.make("leaky_relu", alpha)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training:
+            if self.fast is not None:
+                return self.fast(x)
+            return ops.relu(x) - self.alpha * ops.relu(-x)
+        return super().construct(x)
+
+
+class PlaneMean(nn.Cell):
+    """The SE block's squeeze, ``mean(x, (2, 3), keep_dims=True)``; the ``plane_mean`` kernel in a training graph
+    built while one is installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = train_ops.make("plane_mean")
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.training and self.fast is not None:
+            return self.fast(x)
+        return ops.mean(x, (2, 3), True)
+
+
+class SigmoidGate(nn.Cell):
+    """The SE block's excitation, ``sigmoid(s) * x``; the ``sigmoid_gate`` kernel in a training graph built while
+    one is installed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = train_ops.make("sigmoid_gate")
+
+    def construct(self, x: Tensor, s: Tensor) -> Tensor:
+        if self.training and self.fast is not None:
+            return self.fast(x, s)
+        return ops.sigmoid(s) * x
 
 
 def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> nn.BatchNorm2d:
@@ -28,7 +121,7 @@ def batch_norm(num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> 
 
 class Conv2dSame(nn.Cell):
     """Conv2d with TF "same" padding; the wrapped conv is ``.conv`` as in zylo117's Conv2dStaticSamePadding
-    (built by :func:`msdet.ops.conv.conv2d`: on a C++ kernel in CPU training where one fits)."""
+    (built by :func:`conv2d`: on a C++ kernel in CPU training where one fits)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  bias: bool = True, groups: int = 1) -> None:
@@ -185,7 +278,8 @@ def convs_of(cell: nn.Cell) -> list[nn.Conv2d]:
 
 
 __all__ = [
-    "Swish", "batch_norm", "Conv2dSame", "MaxPool2dSame", "same_pad_amounts", "zero_pad2d", "upsample_nearest2x",
+    "conv2d", "batch_norm2d", "group_norm", "Swish", "LeakyReLU", "PlaneMean", "SigmoidGate",
+    "batch_norm", "Conv2dSame", "MaxPool2dSame", "same_pad_amounts", "zero_pad2d", "upsample_nearest2x",
     "SeparableConvBlock", "drop_connect", "init_conv_normal_fan_out", "init_conv_variance_scaling",
     "init_conv_glorot_uniform", "convs_of",
 ]

@@ -15,8 +15,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.models.ghostpan import ConvModule, DepthwiseConvModule, GhostPAN, normal_init
+from msdet.models.layers import conv2d
 from msdet.models.shufflenetv2 import ShuffleNetV2
-from msdet.ops.conv import conv2d
 from msdet.ops.distance_coder import Integral
 
 #: class-logit bias of every output conv: sigmoid(-4.595) = 0.01.

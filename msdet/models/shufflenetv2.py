@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from msdet.ops import maxpool
-from msdet.ops.activations import LeakyReLU
-from msdet.ops.batchnorm import batch_norm2d
-from msdet.ops.conv import conv2d
+from msdet import train_ops
+from msdet.models.layers import LeakyReLU, batch_norm2d, conv2d
 
 #: Output channels of conv1 and stages 2-4 per width multiplier.
 STAGE_OUT_CHANNELS = {
@@ -54,8 +52,8 @@ class MaxPool3x3s2p1(nn.Cell):
     def __init__(self) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
-        #: CPU training: the C++ kernel (msdet/ops/maxpool.py), one op each way
-        self.fast = maxpool.MaxPoolKernel(maxpool.KERNEL.library) if maxpool.enabled() else None
+        #: CPU training: the C++ kernel (msdet/kernels/max_pool.py), one op each way
+        self.fast = train_ops.make("max_pool_3x3s2p1")
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training and self.fast is not None:

@@ -11,7 +11,7 @@
 // the element-wise kernels share chunks of 64K elements out over the threads above 1M (parallel_for,
 // parallel.h): element by element, the same result on any number of threads.
 // Built with -fno-trapping-math (else GCC will not vectorise the clamp and the sign select) and -ffp-contract=off
-// (no fused multiply-adds, so the SSE2, AVX2 and AVX-512 copies give the same bits): msdet/ops/activations.py.
+// (no fused multiply-adds, so the SSE2, AVX2 and AVX-512 copies give the same bits): msdet/kernels/activations.py.
 //
 // The SE block (Hu et al. 2018, as EfficientNet's MBConv): m = mean over H, W of x [N, C, H, W]; s = a function of
 // m ([N, C, 1, 1], MindSpore ops); y = x * sigmoid(s). MindSpore runs the mean and its gradient as ReduceMean,
@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "aot.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace {
@@ -74,13 +75,13 @@ int64_t numel(int ndim, const int64_t *shape) {
 
 // One copy per instruction set, picked at load time for the CPU (GCC target_clones): 16 float lanes with AVX-512,
 // 8 with AVX2, 4 otherwise. The element-wise ones work on [begin, end) of their arrays.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 void swish_range(const float *x, float *y, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) y[i] = x[i] * sigmoid(x[i]);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 void swish_grad_range(const float *x, const float *dy, float *dx, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
@@ -89,13 +90,13 @@ void swish_grad_range(const float *x, const float *dy, float *dx, int64_t begin,
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 void leaky_range(const float *x, float slope, float *y, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) y[i] = x[i] > 0.0f ? x[i] : slope * x[i];
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 void leaky_grad_range(const float *x, const float *dy, float slope, float *dx, int64_t begin, int64_t end) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) dx[i] = x[i] > 0.0f ? dy[i] : slope * dy[i];
@@ -161,7 +162,7 @@ float plane_sum(const float *p, int64_t hw) {
   return sum;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 int se_mean_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count, hw;
   if (!float32_args(nparam, 2, dtypes) || !planes(ndims[0], shapes[0], &count, &hw)) return 1;
@@ -171,7 +172,7 @@ int se_mean_forward(int nparam, void **params, int *ndims, int64_t **shapes, con
   return 0;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 int se_mean_grad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count, hw;
   if (!float32_args(nparam, 3, dtypes) || !planes(ndims[0], shapes[0], &count, &hw, ndims[1], shapes[1])) return 1;
@@ -186,7 +187,7 @@ int se_mean_grad(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return 0;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 int se_gate_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count, hw;
   if (!float32_args(nparam, 3, dtypes) || !planes(ndims[0], shapes[0], &count, &hw, ndims[1], shapes[1])) return 1;
@@ -204,7 +205,7 @@ int se_gate_forward(int nparam, void **params, int *ndims, int64_t **shapes, con
 }
 
 // inputs (s, dy): dx = dy * sigmoid(s)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 int se_gate_grad_input(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count, hw;
   if (!float32_args(nparam, 3, dtypes) || !planes(ndims[1], shapes[1], &count, &hw, ndims[0], shapes[0])) return 1;
@@ -222,7 +223,7 @@ int se_gate_grad_input(int nparam, void **params, int *ndims, int64_t **shapes, 
 }
 
 // inputs (x, s, dy): ds = sigmoid(s) (1 - sigmoid(s)) sum_{h,w} dy * x
-__attribute__((target_clones("avx512f", "avx2", "default")))
+MSDET_CLONES
 int se_gate_grad_gate(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   int64_t count, hw;
   if (!float32_args(nparam, 4, dtypes) || !planes(ndims[0], shapes[0], &count, &hw, ndims[1], shapes[1])) return 1;

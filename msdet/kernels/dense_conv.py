@@ -1,37 +1,29 @@
-"""Dense convolutions on oneDNN 3's blocked kernels (``denseconv.cc``) for CPU training.
+"""Dense convolutions on oneDNN 3's blocked kernels (``dense_conv.cc``) for CPU training.
 
 MindSpore 2.8 runs its CPU convolutions on its bundled oneDNN 2.2 with plain NCHW tensors, which gets oneDNN's
 im2col + GEMM path: 1.4-1.6x the time of PyTorch's (oneDNN 3, blocked layouts) at NanoDet-Plus's aux-head convs,
 3-7x at its narrow output convs, and most of NanoDet-Plus's remaining gap to the official code
 (docs/performance.md). A training graph on CPU runs a dense conv as one ``mindspore.ops.Custom`` "aot" primitive
 whose ``bprop`` is one op computing both gradients; the library is compiled with g++ at first use against pip's
-``onednn-cpu-gomp`` (requirements.txt). Inference and exported graphs (``set_train(False)``) keep MindSpore's
-``Conv2D``, as do GPU and Ascend. ``enable(True)`` before building a network turns it on (``setup_runtime`` does,
-from ``runtime.cpu_dense_conv_kernel``); without g++ or oneDNN's headers the standard op is used after a warning.
+``onednn-cpu-gomp`` (requirements.txt), and stays off without its headers. Inference and exported graphs
+(``set_train(False)``) keep MindSpore's ``Conv2D``, as do GPU and Ascend. The ``conv2d`` part of
+:mod:`msdet.train_ops` for the convs it fits (:func:`fits`); the depthwise kernel's factory comes after this one.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
-from msdet.ops import native
+from msdet.kernels.library import KernelLibrary
 
 _PREFIX = Path(sys.prefix)
-KERNEL = native.Kernel(Path(__file__).with_name("denseconv.cc"), "dense convs keep MindSpore's CPU kernels",
-                       flags=(f"-I{_PREFIX / 'include'}", f"-L{_PREFIX / 'lib'}", f"-Wl,-rpath,{_PREFIX / 'lib'}",
-                              # Debian's g++ links --as-needed, and flags precede the source
-                              "-Wl,--no-as-needed", "-ldnnl", "-lgomp"))
-
-
-def enable(on: bool) -> bool:
-    """Switch the C++ kernel for networks built from now on; returns whether it is on (see ``native.Kernel``)."""
-    return KERNEL.enable(on)
-
-
-def enabled() -> bool:
-    return KERNEL.on
+LIBRARY = KernelLibrary("dense_conv", Path(__file__).with_suffix(".cc"), "dense convs keep MindSpore's CPU kernels",
+                        flags=(f"-I{_PREFIX / 'include'}", f"-L{_PREFIX / 'lib'}", f"-Wl,-rpath,{_PREFIX / 'lib'}",
+                               # Debian's g++ links --as-needed, and flags precede the source
+                               "-Wl,--no-as-needed", "-ldnnl", "-lgomp"),
+                        requires=(_PREFIX / "include" / "oneapi" / "dnnl" / "dnnl.hpp",))
 
 
 class DenseConv(nn.Cell):
@@ -39,13 +31,12 @@ class DenseConv(nn.Cell):
     C++ gradients as its ``bprop``. ``same``: TF "same" padding (MindSpore's ``pad_mode="same"``); otherwise
     ``(k - 1) / 2`` on every side. One op name per geometry: MindSpore keeps one shape function per name."""
 
-    def __init__(self, kernel_size: int, stride: int, same: bool, library: Path) -> None:
+    def __init__(self, kernel_size: int, stride: int, same: bool) -> None:
         super().__init__()
         if kernel_size % 2 == 0 or stride not in (1, 2):
             raise ValueError(f"dense conv kernel: size must be odd and stride 1 or 2, got {kernel_size}, {stride}")
         name = f"s{stride}_{'same' if same else 'half'}"
-        grad = ops.Custom(f"{library}:conv_bwd_{name}", out_shape=lambda x, w, dy: (x, w),
-                          out_dtype=lambda x, w, dy: (x, w), func_type="aot")
+        grad = LIBRARY.op(f"conv_bwd_{name}", out_shape=lambda x, w, dy: (x, w), out_dtype=lambda x, w, dy: (x, w))
 
         def bprop(x, w, out, dout):
             return grad(x, w, dout)
@@ -53,8 +44,7 @@ class DenseConv(nn.Cell):
         def out_shape(x, w):  # both paddings give ceil(size / stride) for an odd k
             return [x[0], w[0], -(-x[2] // stride), -(-x[3] // stride)]
 
-        self.conv = ops.Custom(f"{library}:conv_fwd_{name}", out_shape=out_shape, out_dtype=lambda x, w: x,
-                               func_type="aot", bprop=bprop)
+        self.conv = LIBRARY.op(f"conv_fwd_{name}", out_shape=out_shape, bprop=bprop)
 
     def construct(self, x: Tensor, w: Tensor) -> Tensor:
         return self.conv(x, w)
@@ -65,10 +55,10 @@ class FastDenseConv2d(nn.Conv2d):
     (then the bias, if any); in eval mode it is the plain ``nn.Conv2d``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, pad_mode: str,
-                 padding: int, has_bias: bool, library: Path) -> None:
+                 padding: int, has_bias: bool) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode=pad_mode, padding=padding,
                          has_bias=has_bias)
-        self.fast = DenseConv(kernel_size, stride, pad_mode == "same", library)
+        self.fast = DenseConv(kernel_size, stride, pad_mode == "same")
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -80,7 +70,19 @@ class FastDenseConv2d(nn.Conv2d):
 
 
 def fits(kernel_size: int, stride: int, pad_mode: str, padding: int, group: int) -> bool:
-    """Whether ``FastDenseConv2d`` stands in: enabled; group 1; an odd square kernel k > 1; stride 1 or 2; "same"
+    """Whether the kernel computes this conv: dense (group 1), odd square kernel k > 1; stride 1 or 2; "same"
     padding or ``(k - 1) / 2``. 1x1 convs stay MindSpore's: its GEMM path is as fast there (docs/performance.md)."""
-    return (enabled() and group == 1 and isinstance(kernel_size, int) and kernel_size > 1 and kernel_size % 2 == 1
+    return (group == 1 and isinstance(kernel_size, int) and kernel_size > 1 and kernel_size % 2 == 1
             and stride in (1, 2) and (pad_mode == "same" or (pad_mode == "pad" and padding == (kernel_size - 1) // 2)))
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, pad_mode: str = "same",
+           padding: int = 0, has_bias: bool = False, group: int = 1) -> FastDenseConv2d | None:
+    """``FastDenseConv2d`` for a conv the kernel fits, else None."""
+    if not fits(kernel_size, stride, pad_mode, padding, group):
+        return None
+    return FastDenseConv2d(in_channels, out_channels, kernel_size, stride, pad_mode, padding, has_bias)
+
+
+#: the parts of msdet.train_ops this kernel provides
+REPLACEMENTS = {"conv2d": conv2d}

@@ -19,10 +19,11 @@
 #include <cstring>
 
 #include "aot.h"
+#include "isa.h"
 
 namespace {
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+MSDET_CLONES_LEVEL
 void adamw_one(float *p, float *m, float *v, const float *g, int64_t n, float lr, float beta1_minus,
                float beta2_minus, float eps, float decay) {
 #pragma omp simd
@@ -35,7 +36,7 @@ void adamw_one(float *p, float *m, float *v, const float *g, int64_t n, float lr
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+MSDET_CLONES_LEVEL
 void ema_one(float *s, const float *x, int64_t n, float rate) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) s[i] -= rate * (s[i] - x[i]);

@@ -1,11 +1,9 @@
-"""Training-mode BatchNorm whose gradient is a compiled C++ kernel (``batchnorm.cc``), for CPU training.
+"""Training-mode BatchNorm whose gradient is a compiled C++ kernel (``batch_norm.cc``), for CPU training.
 
 MindSpore 2.8's CPU ``BatchNormGrad`` takes about 3x PyTorch's time (docs/performance.md). A training graph on
 CPU runs MindSpore's own ``BatchNorm`` forward (batch statistics, and the in-place update of the moving ones)
 inside a cell whose ``bprop`` is the C++ gradient, fed with the mean and variance the forward saved; inference,
-GPU and Ascend keep ``nn.BatchNorm2d``. ``enable(True)`` before building a network turns it on
-(``setup_runtime`` does, from ``runtime.cpu_batch_norm_kernel``); without g++ the standard op is used after a
-warning.
+GPU and Ascend keep ``nn.BatchNorm2d``. The ``batch_norm2d`` part of :mod:`msdet.train_ops`.
 """
 from __future__ import annotations
 
@@ -14,30 +12,21 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from msdet.ops import native
+from msdet.kernels.library import KernelLibrary
 
-KERNEL = native.Kernel(Path(__file__).with_name("batchnorm.cc"), "BatchNorm keeps MindSpore's gradient")
-
-
-def enable(on: bool) -> bool:
-    """Switch the C++ kernel for networks built from now on; returns whether it is on (see ``native.Kernel``)."""
-    return KERNEL.enable(on)
-
-
-def enabled() -> bool:
-    return KERNEL.on
+LIBRARY = KernelLibrary("batch_norm", Path(__file__).with_suffix(".cc"), "BatchNorm keeps MindSpore's gradient")
 
 
 class BatchNormTrain(nn.Cell):
     """``primitive(x, gamma, beta, moving_mean, moving_variance)`` (a training ``ops.BatchNorm``) with the C++
     gradient as ``bprop``; ``primitive`` is the BN cell's own, swapped by precise-BN recalibration."""
 
-    def __init__(self, primitive: ops.Primitive, eps: float, library: Path) -> None:
+    def __init__(self, primitive: ops.Primitive, eps: float) -> None:
         super().__init__()
         self.primitive = primitive
         self.cfg = Tensor([eps], ms.float32)
-        self.grad = ops.Custom(f"{library}:bn_bwd", out_shape=lambda x, dy, g, m, v, cfg: (x, g, g),
-                               out_dtype=lambda x, dy, g, m, v, cfg: (x, x, x), func_type="aot")
+        self.grad = LIBRARY.op("bn_bwd", out_shape=lambda x, dy, g, m, v, cfg: (x, g, g),
+                               out_dtype=lambda x, dy, g, m, v, cfg: (x, x, x))
 
     def construct(self, x, gamma, beta, moving_mean, moving_variance):
         return self.primitive(x, gamma, beta, moving_mean, moving_variance)
@@ -52,9 +41,9 @@ class FastBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, names and checkpoint layout) whose training graph differentiates
     through :class:`BatchNormTrain`; in eval mode it is the plain ``nn.BatchNorm2d``."""
 
-    def __init__(self, num_features: int, eps: float, momentum: float, library: Path) -> None:
+    def __init__(self, num_features: int, eps: float, momentum: float) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.fast = BatchNormTrain(self.bn_train, eps, library)
+        self.fast = BatchNormTrain(self.bn_train, eps)
 
     def set_train_primitive(self, primitive: ops.Primitive) -> None:
         """Use ``primitive`` as the training BatchNorm (precise-BN recalibration runs one with momentum 1)."""
@@ -67,9 +56,5 @@ class FastBatchNorm2d(nn.BatchNorm2d):
         return super().construct(x)
 
 
-def batch_norm2d(num_features: int, eps: float, momentum: float) -> nn.BatchNorm2d:
-    """``nn.BatchNorm2d`` (MindSpore's momentum: the weight of the old moving value), or ``FastBatchNorm2d``
-    when enabled (float32 NCHW input)."""
-    if enabled():
-        return FastBatchNorm2d(num_features, eps, momentum, KERNEL.library)
-    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+#: the parts of msdet.train_ops this kernel provides (float32 NCHW input)
+REPLACEMENTS = {"batch_norm2d": FastBatchNorm2d}
