@@ -248,39 +248,39 @@ def test_stage_records_the_ap_table_and_the_example_reproduces_its_detections(ti
     assert len(list(out.glob("*.png"))) == 8
 
 
-@pytest.mark.slow
-@pytest.mark.detector
-def test_stage_fails_on_an_end_to_end_model_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
-    """The graph without the rescale to original pixels: the stage's check fails it, one line, and the
-    previous export is left as it was."""
-    from msdet.export import graph
+def _assert_stage_fails_on(file_name: str, repo, monkeypatch, capsys) -> None:
+    """The export stage, with a model broken by the caller's patch, fails in one line naming ``file_name``
+    and leaves the previous export as it was."""
     from stages import export as export_stage
 
-    repo, _ = tiny_export
     export = repo / "models" / "nanodet" / "export"
     before = {p.name: p.read_bytes() for p in export.iterdir()}
     monkeypatch.chdir(repo)
-    monkeypatch.setattr(graph, "_scale", lambda b, orig_size, size, resize: (
-        b.const([1.0] * 4), b.op("Concat", [b.op("Gather", [b.reshape(orig_size, [2]), b.const([1, 0], np.int64)],
-                                                 axis=0)] * 2, axis=0)))
     assert export_stage.main(["--model", "nanodet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: export/model_e2e.onnx: its detections differ from msdet's post-processing") \
+    assert err.startswith(f"error: export/{file_name}: its detections differ from msdet's post-processing") \
         and "\n" not in err, err
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
 
 
 @pytest.mark.slow
-def test_stage_fails_on_an_end_to_end_mindir_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
-    """The MINDIR cell with a wrong preprocessing scale: the stage's check fails it, one line, and the
-    previous export is left as it was."""
-    from msdet.export import mindir_graph
-    from stages import export as export_stage
+@pytest.mark.detector
+def test_stage_fails_on_an_end_to_end_model_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
+    """The graph without the rescale to original pixels."""
+    from msdet.export import graph
 
-    repo, _ = tiny_export
-    export = repo / "models" / "nanodet" / "export"
-    before = {p.name: p.read_bytes() for p in export.iterdir()}
-    monkeypatch.chdir(repo)
+    monkeypatch.setattr(graph, "_scale", lambda b, orig_size, size, resize: (
+        b.const([1.0] * 4), b.op("Concat", [b.op("Gather", [b.reshape(orig_size, [2]), b.const([1, 0], np.int64)],
+                                                 axis=0)] * 2, axis=0)))
+    _assert_stage_fails_on("model_e2e.onnx", tiny_export[0], monkeypatch, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.detector
+def test_stage_fails_on_an_end_to_end_mindir_that_maps_boxes_wrongly(tiny_export, monkeypatch, capsys):
+    """The MINDIR cell with a wrong preprocessing scale."""
+    from msdet.export import mindir_graph
+
     init = mindir_graph.EndToEndCell.__init__
 
     def wrong_scale(self, *args, **kwargs):
@@ -288,8 +288,4 @@ def test_stage_fails_on_an_end_to_end_mindir_that_maps_boxes_wrongly(tiny_export
         self.size *= 2.0
 
     monkeypatch.setattr(mindir_graph.EndToEndCell, "__init__", wrong_scale)
-    assert export_stage.main(["--model", "nanodet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: export/model_e2e.mindir: its detections differ from msdet's post-processing") \
-        and "\n" not in err, err
-    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    _assert_stage_fails_on("model_e2e.mindir", tiny_export[0], monkeypatch, capsys)
