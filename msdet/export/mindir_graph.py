@@ -29,48 +29,43 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from msdet.export.graph import RESIZE_MODES, Selection, _static_rows
+from msdet.ops.box_coder import decode
+from msdet.ops.distance_coder import Integral, distance2bbox
 
 
 class _DecodeD0(nn.Cell):
-    """(regression (dy, dx, dh, dw) [1, A, 4], probabilities [1, A, C]) -> boxes [A, 4], scores [A, C]."""
+    """(regression (dy, dx, dh, dw) [1, A, 4], probabilities [1, A, C]) -> boxes [A, 4] (``box_coder.decode``,
+    clipped to the input), scores [A, C]."""
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
-        anchors = np.asarray(detector.anchors, np.float64)
-        wh = anchors[:, 2:] - anchors[:, :2]
-        self.wh = Tensor(wh.astype(np.float32))
-        self.centre = Tensor((anchors[:, :2] + 0.5 * wh).astype(np.float32))
+        self.anchors = Tensor(np.asarray(detector.anchors, np.float32))
         self.size = float(detector.input_size)
-        self.shape = (anchors.shape[0], int(detector.num_classes))
+        self.shape = (self.anchors.shape[0], int(detector.num_classes))
 
     def construct(self, regression: Tensor, probabilities: Tensor) -> tuple[Tensor, Tensor]:
-        reg = regression.reshape(-1, 4)
-        d_xy = ops.stack([reg[:, 1], reg[:, 0]], axis=1)
-        d_wh = ops.stack([reg[:, 3], reg[:, 2]], axis=1)
-        c = d_xy * self.wh + self.centre
-        half = ops.exp(d_wh) * self.wh * 0.5
-        boxes = ops.clamp(ops.concat([c - half, c + half], axis=1), 0.0, self.size)
+        boxes = ops.clamp(decode(regression.reshape(-1, 4), self.anchors), 0.0, self.size)
         return boxes, probabilities.reshape(self.shape)
 
 
 class _DecodeNanoDet(nn.Cell):
-    """[1, P, C + 4 (reg_max + 1)] -> boxes [P, 4], scores [P, C] (softmax expectation times the stride)."""
+    """[1, P, C + 4 (reg_max + 1)] -> boxes [P, 4] (``Integral`` times the stride, ``distance2bbox`` clipped to
+    the input), scores [P, C]."""
 
     def __init__(self, detector: Any) -> None:
         super().__init__()
         priors = np.asarray(detector.priors, np.float32)
-        self.c, self.bins, self.p = int(detector.num_classes), int(detector.reg_max) + 1, priors.shape[0]
+        self.c, self.p = int(detector.num_classes), priors.shape[0]
+        self.width = self.c + 4 * (int(detector.reg_max) + 1)
         self.points = Tensor(priors[:, :2])
         self.stride = Tensor(priors[:, 2:3])
-        self.project = Tensor(np.arange(self.bins, dtype=np.float32).reshape(self.bins, 1))
-        self.size = float(detector.input_size)
+        self.integral = Integral(int(detector.reg_max))
+        self.size = (int(detector.input_size),) * 2
 
     def construct(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        out = out.reshape(self.p, self.c + 4 * self.bins)
-        reg = out[:, self.c:].reshape(-1, self.bins)
-        dist = ops.matmul(ops.softmax(reg, axis=1), self.project).reshape(-1, 4) * self.stride
-        boxes = ops.concat([self.points - dist[:, :2], self.points + dist[:, 2:]], axis=1)
-        return ops.clamp(boxes, 0.0, self.size), out[:, :self.c]
+        out = out.reshape(self.p, self.width)
+        dist = self.integral(out[:, self.c:]) * self.stride
+        return distance2bbox(self.points, dist, self.size), out[:, :self.c]
 
 
 DECODERS = {"d0": _DecodeD0, "nanodet": _DecodeNanoDet}
