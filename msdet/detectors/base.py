@@ -46,6 +46,10 @@ class Detector(Protocol):
     def decode(self, outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Official-layout outputs -> (boxes [B, A, 4] x1y1x2y2 in input pixels, scores [B, A, C] in [0, 1])."""
 
+    def decode_cell(self) -> nn.Cell:
+        """:meth:`decode` as a MindSpore cell for batch 1: official-layout outputs -> (boxes [A, 4], scores [A, C])
+        (the end-to-end MINDIR, ``msdet.export.mindir_graph``)."""
+
     def weights_meta(self) -> dict[str, Any]:
         """What must travel with the weights for their outputs to decode the same (D0: its anchors); saved in
         every checkpoint, the model card and the export report."""

@@ -27,7 +27,7 @@ from msdet.config import D0Config
 from msdet.losses.focal import huber_loss, sigmoid_focal_loss
 from msdet.models.efficientdet import D0_SPEC, EfficientDet, EfficientDetInference
 from msdet.ops.anchors import AnchorSpec, efficientdet_anchors
-from msdet.ops.box_coder import decode_np, encode
+from msdet.ops.box_coder import decode, decode_np, encode
 
 if TYPE_CHECKING:
     from msdet.conversion.pretrained import BackboneLoad
@@ -71,6 +71,21 @@ class D0LossCell(nn.Cell):
         if self.return_normaliser:
             return total, ops.stack([total, cls_loss, box_loss]), count
         return total, ops.stack([total, cls_loss, box_loss])
+
+
+class D0Decode(nn.Cell):
+    """(regression (dy, dx, dh, dw) [1, A, 4], probabilities [1, A, C]) -> boxes [A, 4] (``box_coder.decode``,
+    clipped to the input), scores [A, C]: :meth:`D0Detector.decode` in MindSpore, for the end-to-end MINDIR."""
+
+    def __init__(self, anchors: np.ndarray, input_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.anchors = Tensor(np.asarray(anchors, np.float32))
+        self.size = float(input_size)
+        self.shape = (self.anchors.shape[0], int(num_classes))
+
+    def construct(self, regression: Tensor, probabilities: Tensor) -> tuple[Tensor, Tensor]:
+        boxes = ops.clamp(decode(regression.reshape(-1, 4), self.anchors), 0.0, self.size)
+        return boxes, probabilities.reshape(self.shape)
 
 
 class D0Detector:
@@ -144,6 +159,9 @@ class D0Detector:
                              f"{self.anchors.shape[0]} for input size {self.input_size}")
         boxes = np.clip(decode_np(regression, self.anchors[None]), 0.0, float(self.input_size))
         return boxes.astype(np.float32), scores.astype(np.float32)
+
+    def decode_cell(self) -> nn.Cell:
+        return D0Decode(self.anchors, self.input_size, self.num_classes)
 
     def class_head_param_names(self, network: nn.Cell) -> list[str]:
         """The class net's output conv: its shape is 9 x num_classes."""

@@ -28,7 +28,7 @@ from msdet.engine.distributed import RankMean
 from msdet.losses.gfocal import distribution_focal_loss, quality_focal_loss_dense
 from msdet.losses.iou_loss import giou_loss
 from msdet.models.nanodet_plus import NANODET_PLUS_M, NanoDetPlus, NanoDetPlusInference
-from msdet.ops.distance_coder import bbox2distance, distance2bbox, distance2bbox_np, integral_np
+from msdet.ops.distance_coder import Integral, bbox2distance, distance2bbox, distance2bbox_np, integral_np
 from msdet.ops.priors import center_priors
 
 if TYPE_CHECKING:
@@ -116,6 +116,26 @@ class NanoDetLossCell(nn.Cell):
         return total, parts
 
 
+class NanoDetDecode(nn.Cell):
+    """[1, P, C + 4 (reg_max + 1)] -> boxes [P, 4] (``Integral`` times the stride, ``distance2bbox`` clipped to
+    the input), scores [P, C]: :meth:`NanoDetDetector.decode` in MindSpore, for the end-to-end MINDIR."""
+
+    def __init__(self, priors: np.ndarray, input_size: int, num_classes: int, reg_max: int) -> None:
+        super().__init__()
+        priors = np.asarray(priors, np.float32)
+        self.c, self.p = int(num_classes), priors.shape[0]
+        self.width = self.c + 4 * (int(reg_max) + 1)
+        self.points = Tensor(priors[:, :2])
+        self.stride = Tensor(priors[:, 2:3])
+        self.integral = Integral(int(reg_max))
+        self.size = (int(input_size),) * 2
+
+    def construct(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        out = out.reshape(self.p, self.width)
+        dist = self.integral(out[:, self.c:]) * self.stride
+        return distance2bbox(self.points, dist, self.size), out[:, :self.c]
+
+
 class NanoDetDetector:
     """NanoDet-Plus-m for ``num_classes`` classes at ``cfg.input_size`` (a multiple of 64)."""
 
@@ -172,6 +192,9 @@ class NanoDetDetector:
         dist = integral_np(out[..., c:], self.reg_max) * self.priors[None, :, 2:3]
         boxes = distance2bbox_np(self.priors[None, :, :2], dist, (self.input_size, self.input_size))
         return boxes.astype(np.float32), out[..., :c].astype(np.float32)
+
+    def decode_cell(self) -> nn.Cell:
+        return NanoDetDecode(self.priors, self.input_size, self.num_classes, self.reg_max)
 
     def official_name_map(self, network: nn.Cell) -> dict[str, str]:
         """RangiLyu's state-dict keys: our cell tree mirrors the official module tree."""

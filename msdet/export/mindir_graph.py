@@ -3,7 +3,8 @@
 It computes what ``msdet.export.graph`` appends to the ONNX model, with static shapes and MindSpore's
 ``ops.NMSWithMask`` for the NMS:
 
-1. decode the raw outputs to boxes [A, 4] in input pixels, clipped to [0, S] (``Detector.decode``);
+1. decode the raw outputs to boxes [A, 4] in input pixels, clipped to [0, S] (``Detector.decode_cell``, the
+   MindSpore twin of ``Detector.decode``);
 2. the ``pre_nms_top_k`` best (anchor, class) scores (``ops.TopK``); those at or below ``score_threshold``
    are marked invalid;
 3. boxes divided by the preprocessing scale (from ``orig_size`` = (h, w) and the resize mode), clipped to
@@ -25,50 +26,9 @@ from __future__ import annotations
 from typing import Any
 
 import mindspore as ms
-import numpy as np
 from mindspore import Tensor, nn, ops
 
 from msdet.export.graph import RESIZE_MODES, Selection, _static_rows
-from msdet.ops.box_coder import decode
-from msdet.ops.distance_coder import Integral, distance2bbox
-
-
-class _DecodeD0(nn.Cell):
-    """(regression (dy, dx, dh, dw) [1, A, 4], probabilities [1, A, C]) -> boxes [A, 4] (``box_coder.decode``,
-    clipped to the input), scores [A, C]."""
-
-    def __init__(self, detector: Any) -> None:
-        super().__init__()
-        self.anchors = Tensor(np.asarray(detector.anchors, np.float32))
-        self.size = float(detector.input_size)
-        self.shape = (self.anchors.shape[0], int(detector.num_classes))
-
-    def construct(self, regression: Tensor, probabilities: Tensor) -> tuple[Tensor, Tensor]:
-        boxes = ops.clamp(decode(regression.reshape(-1, 4), self.anchors), 0.0, self.size)
-        return boxes, probabilities.reshape(self.shape)
-
-
-class _DecodeNanoDet(nn.Cell):
-    """[1, P, C + 4 (reg_max + 1)] -> boxes [P, 4] (``Integral`` times the stride, ``distance2bbox`` clipped to
-    the input), scores [P, C]."""
-
-    def __init__(self, detector: Any) -> None:
-        super().__init__()
-        priors = np.asarray(detector.priors, np.float32)
-        self.c, self.p = int(detector.num_classes), priors.shape[0]
-        self.width = self.c + 4 * (int(detector.reg_max) + 1)
-        self.points = Tensor(priors[:, :2])
-        self.stride = Tensor(priors[:, 2:3])
-        self.integral = Integral(int(detector.reg_max))
-        self.size = (int(detector.input_size),) * 2
-
-    def construct(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        out = out.reshape(self.p, self.width)
-        dist = self.integral(out[:, self.c:]) * self.stride
-        return distance2bbox(self.points, dist, self.size), out[:, :self.c]
-
-
-DECODERS = {"d0": _DecodeD0, "nanodet": _DecodeNanoDet}
 
 
 class EndToEndCell(nn.Cell):
@@ -79,10 +39,10 @@ class EndToEndCell(nn.Cell):
         super().__init__()
         if resize not in RESIZE_MODES:
             raise ValueError(f"resize mode {resize!r}: expected one of {RESIZE_MODES}")
-        name = getattr(detector, "name", "")
-        if name not in DECODERS:
-            raise ValueError(f"no MindSpore decoding for detector {name!r} (known: {', '.join(DECODERS)})")
-        self.inference, self.decode = inference, DECODERS[name](detector)
+        if not hasattr(detector, "decode_cell"):
+            raise ValueError(f"detector {getattr(detector, 'name', detector)!r} has no MindSpore decoding "
+                             "(decode_cell)")
+        self.inference, self.decode = inference, detector.decode_cell()
         self.num_classes = int(detector.num_classes)
         self.k0 = min(int(selection.pre_nms_top_k), _static_rows(detector) * self.num_classes)
         self.max_det = min(int(selection.max_detections), self.k0)
