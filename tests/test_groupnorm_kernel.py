@@ -88,10 +88,10 @@ def test_output_and_gradients_equal_the_reference_and_mindspore(fast, shape):
 
 
 def test_threaded_result_is_the_single_threaded_one(fast):
-    """8 x 64 x 48 x 48 (1.2M values) runs on both cores (parallel.h), one sample (147K) on one: every sample's
-    output and input gradient are the same bits either way, and the affine gradients, summed over the samples in
-    the same order, too."""
-    x, dy, gamma, beta = _inputs((8, 64, 48, 48, 32), seed=5)
+    """8 x 64 x 24 x 24 (295K values) runs on both cores (parallel.h, over 128K), one sample (37K) on one: every
+    sample's output and input gradient are the same bits either way, and the affine gradients, summed over the
+    samples in the same order, too."""
+    x, dy, gamma, beta = _inputs((8, 64, 24, 24, 32), seed=5)
     whole = _run(_cell(layers.group_norm, 32, 64, gamma, beta), x, dy)
     parts = [_run(_cell(layers.group_norm, 32, 64, gamma, beta), x[i:i + 1], dy[i:i + 1]) for i in range(8)]
     np.testing.assert_array_equal(whole[0], np.concatenate([p[0] for p in parts]))
@@ -129,3 +129,32 @@ def test_without_gxx_mindspores_group_norm_is_used(monkeypatch, capsys):
                                       "CPU kernel\n"
     with kernels_off():
         assert type(layers.group_norm(4, 8)) is nn.GroupNorm
+
+
+@pytest.mark.parametrize("act", ["leaky_relu", "swish"])
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7, 4), (8, 64, 24, 24, 32)])  # one thread / two
+def test_fused_activation_equals_the_reference_and_mindspore(fast, shape, act):
+    """GroupNorm + the activation marked after it (norm_act) as one op each way: the float64 reference of
+    act(GroupNorm(x)) and its gradients, and MindSpore's GroupNorm followed by the activation cell."""
+    from tests.test_batchnorm_kernel import _act, _activation, _NormAct
+
+    x, dy, gamma, beta = _inputs(shape, seed=3)
+    groups, channels = shape[4], shape[1]
+    results = []
+    for cls, fuse in ((layers.group_norm, True), (nn.GroupNorm, False)):
+        norm, activation = _cell(cls, groups, channels, gamma, beta), _activation(act)
+        if fuse:
+            layers.norm_act(norm, activation)
+            assert activation.fused_into_norm and norm.activation == act
+        net = _NormAct(norm, activation)
+        net.set_train(True)
+        dx, (dgamma, dbeta) = ms.jit(ms.grad(Weighted(net, dy), 0, [norm.gamma, norm.beta]))(Tensor(x))
+        results.append([net(Tensor(x)).asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()])
+    xhat = _reference(x.astype(np.float64), np.ones(channels), np.zeros(channels), groups)
+    y, dact = _act(act, xhat * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1))
+    g = dy * dact
+    np.testing.assert_allclose(results[0][0], y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[0][2], (g * xhat).sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(results[0][3], g.sum((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    for mine, theirs, name in zip(*results, ("y", "dx", "dgamma", "dbeta")):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -8,7 +8,7 @@
 //   s = 1 / (1 + exp(-x)),  y = x * s,  dx = dy * s * (1 + x * (1 - s))
 // exp is exp_nonpositive below, vectorised (SIMD), where std::exp would be a scalar library call per element.
 // 0.5 ns per element and thread with AVX-512 (D0's largest swish input, 8 x 96 x 32 x 32, in ~0.4 ms on one);
-// the element-wise kernels share chunks of 64K elements out over the threads above 1M (parallel_for,
+// the element-wise kernels share chunks of 64K elements out over the threads above 256K (parallel_for,
 // parallel.h): element by element, the same result on any number of threads.
 // Built with -fno-trapping-math (else GCC will not vectorise the clamp and the sign select) and -ffp-contract=off
 // (no fused multiply-adds, so the SSE2, AVX2 and AVX-512 copies give the same bits): msdet/kernels/activations.py.
@@ -33,6 +33,7 @@
 #include "aot.h"
 #include "isa.h"
 #include "parallel.h"
+#include "activation.h"
 
 namespace {
 
@@ -40,37 +41,6 @@ int64_t numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];
   return n;
-}
-
-// e^x for x <= 0, relative error ~2e-7 (Cephes expf): x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
-// constants), e^r by its degree-7 polynomial, 2^n written into the exponent bits. x is clamped to >= -87.3, where
-// 2^n is still a normal float (e^-87.3 = 1.2e-38: nothing next to the 1 it is added to).
-[[gnu::always_inline]] inline float exp_nonpositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  int32_t bits;
-  std::memcpy(&bits, &t, sizeof bits);
-  const int32_t scale_bits = (bits - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * scale;
-}
-
-// 1 / (1 + e^-x) from e = e^-|x| <= 1, so the exponential never overflows: e / (1 + e) for x < 0.
-[[gnu::always_inline]] inline float sigmoid(float x) {
-  const float e = exp_nonpositive(-std::fabs(x));
-  const float r = 1.0f / (1.0f + e);
-  return x >= 0.0f ? r : e * r;
 }
 
 // One copy per instruction set, picked at load time for the CPU (GCC target_clones): 16 float lanes with AVX-512,
@@ -105,7 +75,7 @@ void leaky_grad_range(const float *x, const float *dy, float slope, float *dx, i
 // fn(begin, end) over [0, n) in chunks, on the threads of parallel_for
 template <class Fn>
 void for_each_chunk(int64_t n, Fn fn) {
-  constexpr int64_t kChunk = int64_t{1} << 16, kValuesPerThread = int64_t{1} << 20;
+  constexpr int64_t kChunk = int64_t{1} << 16, kValuesPerThread = int64_t{1} << 17;
   parallel_for((n + kChunk - 1) / kChunk, n, kValuesPerThread,
                [&](int64_t k) { fn(k * kChunk, std::min(n, (k + 1) * kChunk)); });
 }

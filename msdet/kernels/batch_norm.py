@@ -1,9 +1,13 @@
-"""Training-mode BatchNorm whose gradient is a compiled C++ kernel (``batch_norm.cc``), for CPU training.
+"""Training-mode BatchNorm, fused with the activation that follows it, as compiled C++ kernels
+(``batch_norm.cc``) for CPU training.
 
-MindSpore 2.8's CPU ``BatchNormGrad`` takes about 3x PyTorch's time (docs/performance.md). A training graph on
-CPU runs MindSpore's own ``BatchNorm`` forward (batch statistics, and the in-place update of the moving ones)
-inside a cell whose ``bprop`` is the C++ gradient, fed with the mean and variance the forward saved; inference,
-GPU and Ascend keep ``nn.BatchNorm2d``. The ``batch_norm2d`` part of :mod:`msdet.train_ops`.
+MindSpore 2.8 on CPU runs a BatchNorm forward at about twice PyTorch's time and its gradient at three times,
+and each BatchNorm + activation pair as four kernels a step (docs/performance.md). A training graph on CPU runs
+the pair as one ``Custom`` op each way: the forward normalises with the batch statistics, applies the activation
+and updates the moving statistics in place, as MindSpore's ``BatchNorm`` does; its ``bprop`` recomputes the
+pre-activation and returns the gradients of the input, gamma and beta. A network marks a pair with
+:func:`msdet.models.layers.norm_act`; a BatchNorm with no activation marked runs the same op with none.
+Inference, GPU and Ascend keep ``nn.BatchNorm2d``. The ``batch_norm2d`` part of :mod:`msdet.train_ops`.
 """
 from __future__ import annotations
 
@@ -12,47 +16,53 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from msdet.kernels.library import KernelLibrary
+from msdet.kernels.library import ACTIVATION_CODES, KernelLibrary
 
-LIBRARY = KernelLibrary("batch_norm", Path(__file__).with_suffix(".cc"), "BatchNorm keeps MindSpore's gradient")
-
-
-class BatchNormTrain(nn.Cell):
-    """``primitive(x, gamma, beta, moving_mean, moving_variance)`` (a training ``ops.BatchNorm``) with the C++
-    gradient as ``bprop``; ``primitive`` is the BN cell's own, swapped by precise-BN recalibration."""
-
-    def __init__(self, primitive: ops.Primitive, eps: float) -> None:
-        super().__init__()
-        self.primitive = primitive
-        self.cfg = Tensor([eps], ms.float32)
-        self.grad = LIBRARY.op("bn_bwd", out_shape=lambda x, dy, g, m, v, cfg: (x, g, g),
-                               out_dtype=lambda x, dy, g, m, v, cfg: (x, x, x))
-
-    def construct(self, x, gamma, beta, moving_mean, moving_variance):
-        return self.primitive(x, gamma, beta, moving_mean, moving_variance)
-
-    def bprop(self, x, gamma, beta, moving_mean, moving_variance, out, dout):
-        # outputs 3 and 4 of the CPU BatchNorm are the batch mean and biased variance it normalised with
-        dx, dgamma, dbeta = self.grad(x, dout[0], gamma, out[3], out[4], self.cfg)
-        return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance)
-
+# -fno-trapping-math and -ffp-contract=off as activations.py: the swish copies vectorise and agree to the bit
+LIBRARY = KernelLibrary("batch_norm", Path(__file__).with_suffix(".cc"), "BatchNorm keeps MindSpore's ops",
+                        flags=("-fno-trapping-math", "-ffp-contract=off"))
 
 class FastBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (same parameters, names and checkpoint layout) whose training graph differentiates
-    through :class:`BatchNormTrain`; in eval mode it is the plain ``nn.BatchNorm2d``."""
+    """``nn.BatchNorm2d`` (same parameters, names and checkpoint layout) whose training graph is one fused op
+    each way, with the activation :meth:`fuse_activation` names; in eval mode it is the plain ``nn.BatchNorm2d``
+    (the activation then runs in its own cell)."""
 
     def __init__(self, num_features: int, eps: float, momentum: float) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.fast = BatchNormTrain(self.bn_train, eps)
+        self.activation, self.slope = None, 0.0
+        self._set_cfg(float(self.bn_train.momentum))
+        grad = LIBRARY.op("bn_act_bwd", out_shape=lambda x, dy, g, b, m, v, cfg: (x, g, g),
+                          out_dtype=lambda x, dy, g, b, m, v, cfg: (x, x, x))
+
+        def bprop(x, gamma, beta, moving_mean, moving_variance, cfg, out, dout):
+            dx, dgamma, dbeta = grad(x, dout[0], gamma, beta, out[1], out[2], cfg)
+            return dx, dgamma, dbeta, ops.zeros_like(moving_mean), ops.zeros_like(moving_variance), \
+                ops.zeros_like(cfg)
+
+        self.fused = LIBRARY.op("bn_act_fwd", out_shape=lambda x, g, b, m, v, cfg: (x, g, g),
+                                out_dtype=lambda x, g, b, m, v, cfg: (x, x, x), bprop=bprop, writes=True)
+
+    def _set_cfg(self, momentum: float) -> None:
+        # [eps, momentum (weight of the batch statistic), activation, slope]
+        self.cfg = Tensor([self.eps, momentum, ACTIVATION_CODES[self.activation], self.slope], ms.float32)
+
+    def fuse_activation(self, name: str, slope: float = 0.0) -> bool:
+        """Apply activation ``name`` ("leaky_relu" with ``slope``, or "swish") in the training op; False (nothing
+        changed) for an activation the kernel does not have."""
+        if name not in ACTIVATION_CODES or name is None:
+            return False
+        self.activation, self.slope = name, float(slope)
+        self._set_cfg(float(self.cfg.asnumpy()[1]))
+        return True
 
     def set_train_primitive(self, primitive: ops.Primitive) -> None:
-        """Use ``primitive`` as the training BatchNorm (precise-BN recalibration runs one with momentum 1)."""
+        """Train with ``primitive``'s momentum (precise-BN recalibration runs one with momentum 1)."""
         self.bn_train = primitive
-        self.fast.primitive = primitive
+        self._set_cfg(float(primitive.momentum))
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training:
-            return self.fast(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)[0]
+            return self.fused(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.cfg)[0]
         return super().construct(x)
 
 

@@ -10,8 +10,8 @@
 //                   (the correlation of x with dy, per channel, summed over the batch).
 // All three visit the same (tap, output row) pairs (for_each_tap_row); the two gradients in one loop, which reads
 // dy once for both (one op with two outputs: a kernel fewer per conv). Every (n, c) plane is independent: the
-// planes are shared out over the CPU's threads (parallel_for, parallel.h; below ~2M multiply-adds, NanoDet's 3x3
-// convs at 128 px, one thread); the inner loops run along a row (SIMD).
+// planes are shared out over the CPU's threads (parallel_for, parallel.h; below 512K multiply-adds one thread); the
+// inner loops run along a row (SIMD).
 // Padding: SAME = TensorFlow's "same" (pt = total / 2, the extra pixel at the bottom/right), else (K - 1) / 2 on
 // every side.
 // Entry points: the aot signature; dw_fwd(x, w) -> y, dw_bwd(x, dy, w) -> dx, dw.
@@ -25,7 +25,7 @@
 
 namespace {
 
-constexpr int64_t kMacsPerThread = int64_t{1} << 21;
+constexpr int64_t kMacsPerThread = int64_t{1} << 18;
 
 struct Geometry {
   int64_t n, c, h, w, ho, wo, pt, pl;

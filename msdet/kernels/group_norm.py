@@ -1,8 +1,10 @@
-"""GroupNorm as a compiled C++ kernel (``group_norm.cc``) for CPU training (NanoDet-Plus's aux head).
+"""GroupNorm, fused with the activation that follows it, as a compiled C++ kernel (``group_norm.cc``) for CPU
+training (NanoDet-Plus's aux head).
 
 MindSpore 2.8's CPU ``GroupNorm`` takes 8.7 ms forward and 14 ms forward+backward on NanoDet-Plus's aux-head shape
 (8 x 192 x 16 x 16, 32 groups), PyTorch 0.15 / 1.0 ms (docs/performance.md); the aux head runs 32 of them per step.
-A training graph on CPU runs the norm as one ``mindspore.ops.Custom`` "aot" primitive (the C++ forward) whose
+A training graph on CPU runs the norm, and the activation a network marks after it
+(:func:`msdet.models.layers.norm_act`), as one ``mindspore.ops.Custom`` "aot" primitive (the C++ forward) whose
 ``bprop`` is the C++ input and affine gradients; evaluation never runs the aux head, and GPU and Ascend keep
 MindSpore's op. The ``group_norm`` part of :mod:`msdet.train_ops`.
 """
@@ -13,43 +15,49 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from msdet.kernels.library import KernelLibrary
+from msdet.kernels.library import ACTIVATION_CODES, KernelLibrary
 
+# -fno-trapping-math and -ffp-contract=off as activations.py: the fused activations vectorise and agree to the bit
 LIBRARY = KernelLibrary("group_norm", Path(__file__).with_suffix(".cc"),
-                        "GroupNorm keeps MindSpore's (slow) CPU kernel")
-
-
-class GroupNormKernel(nn.Cell):
-    """Parameter-free ``group_norm(x, gamma, beta)`` as one ``Custom`` primitive with the C++ gradients as its
-    ``bprop``; the group count and eps travel as a constant ``cfg`` input."""
-
-    def __init__(self, num_groups: int, eps: float) -> None:
-        super().__init__()
-        self.cfg = Tensor([float(num_groups), eps], ms.float32)
-        grad = LIBRARY.op("gn_bwd", out_shape=lambda x, dy, g, cfg: (x, g, g),
-                          out_dtype=lambda x, dy, g, cfg: (x, x, x))
-
-        def bprop(x, gamma, beta, cfg, out, dout):
-            dx, dgamma, dbeta = grad(x, dout, gamma, cfg)
-            return dx, dgamma, dbeta, ops.zeros_like(cfg)
-
-        self.norm = LIBRARY.op("gn_fwd", bprop=bprop)
-
-    def construct(self, x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
-        return self.norm(x, gamma, beta, self.cfg)
+                        "GroupNorm keeps MindSpore's (slow) CPU kernel", flags=("-fno-trapping-math",
+                                                                                "-ffp-contract=off"))
 
 
 class FastGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, names and checkpoint layout) whose training graph uses
-    ``GroupNormKernel``; in eval mode it is the plain ``nn.GroupNorm``."""
+    """``nn.GroupNorm`` (same parameters, names and checkpoint layout) whose training graph is one fused op each
+    way, with the activation :meth:`fuse_activation` names; in eval mode it is the plain ``nn.GroupNorm`` (the
+    activation then runs in its own cell)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__(num_groups, num_channels, eps=eps)
-        self.fast = GroupNormKernel(num_groups, eps)
+        self.activation, self.slope = None, 0.0
+        self._set_cfg()
+        grad = LIBRARY.op("gn_bwd", out_shape=lambda x, dy, g, b, cfg: (x, g, g),
+                          out_dtype=lambda x, dy, g, b, cfg: (x, x, x))
+
+        def bprop(x, gamma, beta, cfg, out, dout):
+            dx, dgamma, dbeta = grad(x, dout, gamma, beta, cfg)
+            return dx, dgamma, dbeta, ops.zeros_like(cfg)
+
+        self.fused = LIBRARY.op("gn_fwd", bprop=bprop)
+
+    def _set_cfg(self) -> None:
+        # [groups, eps, activation, slope]
+        self.cfg = Tensor([float(self.num_groups), self.eps, ACTIVATION_CODES[self.activation], self.slope],
+                          ms.float32)
+
+    def fuse_activation(self, name: str, slope: float = 0.0) -> bool:
+        """Apply activation ``name`` ("leaky_relu" with ``slope``, or "swish") in the training op; False (nothing
+        changed) for an activation the kernel does not have."""
+        if name not in ACTIVATION_CODES or name is None:
+            return False
+        self.activation, self.slope = name, float(slope)
+        self._set_cfg()
+        return True
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training:
-            return self.fast(x, self.gamma, self.beta)
+            return self.fused(x, self.gamma, self.beta, self.cfg)
         return super().construct(x)
 
 

@@ -23,6 +23,10 @@ from typing import Any
 
 from msdet.kernels import build
 
+#: activation name -> its code in activation.h (``Act``): the activation a norm kernel applies after its affine
+#: transform (``fuse_activation`` of the BatchNorm and GroupNorm cells; msdet.models.layers.norm_act)
+ACTIVATION_CODES = {None: 0.0, "leaky_relu": 1.0, "swish": 2.0}
+
 
 def same_as_first(*inputs: Any) -> Any:
     """Shape or dtype function: the first input's."""

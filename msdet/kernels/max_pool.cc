@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int64_t kValuesPerThread = int64_t{1} << 20;  // planes over the threads above (parallel.h)
+constexpr int64_t kValuesPerThread = int64_t{1} << 17;  // planes over the threads above (parallel.h)
 
 int64_t out_size(int64_t n) { return (n + 1) / 2; }
 

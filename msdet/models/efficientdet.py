@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 
 from msdet.models.bifpn import BiFPN
 from msdet.models.efficientnet import EfficientNetBackbone
-from msdet.models.layers import SeparableConvBlock, Swish, batch_norm, convs_of, init_conv_variance_scaling
+from msdet.models.layers import SeparableConvBlock, Swish, batch_norm, convs_of, init_conv_variance_scaling, norm_act
 
 PRIOR_PROB = 0.01
 
@@ -51,6 +51,9 @@ class HeadNet(nn.Cell):
                                     for _ in range(num_levels)])
         self.header = SeparableConvBlock(in_channels, num_anchors * outputs_per_anchor, norm=False)
         self.swish = Swish()
+        for bns in self.bn_list:
+            for bn in bns:
+                norm_act(bn, self.swish)
 
     def construct(self, feats: tuple) -> Tensor:
         outs = ()

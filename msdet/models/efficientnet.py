@@ -19,6 +19,7 @@ from msdet.models.layers import (
     batch_norm,
     drop_connect,
     init_conv_normal_fan_out,
+    norm_act,
 )
 
 
@@ -80,6 +81,10 @@ class MBConvBlock(nn.Cell):
         self._project_conv = Conv2dSame(oup, args.output_filters, 1, bias=False)
         self._bn2 = batch_norm(args.output_filters, bn_momentum, bn_eps)
         self._swish = Swish()
+        self._se_swish = Swish()  # not after a BatchNorm: _swish is fused into _bn0 and _bn1 (norm_act)
+        if self.has_expand:
+            norm_act(self._bn0, self._swish)
+        norm_act(self._bn1, self._swish)
         self._squeeze, self._excite = PlaneMean(), SigmoidGate()
         self.use_skip = args.stride == 1 and inp == args.output_filters
         self.drop_connect_rate = float(drop_connect_rate)
@@ -90,7 +95,7 @@ class MBConvBlock(nn.Cell):
             x = self._swish(self._bn0(self._expand_conv(x)))
         x = self._swish(self._bn1(self._depthwise_conv(x)))
         s = self._squeeze(x)
-        s = self._se_expand(self._swish(self._se_reduce(s)))
+        s = self._se_expand(self._se_swish(self._se_reduce(s)))
         x = self._excite(x, s)
         x = self._bn2(self._project_conv(x))
         if self.use_skip:
@@ -115,6 +120,7 @@ class EfficientNet(nn.Cell):
         self._conv_stem = Conv2dSame(3, stem, 3, stride=2, bias=False)
         self._bn0 = batch_norm(stem)
         self._swish = Swish()
+        norm_act(self._bn0, self._swish)
         n = len(blocks)
         self._blocks = nn.CellList([MBConvBlock(b, drop_connect_rate * i / n) for i, b in enumerate(blocks)])
         # A feature is the output of the block just before a stride-2 block, plus the last block's output.

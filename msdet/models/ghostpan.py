@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
-from msdet.models.layers import batch_norm2d, conv2d, group_norm
+from msdet.models.layers import batch_norm2d, conv2d, group_norm, norm_act, norm_act_pairs
 from msdet.models.shufflenetv2 import activation_cell
 
 
@@ -60,6 +60,8 @@ class ConvModule(nn.Cell):
         self.has_act = activation is not None
         if self.has_act:
             self.act = activation_cell(activation)
+            if self.norm_name is not None:
+                norm_act(getattr(self, self.norm_name), self.act)
         kaiming_normal_fan_out(self.conv)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -85,6 +87,8 @@ class DepthwiseConvModule(nn.Cell):
         self.dwnorm = _bn(in_channels)
         self.pwnorm = _bn(out_channels)
         self.act = activation_cell(activation)
+        norm_act(self.dwnorm, self.act)
+        norm_act(self.pwnorm, self.act)
         kaiming_normal_fan_out(self.depthwise)
         kaiming_normal_fan_out(self.pointwise)
 
@@ -106,8 +110,8 @@ class GhostModule(nn.Cell):
         if activation is not None:
             prim.append(activation_cell(activation))
             cheap.append(activation_cell(activation))
-        self.primary_conv = nn.SequentialCell(prim)
-        self.cheap_operation = nn.SequentialCell(cheap)
+        self.primary_conv = nn.SequentialCell(norm_act_pairs(prim))
+        self.cheap_operation = nn.SequentialCell(norm_act_pairs(cheap))
 
     def construct(self, x: Tensor) -> Tensor:
         x1 = self.primary_conv(x)

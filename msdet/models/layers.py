@@ -41,6 +41,24 @@ def batch_norm2d(num_features: int, eps: float, momentum: float) -> nn.BatchNorm
     return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
 
 
+def norm_act(norm: nn.Cell, act: nn.Cell) -> None:
+    """Mark ``act(norm(x))``: where ``norm`` is a kernel-backed BatchNorm (``fuse_activation``) that has ``act``'s
+    activation, its training op applies it and ``act`` passes its input through in training; eval mode and every
+    other case run both cells. ``act`` must follow only the norms it is marked with (it may follow several)."""
+    fuse = getattr(norm, "fuse_activation", None)
+    kind = getattr(act, "kernel_activation", None)
+    if fuse is not None and kind is not None and fuse(*kind):
+        act.fused_into_norm = True
+
+
+def norm_act_pairs(cells: list) -> list:
+    """``cells`` (a SequentialCell's list) with :func:`norm_act` applied to every norm directly followed by an
+    activation."""
+    for norm, act in zip(cells, cells[1:]):
+        norm_act(norm, act)
+    return cells
+
+
 def group_norm(num_groups: int, num_channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     """``nn.GroupNorm``, or its kernel-backed subclass (``group_norm`` of :mod:`msdet.train_ops`)."""
     fast = train_ops.make("group_norm", num_groups, num_channels, eps)
@@ -53,13 +71,20 @@ class Swish(nn.Cell):
     """``x * sigmoid(x)`` written out, so export formats without a SiLU op still get it; a training graph built
     while a kernel provides ``swish`` runs that instead."""
 
+    kernel_activation = ("swish",)
+
     def __init__(self) -> None:
         super().__init__()
         self.fast = train_ops.make("swish")
+        #: training: the preceding BatchNorm applies it (norm_act)
+        self.fused_into_norm = False
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.training and self.fast is not None:
-            return self.fast(x)
+        if self.training:
+            if self.fused_into_norm:
+                return x
+            if self.fast is not None:
+                return self.fast(x)
         return x * ops.sigmoid(x)
 
 
@@ -73,9 +98,14 @@ class LeakyReLU(nn.LeakyReLU):
     def __init__(self, alpha: float = 0.2) -> None:
         super().__init__(alpha=alpha)
         self.fast = train_ops.make("leaky_relu", alpha)
+        self.kernel_activation = ("leaky_relu", float(alpha))
+        #: training: the preceding BatchNorm applies it (norm_act)
+        self.fused_into_norm = False
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training:
+            if self.fused_into_norm:
+                return x
             if self.fast is not None:
                 return self.fast(x)
             return ops.relu(x) - self.alpha * ops.relu(-x)

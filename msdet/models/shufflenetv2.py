@@ -14,7 +14,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from msdet import train_ops
-from msdet.models.layers import LeakyReLU, batch_norm2d, conv2d
+from msdet.models.layers import LeakyReLU, batch_norm2d, conv2d, norm_act_pairs
 
 #: Output channels of conv1 and stages 2-4 per width multiplier.
 STAGE_OUT_CHANNELS = {
@@ -80,15 +80,15 @@ class ShuffleV2Block(nn.Cell):
         if stride == 1 and inp != branch * 2:
             raise ValueError(f"ShuffleV2Block: stride-1 block needs inp == oup ({inp} != {oup})")
         if stride > 1:
-            self.branch1 = nn.SequentialCell([
+            self.branch1 = nn.SequentialCell(norm_act_pairs([
                 _conv(inp, inp, 3, stride, groups=inp), _bn(inp),
                 _conv(inp, branch, 1), _bn(branch), activation_cell(activation),
-            ])
-        self.branch2 = nn.SequentialCell([
+            ]))
+        self.branch2 = nn.SequentialCell(norm_act_pairs([
             _conv(inp if stride > 1 else branch, branch, 1), _bn(branch), activation_cell(activation),
             _conv(branch, branch, 3, stride, groups=branch), _bn(branch),
             _conv(branch, branch, 1), _bn(branch), activation_cell(activation),
-        ])
+        ]))
 
     def construct(self, x: Tensor) -> Tensor:
         if self.stride == 1:
@@ -112,7 +112,8 @@ class ShuffleNetV2(nn.Cell):
         self.out_stages = tuple(out_stages)
         chans = STAGE_OUT_CHANNELS[model_size]
         self.out_channels = tuple(chans[s - 1] for s in self.out_stages)
-        self.conv1 = nn.SequentialCell([_conv(3, chans[0], 3, 2), _bn(chans[0]), activation_cell(activation)])
+        self.conv1 = nn.SequentialCell(norm_act_pairs([_conv(3, chans[0], 3, 2), _bn(chans[0]),
+                                                       activation_cell(activation)]))
         self.maxpool = MaxPool3x3s2p1()
         cin = chans[0]
         stages = []
