@@ -232,21 +232,31 @@ def test_a_nan_between_log_steps_stops_before_the_next_row_or_checkpoint(tmp_pat
     assert not (tmp_path / "state" / "last.ckpt").exists()
 
 
-def test_adamw_matches_torch_formula():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_adamw_matches_torch_formula(kernel):
+    """torch's AdamW on the gradients times grad_scale, with MindSpore's per-tensor ops and with the C++ update."""
     from msdet.engine.optim import AdamW
+    from msdet.kernels import adamw_ema
+    from tests.helpers import kernels_if
 
     w0 = np.array([[0.5, -1.0], [2.0, 0.1]], np.float32)
     s0 = np.float32(0.7)
     weight = ms.Parameter(Tensor(w0), name="w")
     scale = ms.Parameter(Tensor(s0), name="s")  # 0-d, like NanoDet's Scale
     lrs = np.array([0.1, 0.05, 0.02], np.float32)
-    opt = AdamW([{"params": [weight], "weight_decay": 0.05}, {"params": [scale], "weight_decay": 0.0}], lrs)
-    grads = [np.array([[0.3, -0.2], [0.0, 1.0]], np.float32), np.float32(-0.4)]
+    with kernels_if(kernel, adamw_ema):
+        opt = AdamW([{"params": [weight], "weight_decay": 0.05}, {"params": [scale], "weight_decay": 0.0}], lrs)
+    assert (opt.fast is not None) is kernel
+    raw = [np.array([[0.3, -0.2], [0.0, 1.0]], np.float32), np.float32(-0.4)]
+    # the update uses the gradients times grad_scale, here so small that eps (1e-8) makes the update depend on it
+    # (AdamW is otherwise nearly blind to a gradient scale)
+    grad_scale = np.float32(2e-8)
+    grads = [g * grad_scale for g in raw]
     ref = [w0.astype(np.float64), np.float64(s0)]
     m = [np.zeros_like(r) for r in ref]
     v = [np.zeros_like(r) for r in ref]
     for t in range(1, 5):  # one step past the schedule: the last lr is kept
-        opt((Tensor(grads[0]), Tensor(grads[1])))
+        opt((Tensor(raw[0]), Tensor(raw[1])), Tensor(grad_scale))
         lr = lrs[min(t - 1, 2)]
         for i, wd in enumerate((0.05, 0.0)):
             m[i] = 0.9 * m[i] + 0.1 * grads[i]
@@ -281,7 +291,7 @@ def test_square_sum_kernel_equals_float64_over_many_tensors(monkeypatch):
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
-    from msdet.engine.optim import SquareSum, clip_grad_norm
+    from msdet.engine.optim import SquareSum, clip_factor, scale_gradients
     from msdet.kernels import grad_norm
     from tests.helpers import kernels_if
 
@@ -290,10 +300,10 @@ def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
     assert square_sum.fast is kernel
     grads = (Tensor(np.array([3.0, 0.0], np.float32)), Tensor(np.float32(4.0)))
     def clip_to_one(g):
-        return clip_grad_norm(g, 1.0, square_sum)
+        return scale_gradients(g, clip_factor(g, 1.0, square_sum))
 
     def clip_to_ten(g):
-        return clip_grad_norm(g, 10.0, square_sum)
+        return scale_gradients(g, clip_factor(g, 10.0, square_sum))
 
     clipped = ms.jit(clip_to_one)(grads)
     assert clipped[1].shape == ()
@@ -309,7 +319,7 @@ def test_clip_grad_norm_keeps_shapes_and_scales(monkeypatch, kernel):
 def test_clip_grad_norm_is_bit_identical_to_numpy(kernel, max_norm):
     """Branch-free clipping: under the norm the gradients come back bit for bit (x 1.0), over it they are
     multiplied by the float32 factor max_norm / (norm + 1e-6), as NumPy computes it from the same norm."""
-    from msdet.engine.optim import SquareSum, clip_grad_norm
+    from msdet.engine.optim import SquareSum, clip_factor, scale_gradients
     from msdet.kernels import grad_norm
     from tests.helpers import kernels_if
 
@@ -321,7 +331,7 @@ def test_clip_grad_norm_is_bit_identical_to_numpy(kernel, max_norm):
     grads = tuple(Tensor(a) for a in arrays)
 
     def clip(g):
-        return clip_grad_norm(g, max_norm, square_sum)
+        return scale_gradients(g, clip_factor(g, max_norm, square_sum))
 
     def total(g):
         return square_sum(g)

@@ -69,10 +69,13 @@ def test_adamw_update_is_mindsporess_kernel_and_the_float64_formula(fast):
     nd = [i for i, s in enumerate(SHAPES) if len(s) > 0]
     reference = _MindSporeAdamW([p[i] for i in nd], [m[i] for i in nd], [v[i] for i in nd])
     ref64 = [[np.array(a, np.float64) for a in arrays] for arrays in (p, m, v)]
-    for step, (lr, eps, factor) in enumerate([(0.01, 1e-8, 0.8), (0.003, 1e-3, 1.0), (0.02, 1e-8, 0.5)]):
-        grads = _tensors(10 + step)
-        flag = kernel(Tensor(np.array([lr, BETA1, BETA2, eps, factor], np.float32)), Tensor(decays),
-                      tuple(Tensor(g) for g in grads))
+    # grad_scale (the clipping factor) multiplies the gradients inside the op, as a float32 Mul before it would
+    for step, (lr, eps, factor, scale) in enumerate([(0.01, 1e-8, 0.8, 0.37), (0.003, 1e-3, 1.0, 1.0),
+                                                     (0.02, 1e-8, 0.5, 0.9)]):
+        raw = _tensors(10 + step)
+        flag = kernel(Tensor(np.array([lr, BETA1, BETA2, eps, factor, scale], np.float32)), Tensor(decays),
+                      tuple(Tensor(g) for g in raw))
+        grads = [g * np.float32(scale) for g in raw]
         assert float(flag) == 0.0  # the ordering flag
         f32 = [Tensor(np.float32(x)) for x in (lr, BETA1, BETA2, eps)]
         reference(*f32, tuple(Tensor(np.float32(decays[i] * np.float32(factor))) for i in nd),

@@ -109,7 +109,7 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
     from mindspore import nn, ops
 
     from msdet.engine.ema import EMA
-    from msdet.engine.optim import SquareSum, clip_grad_norm
+    from msdet.engine.optim import SquareSum, clip_factor
     from msdet.engine.trainer import build_optimizer
 
     class OptimizerEma(nn.Cell):
@@ -121,9 +121,7 @@ def _optimizer_ema(network: Any, tcfg: Any) -> Any:
             self.square_sum = SquareSum()
 
         def construct(self, grads, step):
-            if self.clip_norm > 0:
-                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-            done = self.optimizer(grads)
+            done = self.optimizer(grads, clip_factor(grads, self.clip_norm, self.square_sum))
             return ops.depend(done, self.ema(ops.depend(step, done)))
 
     return OptimizerEma()

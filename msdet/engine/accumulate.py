@@ -23,7 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from msdet.engine.ema import EMA
-from msdet.engine.optim import SquareSum, clip_grad_norm
+from msdet.engine.optim import SquareSum, clip_factor
 from msdet.engine.precision import LossScaling, ScaledLoss
 
 _add_scaled = ops.MultitypeFuncGraph("add_scaled")
@@ -98,9 +98,7 @@ class ApplyStep(nn.Cell):
         grads = self.hyper_map(ops.partial(_scaled, scale), self.buffers)
         if self.use_reducer:
             grads = self.reducer(grads)
-        if self.clip_norm > 0:
-            grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-        done = self.optimizer(grads)
+        done = self.optimizer(grads, clip_factor(grads, self.clip_norm, self.square_sum))
         done = ops.depend(done, self.ema(ops.depend(step, done)))
         zeroed = ops.depend(self.hyper_map(_zero, self.buffers), done)
         return ops.depend(ops.assign(self.count, ops.zeros_like(self.count)), zeroed)
@@ -123,9 +121,7 @@ class ScaledApplyStep(ApplyStep):
             grads = self.reducer(grads)
         done = self.scaling.update(finite)
         if finite:
-            if self.clip_norm > 0:
-                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-            updated = self.optimizer(grads)
+            updated = self.optimizer(grads, clip_factor(grads, self.clip_norm, self.square_sum))
             done = ops.depend(done, self.ema(ops.depend(step, updated)))
         zeroed = ops.depend(self.hyper_map(_zero, self.buffers), done)
         return ops.depend(ops.assign(self.count, ops.zeros_like(self.count)), zeroed)

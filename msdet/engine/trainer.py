@@ -50,7 +50,7 @@ from msdet.engine.checkpoint import checkpoint_meta, read_checkpoint, save_weigh
 from msdet.engine.distributed import DistInfo, all_gather, from_main, gradient_reducer
 from msdet.engine.ema import EMA
 from msdet.engine.live import LiveLog
-from msdet.engine.optim import AdamW, SquareSum, clip_grad_norm
+from msdet.engine.optim import AdamW, Momentum, SquareSum, clip_factor
 from msdet.engine.precision import LossScaling, ScaledLoss, apply_precision, is_mixed
 from msdet.engine.schedules import warmup_cosine
 from msdet.errors import UserError
@@ -125,9 +125,7 @@ class TrainStep(nn.Cell):
         (loss, parts), grads = self.grad_fn(image, gt_boxes, gt_labels, epoch)
         if self.use_reducer:
             grads = self.reducer(grads)
-        if self.clip_norm > 0:
-            grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-        done = self.optimizer(grads)
+        done = self.optimizer(grads, clip_factor(grads, self.clip_norm, self.square_sum))
         loss = ops.depend(loss, self.ema(ops.depend(step, done)))
         return loss, parts
 
@@ -150,9 +148,7 @@ class ScaledTrainStep(TrainStep):
         if self.use_reducer:
             grads = self.reducer(grads)
         if finite:
-            if self.clip_norm > 0:
-                grads = clip_grad_norm(grads, self.clip_norm, self.square_sum)
-            done = self.optimizer(grads)
+            done = self.optimizer(grads, clip_factor(grads, self.clip_norm, self.square_sum))
             loss = ops.depend(loss, self.ema(ops.depend(step, done)))
         loss = ops.depend(loss, self.scaling.update(finite))
         return loss, parts
@@ -164,7 +160,7 @@ def build_optimizer(network, cfg: TrainConfig, lr_per_step: np.ndarray):
     lr = Tensor(lr_per_step)
     groups = _param_groups(network, cfg)
     if cfg.optimizer == "sgd":
-        return nn.Momentum(groups, learning_rate=lr, momentum=cfg.momentum)
+        return Momentum(groups, learning_rate=lr, momentum=cfg.momentum)
     return AdamW(groups, lr_per_step)
 
 

@@ -6,9 +6,11 @@
 // dispatched on its own (docs/performance.md). Here one call walks every tensor.
 //
 // adamw_update(hyper, decays, p_1..p_k, m_1..m_k, v_1..v_k, g_1..g_k) -> flag
-//   hyper = [lr, beta1, beta2, eps, decay_factor] (float32); decays = per-tensor weight decay (float32[k]).
-//   The arithmetic of MindSpore's CPU AdamWeightDecay kernel (nnacl), decay = decays[i] * decay_factor:
-//     m += (g - m)(1 - beta1);  v += (g g - v)(1 - beta2);  p -= lr (m / (sqrt(v) + eps) + decay p)
+//   hyper = [lr, beta1, beta2, eps, decay_factor, grad_scale] (float32); decays = per-tensor weight decay
+//   (float32[k]). The arithmetic of MindSpore's CPU AdamWeightDecay kernel (nnacl) on the gradient times
+//   grad_scale (the clipping factor: one multiply here instead of a Mul kernel per tensor, the same bits),
+//   decay = decays[i] * decay_factor:
+//     g = grad * grad_scale;  m += (g - m)(1 - beta1);  v += (g g - v)(1 - beta2);  p -= lr (m / (sqrt(v) + eps) + decay p)
 //   with the same fused multiply-adds for m and v (bit for bit equal); p within one float32 rounding of it.
 // ema_update(rate, s_1..s_k, x_1..x_k) -> flag
 //   s -= rate (s - x), ApplyGradientDescent(s, rate, s - x) bit for bit.
@@ -24,12 +26,13 @@
 namespace {
 
 MSDET_CLONES_LEVEL
-void adamw_one(float *p, float *m, float *v, const float *g, int64_t n, float lr, float beta1_minus,
-               float beta2_minus, float eps, float decay) {
+void adamw_one(float *p, float *m, float *v, const float *grad, int64_t n, float lr, float beta1_minus,
+               float beta2_minus, float eps, float decay, float scale) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float mi = std::fma(g[i] - m[i], beta1_minus, m[i]);
-    const float vi = std::fma(std::fma(g[i], g[i], -v[i]), beta2_minus, v[i]);
+    const float g = grad[i] * scale;
+    const float mi = std::fma(g - m[i], beta1_minus, m[i]);
+    const float vi = std::fma(std::fma(g, g, -v[i]), beta2_minus, v[i]);
     m[i] = mi;
     v[i] = vi;
     p[i] = std::fma(-lr, std::fma(decay, p[i], mi / (std::sqrt(vi) + eps)), p[i]);
@@ -47,7 +50,7 @@ void ema_one(float *s, const float *x, int64_t n, float rate) {
 extern "C" int adamw_update(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                             void *) {
   const int k = (nparam - 3) / 4;
-  if (k < 1 || nparam != 4 * k + 3 || !float32_args(nparam, nparam, dtypes) || numel(ndims[0], shapes[0]) != 5 ||
+  if (k < 1 || nparam != 4 * k + 3 || !float32_args(nparam, nparam, dtypes) || numel(ndims[0], shapes[0]) != 6 ||
       numel(ndims[1], shapes[1]) != k)
     return 1;
   const float *hyper = static_cast<const float *>(params[0]);
@@ -59,7 +62,8 @@ extern "C" int adamw_update(int nparam, void **params, int *ndims, int64_t **sha
     if (numel(ndims[im], shapes[im]) != n || numel(ndims[iv], shapes[iv]) != n || numel(ndims[ig], shapes[ig]) != n)
       return 1;
     adamw_one(static_cast<float *>(params[ip]), static_cast<float *>(params[im]), static_cast<float *>(params[iv]),
-              static_cast<const float *>(params[ig]), n, lr, beta1_minus, beta2_minus, eps, decays[t] * hyper[4]);
+              static_cast<const float *>(params[ig]), n, lr, beta1_minus, beta2_minus, eps, decays[t] * hyper[4],
+              hyper[5]);
   }
   *static_cast<float *>(params[nparam - 1]) = 0.0f;
   return 0;

@@ -33,8 +33,9 @@ def _float32(*_):
 
 class AdamWUpdate(nn.Cell):
     """``self(hyper, decays, params, m, v, grads)``: MindSpore's ``AdamWeightDecay`` on every tensor of the
-    tuples, in place; ``hyper`` = [lr, beta1, beta2, eps, decay factor], ``decays`` the per-tensor weight decay
-    (the decay used is their product). Returns a 0-d flag to order later reads by."""
+    tuples, in place, on the gradients times ``hyper``'s grad_scale; ``hyper`` = [lr, beta1, beta2, eps, decay
+    factor, grad_scale], ``decays`` the per-tensor weight decay (the decay used is their product). Returns a 0-d
+    flag to order later reads by."""
 
     def __init__(self) -> None:
         super().__init__()
