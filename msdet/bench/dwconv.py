@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from msdet.config import CPU_KERNELS
+
 #: (name, batch, channels, height, width, kernel, stride, "same" padding (D0) or (k - 1) / 2 (NanoDet)), at the
 #: default 128 px, batch 8
 CASES = (
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per formulation per round")
     parser.add_argument("--train-step", choices=("d0", "nanodet"), default=None,
                         help="time the whole training step with and without the kernel instead")
-    parser.add_argument("--kernel", choices=("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm",
-                                             "max_pool", "grad_norm", "adamw_ema"), default="depthwise_conv",
+    parser.add_argument("--kernel", choices=CPU_KERNELS, default="depthwise_conv",
                         help="with --train-step: the kernel to switch")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--mindrecord-dir", default="data/mindrecord")
