@@ -138,3 +138,36 @@ def test_without_onednn_headers_the_standard_conv_is_used(monkeypatch, tmp_path,
     assert out.endswith("; dense convs keep MindSpore's CPU kernels\n")
     with kernels_off():
         assert type(conv.conv2d(4, 8, 3)) is nn.Conv2d
+
+
+def _call_entry(library, function, arrays):
+    """Call a kernel entry point directly (the aot signature) on NumPy arrays, from this Python thread."""
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(str(library)), function)
+    n = len(arrays)
+    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+    shapes_kept = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(sh, ctypes.POINTER(ctypes.c_int64))
+                                                      for sh in shapes_kept])
+    dtypes = (ctypes.c_char_p * n)(*[b"float32"] * n)
+    return fn(n, params, ndims, shapes, dtypes, None, None)
+
+
+def test_denormal_inputs_are_read_as_zero(fast):
+    """oneDNN runs with denormals flushed (DAZ and FTZ, dense_conv.cc), whatever the calling thread's setting:
+    called from this Python thread (IEEE denormals), an input of denormals (1e-39) with weights and an output
+    gradient of 1e10 gives exact zeros in the output and both gradients, where IEEE arithmetic gives ~1e-27. Without
+    DAZ oneDNN's AVX2 gradient of the 3-channel stems hit denormal assists on stale padding lanes, 70x slower
+    (docs/performance.md). The batch is split in two pieces, one on a pool thread: both flush."""
+    x = np.full((4, 16, 96, 96), 1e-39, np.float32)  # 21M multiply-adds: two pieces
+    w = np.full((16, 16, 3, 3), 1e10, np.float32)
+    dy = np.full((4, 16, 48, 48), 1e10, np.float32)
+    assert 0 < x[0, 0, 0, 0] < np.finfo(np.float32).tiny  # a denormal
+    y, dx, dw = np.ones_like(dy), np.ones_like(x), np.ones_like(w)
+    assert _call_entry(denseconv.LIBRARY.path, "conv_fwd_s2_half", [x, w, y]) == 0
+    assert _call_entry(denseconv.LIBRARY.path, "conv_bwd_s2_half", [x, w, dy, dx, dw]) == 0
+    for name, got in (("y", y), ("dw", dw)):
+        np.testing.assert_array_equal(got, 0.0, err_msg=name)
+    assert np.isfinite(dx).all()
