@@ -203,7 +203,7 @@ class ToyNet(nn.Cell):
     def __init__(self, drop_connect_rate=0.0):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, has_bias=False)
-        self.bn = batch_norm2d(4, 1e-5, 0.9)  # the C++ gradient when msdet.kernels.batch_norm is on
+        self.bn = batch_norm2d(4, 1e-5, 0.9)  # the fused C++ op when msdet.kernels.batch_norm is on
         self.fc = nn.Dense(4, 4)
         self.scale = ms.Parameter(Tensor(1.0, ms.float32), name="scale")  # 0-d, like NanoDet's Scale
         self.drop_connect_rate = drop_connect_rate

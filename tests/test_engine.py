@@ -350,7 +350,7 @@ def test_clip_grad_norm_is_bit_identical_to_numpy(kernel, max_norm):
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_recalibrate_batch_norm_sets_mean_of_batch_statistics(monkeypatch, kernel):
-    """With MindSpore's BatchNorm and with the C++-gradient one (which holds the training primitive twice)."""
+    """With MindSpore's BatchNorm and with the fused C++ one (which takes the momentum from the swapped primitive)."""
     from msdet.kernels import batch_norm as batchnorm
     from tests.helpers import kernels_if
 

@@ -22,7 +22,7 @@ def batch_norm_cells(network: nn.Cell) -> list[nn.Cell]:
 
 
 def _set_train_primitive(bn: nn.Cell, primitive: ops.Primitive) -> None:
-    """The training BatchNorm of ``bn`` (``FastBatchNorm2d`` holds it in its gradient cell too)."""
+    """The training BatchNorm of ``bn`` (``FastBatchNorm2d`` takes its momentum into its fused op)."""
     if hasattr(bn, "set_train_primitive"):
         bn.set_train_primitive(primitive)
     else:

@@ -41,7 +41,7 @@ ACTIVATION_KERNELS = ("depthwise_conv", "activations", "max_pool", "dense_conv")
 
 #: cells that stay float32 at both AMP levels: MindSpore's O2 black list, GroupNorm, and NanoDet's distance
 #: integral (box decoding, called by the loss on the float32 outputs). At amp_o1 a norm after a float16 conv
-#: would otherwise run in float16, and the CPU BatchNorm-gradient kernel is float32 only.
+#: would otherwise run in float16, and the CPU BatchNorm kernel is float32 only.
 FLOAT32_CELLS = (*amp.get_black_list(), nn.GroupNorm, Integral)
 
 
