@@ -5,7 +5,7 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from msdet.assigners.dsl_assigner import DynamicSoftLabelAssigner
 from msdet.conversion import pretrained
@@ -16,7 +16,7 @@ from msdet.losses.iou_loss import giou_loss
 from msdet.models.flops import count_trainable
 from msdet.models.ghostpan import Upsample2x, upsample_bilinear2x
 from msdet.models.nanodet_plus import NanoDetPlus
-from msdet.models.shufflenetv2 import MaxPool3x3s2p1, channel_shuffle
+from msdet.models.shufflenetv2 import MaxPool3x3s2p1, channel_shuffle, shuffle_concat
 from msdet.ops.distance_coder import (
     Integral,
     bbox2distance,
@@ -125,6 +125,12 @@ def test_upsample_and_channel_shuffle_semantics():
     y = np.arange(2 * 6 * 2 * 2, dtype=np.float32).reshape(2, 6, 2, 2)
     shuffled = channel_shuffle(Tensor(y), 2).asnumpy()
     np.testing.assert_array_equal(shuffled, y[:, [0, 3, 1, 4, 2, 5]])
+    a, b = Tensor(y[:, :3]), Tensor(y[:, 3:] + 100.0)
+    np.testing.assert_array_equal(shuffle_concat(a, b).asnumpy(), channel_shuffle(ops.concat((a, b), 1), 2).asnumpy())
+    dy = Tensor(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
+    grads = ms.grad(lambda p, q: (shuffle_concat(p, q) * dy).sum(), grad_position=(0, 1))(a, b)
+    np.testing.assert_array_equal(grads[0].asnumpy(), dy.asnumpy()[:, 0::2])  # a's channels went to 0, 2, 4
+    np.testing.assert_array_equal(grads[1].asnumpy(), dy.asnumpy()[:, 1::2])
     for h, w in ((6, 8), (7, 5)):  # PyTorch MaxPool2d(3, 2, padding=1): padding never wins
         z = np.random.default_rng(h).standard_normal((1, 2, h, w)).astype(np.float32) - 3.0
         zp = np.pad(z, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
