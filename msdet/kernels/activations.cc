@@ -33,6 +33,7 @@
 #include "aot.h"
 #include "isa.h"
 #include "parallel.h"
+#include "reduce.h"
 #include "activation.h"
 
 namespace {
@@ -123,13 +124,6 @@ bool planes(int ndim, const int64_t *x, int64_t *count, int64_t *hw, int sdim = 
   *count = x[0] * x[1];
   *hw = x[2] * x[3];
   return s == nullptr || numel(sdim, s) == *count;
-}
-
-float plane_sum(const float *p, int64_t hw) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < hw; ++i) sum += p[i];
-  return sum;
 }
 
 MSDET_CLONES

@@ -25,6 +25,7 @@
 #include "activation.h"
 #include "isa.h"
 #include "parallel.h"
+#include "reduce.h"
 
 namespace {
 
@@ -37,14 +38,6 @@ struct FusedArgs {
   float *y_or_dx, *dgamma, *dbeta;
   int64_t n, c, hw;
 };
-
-MSDET_CLONES
-float plane_sum(const float *x, int64_t hw) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < hw; ++i) s += x[i];
-  return s;
-}
 
 MSDET_CLONES
 float plane_square_dev(const float *x, float mean, int64_t hw) {

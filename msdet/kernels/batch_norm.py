@@ -16,21 +16,20 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from msdet.kernels.library import ACTIVATION_CODES, KernelLibrary
+from msdet.kernels.library import ACTIVATION_CODES, FusedActivation, KernelLibrary
 
 # -fno-trapping-math and -ffp-contract=off as activations.py: the swish copies vectorise and agree to the bit
 LIBRARY = KernelLibrary("batch_norm", Path(__file__).with_suffix(".cc"), "BatchNorm keeps MindSpore's ops",
                         flags=("-fno-trapping-math", "-ffp-contract=off"))
 
-class FastBatchNorm2d(nn.BatchNorm2d):
+class FastBatchNorm2d(FusedActivation, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, names and checkpoint layout) whose training graph is one fused op
     each way, with the activation :meth:`fuse_activation` names; in eval mode it is the plain ``nn.BatchNorm2d``
     (the activation then runs in its own cell)."""
 
     def __init__(self, num_features: int, eps: float, momentum: float) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.activation, self.slope = None, 0.0
-        self._set_cfg(float(self.bn_train.momentum))
+        self._set_cfg()
         grad = LIBRARY.op("bn_act_bwd", out_shape=lambda x, dy, g, b, m, v, cfg: (x, g, g),
                           out_dtype=lambda x, dy, g, b, m, v, cfg: (x, x, x))
 
@@ -42,23 +41,15 @@ class FastBatchNorm2d(nn.BatchNorm2d):
         self.fused = LIBRARY.op("bn_act_fwd", out_shape=lambda x, g, b, m, v, cfg: (x, g, g),
                                 out_dtype=lambda x, g, b, m, v, cfg: (x, x, x), bprop=bprop, writes=True)
 
-    def _set_cfg(self, momentum: float) -> None:
-        # [eps, momentum (weight of the batch statistic), activation, slope]
-        self.cfg = Tensor([self.eps, momentum, ACTIVATION_CODES[self.activation], self.slope], ms.float32)
-
-    def fuse_activation(self, name: str, slope: float = 0.0) -> bool:
-        """Apply activation ``name`` ("leaky_relu" with ``slope``, or "swish") in the training op; False (nothing
-        changed) for an activation the kernel does not have."""
-        if name not in ACTIVATION_CODES or name is None:
-            return False
-        self.activation, self.slope = name, float(slope)
-        self._set_cfg(float(self.cfg.asnumpy()[1]))
-        return True
+    def _set_cfg(self) -> None:
+        # [eps, momentum (weight of the batch statistic, the training primitive's), activation, slope]
+        self.cfg = Tensor([self.eps, float(self.bn_train.momentum), ACTIVATION_CODES[self.activation], self.slope],
+                          ms.float32)
 
     def set_train_primitive(self, primitive: ops.Primitive) -> None:
         """Train with ``primitive``'s momentum (precise-BN recalibration runs one with momentum 1)."""
         self.bn_train = primitive
-        self._set_cfg(float(primitive.momentum))
+        self._set_cfg()
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training:

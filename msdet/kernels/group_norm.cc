@@ -24,6 +24,7 @@
 #include "aot.h"
 #include "activation.h"
 #include "parallel.h"
+#include "reduce.h"
 
 namespace {
 
@@ -39,15 +40,6 @@ bool layout(const int64_t *x, const float *cfg, Layout *out) {
   if (groups <= 0 || x[1] % groups != 0) return false;
   *out = Layout{x[0], x[1], groups, x[1] / groups, x[2] * x[3], cfg[1], cfg[3], static_cast<int>(cfg[2])};
   return true;
-}
-
-// Sum over one channel's plane in float, vectorised (SIMD lanes, then across lanes): the planes' sums are added
-// in double by the callers.
-float plane_sum(const float *p, int64_t hw) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < hw; ++i) s += p[i];
-  return s;
 }
 
 // mean and 1 / sqrt(var + eps) of the group's per_group planes at p (two passes: no cancellation)

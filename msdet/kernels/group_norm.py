@@ -15,7 +15,7 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from msdet.kernels.library import ACTIVATION_CODES, KernelLibrary
+from msdet.kernels.library import ACTIVATION_CODES, FusedActivation, KernelLibrary
 
 # -fno-trapping-math and -ffp-contract=off as activations.py: the fused activations vectorise and agree to the bit
 LIBRARY = KernelLibrary("group_norm", Path(__file__).with_suffix(".cc"),
@@ -23,14 +23,13 @@ LIBRARY = KernelLibrary("group_norm", Path(__file__).with_suffix(".cc"),
                                                                                 "-ffp-contract=off"))
 
 
-class FastGroupNorm(nn.GroupNorm):
+class FastGroupNorm(FusedActivation, nn.GroupNorm):
     """``nn.GroupNorm`` (same parameters, names and checkpoint layout) whose training graph is one fused op each
     way, with the activation :meth:`fuse_activation` names; in eval mode it is the plain ``nn.GroupNorm`` (the
     activation then runs in its own cell)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__(num_groups, num_channels, eps=eps)
-        self.activation, self.slope = None, 0.0
         self._set_cfg()
         grad = LIBRARY.op("gn_bwd", out_shape=lambda x, dy, g, b, cfg: (x, g, g),
                           out_dtype=lambda x, dy, g, b, cfg: (x, x, x))
@@ -45,15 +44,6 @@ class FastGroupNorm(nn.GroupNorm):
         # [groups, eps, activation, slope]
         self.cfg = Tensor([float(self.num_groups), self.eps, ACTIVATION_CODES[self.activation], self.slope],
                           ms.float32)
-
-    def fuse_activation(self, name: str, slope: float = 0.0) -> bool:
-        """Apply activation ``name`` ("leaky_relu" with ``slope``, or "swish") in the training op; False (nothing
-        changed) for an activation the kernel does not have."""
-        if name not in ACTIVATION_CODES or name is None:
-            return False
-        self.activation, self.slope = name, float(slope)
-        self._set_cfg()
-        return True
 
     def construct(self, x: Tensor) -> Tensor:
         if self.training:

@@ -28,6 +28,23 @@ from msdet.kernels import build
 ACTIVATION_CODES = {None: 0.0, "leaky_relu": 1.0, "swish": 2.0}
 
 
+class FusedActivation:
+    """The activation a norm kernel's cell applies after its affine transform (``activation``, ``slope``; none
+    until :meth:`fuse_activation`); the cell rebuilds its config tensor in ``_set_cfg()``."""
+
+    activation: str | None = None
+    slope: float = 0.0
+
+    def fuse_activation(self, name: str, slope: float = 0.0) -> bool:
+        """Apply activation ``name`` ("leaky_relu" with ``slope``, or "swish") in the training op; False (nothing
+        changed) for an activation the kernel does not have."""
+        if name is None or name not in ACTIVATION_CODES:
+            return False
+        self.activation, self.slope = name, float(slope)
+        self._set_cfg()
+        return True
+
+
 def same_as_first(*inputs: Any) -> Any:
     """Shape or dtype function: the first input's."""
     return inputs[0]
