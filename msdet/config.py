@@ -37,10 +37,11 @@ def _f(**meta: Any) -> Any:
 #: the C++ kernels of CPU training (``runtime.cpu_kernels_off`` names them), in the order msdet.kernels installs
 #: them: depthwise_conv (depthwise 3x3/5x5 convs), dense_conv (dense k x k convs on oneDNN 3), batch_norm
 #: (BatchNorm with the activation after it), activations (swish, LeakyReLU, the SE block's mean and gate),
-#: group_norm (NanoDet-Plus's aux head, with its activation), max_pool (ShuffleNetV2's stem pool), grad_norm
-#: (gradient clipping's global norm), adamw_ema (AdamW and the EMA as one op each over all tensors)
-CPU_KERNELS = ("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm", "max_pool", "grad_norm",
-               "adamw_ema")
+#: group_norm (NanoDet-Plus's aux head, with its activation), max_pool (ShuffleNetV2's stem pool), upsample
+#: (GhostPAN's x2 bilinear upsampling), grad_norm (gradient clipping's global norm), adamw_ema (AdamW and the EMA as
+#: one op each over all tensors)
+CPU_KERNELS = ("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm", "max_pool", "upsample",
+               "grad_norm", "adamw_ema")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ The replaceable parts (name: factory arguments -> what it returns):
 
 - ``conv2d``: ``nn.Conv2d``'s arguments -> an ``nn.Conv2d`` subclass, or None when the conv does not fit
 - ``batch_norm2d`` (num_features, eps, momentum), ``group_norm`` (num_groups, num_channels, eps): the norm
-- ``swish``, ``plane_mean``, ``sigmoid_gate``, ``leaky_relu`` (alpha), ``max_pool_3x3s2p1``: a cell that a layer
-  runs in its training graph (``self.fast``)
+- ``swish``, ``plane_mean``, ``sigmoid_gate``, ``leaky_relu`` (alpha), ``max_pool_3x3s2p1``,
+  ``upsample_bilinear2x``: a cell that a layer runs in its training graph (``self.fast``)
 - ``square_sum``: an op over a tuple of tensors; ``adamw_update``, ``ema_update``: the whole-step updates
 """
 from __future__ import annotations

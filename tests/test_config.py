@@ -51,7 +51,7 @@ def test_repo_params_load_and_cover_every_field():
     ({"runtime": {"cpu_kernels_off": "max_pool"}}, r"'runtime.cpu_kernels_off' must be a list"),
     ({"runtime": {"cpu_kernels_off": ["max_pool", "dwconv"]}},
      r"'runtime.cpu_kernels_off' names unknown kernel\(s\) 'dwconv'; valid: depthwise_conv, dense_conv, "
-     r"batch_norm, activations, group_norm, max_pool, grad_norm, adamw_ema$"),
+     r"batch_norm, activations, group_norm, max_pool, upsample, grad_norm, adamw_ema$"),
     ({"runtime": {"cpu_depthwise_kernel": True}}, r"unknown key\(s\) runtime.cpu_depthwise_kernel"),
 ])
 def test_invalid_values_are_named(tmp_path, raw, message):

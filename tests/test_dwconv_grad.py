@@ -11,7 +11,7 @@ from mindspore import Tensor, nn
 from msdet import train_ops
 from msdet.engine.ema import EMA
 from msdet.engine.optim import SquareSum
-from msdet.kernels import activations, build, layer
+from msdet.kernels import activations, build, layer, upsample
 from msdet.kernels import adamw_ema as update
 from msdet.kernels import batch_norm as batchnorm
 from msdet.kernels import dense_conv as denseconv
@@ -21,6 +21,7 @@ from msdet.kernels import group_norm as groupnorm
 from msdet.kernels import max_pool as maxpool
 from msdet.kernels.library import KernelLibrary
 from msdet.models import layers
+from msdet.models.ghostpan import Upsample2x
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
 from tests.helpers import config, conv_output_and_grads, conv_pads, kernels_off, kernels_on
 
@@ -283,10 +284,11 @@ def test_setup_runtime_switches_each_kernel_on_for_cpu_training_only(monkeypatch
         "grad_norm": lambda: SquareSum().fast,
         "adamw_ema": lambda: EMA(nn.Dense(2, 2), 0.9).fast is not None,
         "max_pool": lambda: MaxPool3x3s2p1().fast is not None,
+        "upsample": lambda: Upsample2x().fast is not None,
         "batch_norm": lambda: isinstance(layers.batch_norm2d(4, 1e-5, 0.9), batchnorm.FastBatchNorm2d),
         "dense_conv": lambda: isinstance(layers.conv2d(4, 8, 3), denseconv.FastDenseConv2d),
     }[kernel]
-    for m in (activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update):
+    for m in (activations, batchnorm, denseconv, dwconv, groupnorm, maxpool, sumsq, update, upsample):
         monkeypatch.setattr(m.LIBRARY, "on", m.LIBRARY.on)
     monkeypatch.setattr(ms, "set_device", lambda target: None)   # no GPU here: only the switch is under test
     cfg = dataclasses.replace(config("runtime"), device_target=target, cpu_kernels=switch,

@@ -85,7 +85,7 @@ def _stage_deps(stage: str) -> set[str]:
 def test_only_training_depends_on_kernel_sources_and_each_model_on_its_own():
     """The generated deps (dvc.yaml): no evaluation or export stage names a kernel module or source (they never
     import msdet.kernels, so compile nothing); train_d0 names no NanoDet-only kernel (GroupNorm, the stem
-    max-pool); train_nanodet names every kernel, each source with the headers it includes."""
+    max-pool, the upsampling); train_nanodet names every kernel, each source with the headers it includes."""
     from msdet.kernels import layer
 
     def kernel_files(deps):
@@ -97,7 +97,7 @@ def test_only_training_depends_on_kernel_sources_and_each_model_on_its_own():
             assert not kernel_files(_stage_deps(name)), name
             assert not {d for d in _stage_deps(name) if d.endswith((".cc", ".h"))}, name
     nanodet_only = set(layer.MODEL_KERNELS["nanodet"]) - set(layer.MODEL_KERNELS["d0"])
-    assert nanodet_only == {"group_norm", "max_pool"}
+    assert nanodet_only == {"group_norm", "max_pool", "upsample"}
     train_d0, train_nd = _stage_deps("train_d0"), _stage_deps("train_nanodet")
     for kernel in layer.KERNELS:
         files = {f"msdet/kernels/{kernel}.py", f"msdet/kernels/{kernel}.cc"}

@@ -36,7 +36,7 @@ ASCEND_PRECISION_MODE = "must_keep_origin_dtype"
 #: the CPU kernels (msdet/kernels) that take the network's activations: float32-only, so off at an AMP level
 #: (the BatchNorm and GroupNorm kernels run on float32 islands, the clipping norm and the AdamW/EMA update on
 #: the float32 gradients and weights, so those stay on)
-ACTIVATION_KERNELS = ("depthwise_conv", "activations", "max_pool", "dense_conv")
+ACTIVATION_KERNELS = ("depthwise_conv", "activations", "max_pool", "upsample", "dense_conv")
 
 
 #: cells that stay float32 at both AMP levels: MindSpore's O2 black list, GroupNorm, and NanoDet's distance

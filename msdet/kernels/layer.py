@@ -20,8 +20,8 @@ KERNELS = CPU_KERNELS
 #: model -> the kernels its training graph can use (a literal table: read by msdet.devtools.stage_deps)
 MODEL_KERNELS: dict[str, tuple[str, ...]] = {
     "d0": ("depthwise_conv", "dense_conv", "batch_norm", "activations", "grad_norm", "adamw_ema"),
-    "nanodet": ("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm", "max_pool", "grad_norm",
-                "adamw_ema"),
+    "nanodet": ("depthwise_conv", "dense_conv", "batch_norm", "activations", "group_norm", "max_pool", "upsample",
+                "grad_norm", "adamw_ema"),
 }
 
 
