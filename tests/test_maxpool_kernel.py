@@ -10,7 +10,7 @@ from msdet.kernels import max_pool as maxpool
 from msdet.models.shufflenetv2 import MaxPool3x3s2p1
 from tests.helpers import Weighted, kernels_on
 
-SHAPES = [(2, 3, 8, 6), (1, 2, 7, 5), (1, 1, 1, 1), (2, 4, 2, 9)]
+SHAPES = [(2, 3, 8, 6), (1, 2, 7, 5), (1, 1, 1, 1), (2, 4, 2, 9), (1, 2, 9, 37), (1, 3, 6, 40)]  # wide: vector loop
 
 
 def _reference(x, dy):

