@@ -171,3 +171,48 @@ def test_denormal_inputs_are_read_as_zero(fast):
     for name, got in (("y", y), ("dw", dw)):
         np.testing.assert_array_equal(got, 0.0, err_msg=name)
     assert np.isfinite(dx).all()
+
+
+class _LevelsLoss(nn.Cell):
+    """sum over levels of sum(dy_l * y_l), y = the conv on every level (``conv.levels``, or one call a level)."""
+
+    def __init__(self, conv_cell, dys, shared):
+        super().__init__()
+        self.conv, self.dys, self.shared = conv_cell, tuple(Tensor(d) for d in dys), shared
+
+    def construct(self, *xs):
+        ys = conv.conv_levels(self.conv, self.shared, xs)
+        total = 0.0
+        for y, dy in zip(ys, self.dys):
+            total = total + (y * dy).sum()
+        return total
+
+
+@pytest.mark.parametrize("sizes", [(16, 8, 4, 2), (24, 11, 5)])
+def test_levels_op_is_each_levels_conv_and_sums_the_weight_gradient_in_level_order(fast, sizes):
+    """A conv that a head's levels share, run as one op each way (convs_* of dense_conv.cc): each level's output
+    and input gradient are bit for bit its own conv's, the weight and bias gradients the levels' own added in level
+    order; the largest level is split over two threads, the smallest is not. Eval mode runs one conv a level."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(len(sizes))
+    cell = conv.conv2d(48, 40, 3, pad_mode="pad", padding=1, has_bias=True)
+    assert isinstance(cell, denseconv.FastDenseConv2d) and conv.share_levels(cell, len(sizes))
+    cell.set_train(True)
+    xs = [Tensor(rng.standard_normal((4, 48, s, s)).astype(np.float32)) for s in sizes]
+    dys = [rng.standard_normal((4, 40, s, s)).astype(np.float32) for s in sizes]
+    assert 4 * 48 * 40 * 9 * sizes[0] ** 2 >= 2 << 23  # two pieces at the largest level (dense_conv.cc pieces())
+    params = [cell.weight, cell.bias]
+    ys = cell.levels(tuple(xs))
+    dxs, (dw, db) = ms.grad(_LevelsLoss(cell, dys, True), grad_position=tuple(range(len(xs))), weights=params)(*xs)
+    each = [ms.grad(_LevelsLoss(cell, [dy], False), grad_position=0, weights=params)(x) for x, dy in zip(xs, dys)]
+    for level, (x, y, dx) in enumerate(zip(xs, ys, dxs)):
+        np.testing.assert_array_equal(y.asnumpy(), cell(x).asnumpy(), err_msg=f"level {level}")
+        np.testing.assert_array_equal(dx.asnumpy(), each[level][0].asnumpy(), err_msg=f"level {level}")
+    dw_sum, db_sum = each[0][1][0].asnumpy(), each[0][1][1].asnumpy()
+    for _, (dw_l, db_l) in each[1:]:
+        dw_sum, db_sum = dw_sum + dw_l.asnumpy(), db_sum + db_l.asnumpy()
+    np.testing.assert_array_equal(dw.asnumpy(), dw_sum)
+    np.testing.assert_allclose(db.asnumpy(), db_sum, rtol=1e-5)  # the bias gradient: MindSpore's own sum
+    cell.set_train(False)
+    for x, y in zip(xs, cell.levels(tuple(xs))):
+        np.testing.assert_allclose(y.asnumpy(), cell(x).asnumpy(), rtol=1e-5, atol=1e-5)

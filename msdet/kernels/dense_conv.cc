@@ -24,7 +24,11 @@
 // lanes whose stale values can be denormal: without the flush one of the two pieces took 660 ms instead of 9 at
 // 320 px. Only values below 1.2e-38 are affected.
 // Entry points (the aot signature): conv_fwd_<geometry>(x, w, y) and conv_bwd_<geometry>(x, w, dy, dx, dw),
-// PyTorch's one convolution_backward with both gradients.
+// PyTorch's one convolution_backward with both gradients; convs_fwd_<geometry>(x_0..x_{L-1}, w, y_0..y_{L-1}) and
+// convs_bwd_<geometry>(x_0.., w, dy_0.., dx_0.., dw) run one conv over the L levels of a head whose levels share
+// it (NanoDet-Plus's aux head): the weights reordered once per call instead of once per level, the weight gradient
+// summed over the levels in the op (level order; one MindSpore op each way instead of L, and no AddN). Each
+// level's values are those of its own conv_* call.
 #include <omp.h>
 #include <xmmintrin.h>
 
@@ -218,64 +222,124 @@ int64_t pieces(const Key &k) {
   return macs >= 2 * kMacsPerThread && k[0] % 2 == 0 ? 2 : 1;
 }
 
-// Runs fn(conv, weights, run, piece, x offset, y offset) for each piece of the batch, on parallel_for's threads:
-// the primitives of one piece, the weights reordered once for all pieces (the forward's layout or the input
-// gradient's), and each piece's own arena and stream, OpenMP at one thread.
-template <class Fn>
-void for_each_piece(const Key &key, bool grad, const float *w, Fn fn) {
+// One level of a call: its geometry, its batch pieces and their primitives.
+struct Level {
+  Key key;
+  int64_t pieces;
+  const Conv *conv;
+};
+
+// Runs fn(level, conv, weights, run, piece, x offset, y offset) for each level of the call in turn and each piece
+// of its batch, on parallel_for's threads, then after(level, pieces) on this thread: the primitives of one piece;
+// the weights reordered once per layout the levels' primitives want (the forward's or the input gradient's),
+// shared by all levels and pieces; each piece its own arena (reused by the next level) and stream, OpenMP at one
+// thread.
+template <class Fn, class After>
+void for_each_piece(const std::vector<Key> &keys, bool grad, const float *w, Fn fn, After after) {
   OneThread one;
-  const int64_t n = pieces(key);
-  Key piece_key = key;
-  piece_key[0] = key[0] / n;
-  const Conv &c = conv_for(piece_key);
-  const Port &wp = grad ? *c.w_d : *c.w;
-  const size_t piece_bytes = grad ? c.bwd_bytes() : c.fwd_bytes();
-  char *ws = workspace(wp.bytes() + n * piece_bytes);
+  std::vector<Level> levels;
+  size_t w_bytes = 0, piece_bytes = 0;
+  for (const Key &key : keys) {
+    const int64_t n = pieces(key);
+    Key piece_key = key;
+    piece_key[0] = key[0] / n;
+    const Conv &c = conv_for(piece_key);
+    levels.push_back({key, n, &c});
+    w_bytes += (grad ? *c.w_d : *c.w).bytes();
+    piece_bytes = std::max(piece_bytes, static_cast<size_t>(n) * (grad ? c.bwd_bytes() : c.fwd_bytes()));
+  }
+  char *ws = workspace(w_bytes + piece_bytes);
   Run shared{dnnl::stream(cpu()), Arena{ws}};
-  memory wm = shared.in(wp, w);
-  shared.stream.wait();
-  const int64_t x_step = piece_key[0] * key[1] * key[2] * key[3], y_step = piece_key[0] * key[4] * key[7] * key[8];
-  parallel_for(n, n - 1, 1, [&](int64_t i) {  // one thread per piece, none spare
-    OneThread own;
-    Run run{dnnl::stream(cpu()), Arena{ws + wp.bytes() + i * piece_bytes}};
-    fn(c, wm, run, i, i * x_step, i * y_step);
-    run.stream.wait();
-  }, 1);
+  std::vector<memory> reordered;  // the weights in each layout made so far
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const Level &level = levels[l];
+    const Conv &c = *level.conv;
+    const Port &wp = grad ? *c.w_d : *c.w;
+    memory wm(wp.plain, cpu(), const_cast<float *>(w));
+    if (wp.reorder) {
+      auto made = std::find_if(reordered.begin(), reordered.end(),
+                               [&](const memory &m) { return m.get_desc() == wp.chosen; });
+      if (made == reordered.end()) {
+        reordered.push_back(shared.in(wp, w));
+        shared.stream.wait();
+        made = reordered.end() - 1;
+      }
+      wm = *made;
+    }
+    const int64_t n = level.pieces, batch = level.key[0] / n;
+    const int64_t x_step = batch * level.key[1] * level.key[2] * level.key[3];
+    const int64_t y_step = batch * level.key[4] * level.key[7] * level.key[8];
+    const size_t each = grad ? c.bwd_bytes() : c.fwd_bytes();
+    parallel_for(n, n - 1, 1, [&](int64_t i) {  // one thread per piece, none spare
+      OneThread own;
+      Run run{dnnl::stream(cpu()), Arena{ws + w_bytes + i * each}};
+      fn(l, c, wm, run, i, i * x_step, i * y_step);
+      run.stream.wait();
+    }, 1);
+    after(l, n);
+  }
 }
 
+// The levels of a call with `count` levels: tensor x_l at params[x + l], the weights at params[w], y_l at params[y + l].
+bool keys_of(int count, int64_t stride, bool same, int *ndims, int64_t **shapes, int x, int w, int y,
+             std::vector<Key> *keys) {
+  keys->resize(count);
+  for (int l = 0; l < count; ++l) {
+    if (!key_of(ndims, shapes, stride, same, x + l, w, y + l, &(*keys)[l])) return false;
+  }
+  return true;
+}
+
+// conv(x_l, w) -> y_l for the L levels of a call: x_0..x_{L-1}, w, y_0..y_{L-1} (2L + 1 tensors).
 int forward(int64_t stride, bool same, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (!float32_args(nparam, 3, dtypes)) return 1;
-  Key key;
-  if (!key_of(ndims, shapes, stride, same, 0, 1, 2, &key)) return 1;
-  const auto *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  auto *y = static_cast<float *>(params[2]);
+  const int count = (nparam - 1) / 2;
+  if (count < 1 || !float32_args(nparam, 2 * count + 1, dtypes)) return 1;
+  std::vector<Key> keys;
+  if (!keys_of(count, stride, same, ndims, shapes, 0, count, count + 1, &keys)) return 1;
+  const auto *w = static_cast<const float *>(params[count]);
   try {
-    for_each_piece(key, false, w, [&](const Conv &c, memory &wm, Run &run, int64_t, int64_t xo, int64_t yo) {
+    for_each_piece(keys, false, w, [&](size_t l, const Conv &c, memory &wm, Run &run, int64_t, int64_t xo,
+                                       int64_t yo) {
+      const auto *x = static_cast<const float *>(params[l]);
+      auto *y = static_cast<float *>(params[count + 1 + l]);
       memory xm = run.in(*c.x, x + xo);
       memory ym = run.out(*c.y, y + yo);
       c.fwd.execute(run.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym},
                                  {DNNL_ARG_SCRATCHPAD, run.scratch(c.fwd_scratch)}});
       run.finish(*c.y, ym, y + yo);
-    });
+    }, [](size_t, int64_t) {});
   } catch (const dnnl::error &) {
     return 1;
   }
   return 0;
 }
 
+// Both gradients for the L levels of a call: x_0..x_{L-1}, w, dy_0..dy_{L-1} -> dx_0..dx_{L-1}, dw (3L + 2
+// tensors). dw is the levels' weight gradients added in level order, each the sum of its pieces' in piece order.
 int backward(int64_t stride, bool same, int nparam, void **params, int *ndims, int64_t **shapes,
              const char **dtypes) {
-  if (!float32_args(nparam, 5, dtypes)) return 1;
-  Key key;
-  if (!key_of(ndims, shapes, stride, same, 0, 1, 2, &key)) return 1;
-  const auto *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const auto *dy = static_cast<const float *>(params[2]);
-  auto *dx = static_cast<float *>(params[3]), *dw = static_cast<float *>(params[4]);
-  const int64_t w_size = key[4] * key[1] * key[5] * key[6];
-  std::vector<float *> partial(pieces(key));  // piece i's weight gradient: dw itself for piece 0
+  const int count = (nparam - 2) / 3;
+  if (count < 1 || !float32_args(nparam, 3 * count + 2, dtypes)) return 1;
+  std::vector<Key> keys;
+  if (!keys_of(count, stride, same, ndims, shapes, 0, count, count + 1, &keys)) return 1;
+  const auto *w = static_cast<const float *>(params[count]);
+  auto *dw = static_cast<float *>(params[3 * count + 1]);
+  for (int l = 0; l < count; ++l) {  // dx_l is x_l's shape
+    if (ndims[2 * count + 1 + l] != 4 || numel(4, shapes[2 * count + 1 + l]) != numel(4, shapes[l])) return 1;
+  }
+  const int64_t w_size = keys[0][4] * keys[0][1] * keys[0][5] * keys[0][6];
+  thread_local std::vector<float> level_dw;  // the weight gradient of levels after the first (this thread's)
+  if (count > 1) level_dw.resize(w_size);
+  float *const later_dw = level_dw.data();
+  std::vector<float *> partial(2);  // piece i's weight gradient: the level's own buffer for piece 0
   try {
-    for_each_piece(key, true, w, [&](const Conv &c, memory &wm, Run &run, int64_t i, int64_t xo, int64_t yo) {
-      partial[i] = i == 0 ? dw : static_cast<float *>(run.arena.take(w_size * sizeof(float)));
+    for_each_piece(keys, true, w, [&](size_t l, const Conv &c, memory &wm, Run &run, int64_t i, int64_t xo,
+                                      int64_t yo) {
+      const auto *x = static_cast<const float *>(params[l]);
+      const auto *dy = static_cast<const float *>(params[count + 1 + l]);
+      auto *dx = static_cast<float *>(params[2 * count + 1 + l]);
+      float *level_out = l == 0 ? dw : later_dw;
+      partial[i] = i == 0 ? level_out : static_cast<float *>(run.arena.take(w_size * sizeof(float)));
       memory dy_d = run.in(*c.dy_d, dy + yo);
       memory dxm = run.out(*c.dx, dx + xo);
       memory scratch = run.scratch(c.bwd_scratch);
@@ -288,12 +352,15 @@ int backward(int64_t stride, bool same, int nparam, void **params, int *ndims, i
       c.bwd_weights.execute(run.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dy_w},
                                          {DNNL_ARG_DIFF_WEIGHTS, dwm}, {DNNL_ARG_SCRATCHPAD, scratch}});
       run.finish(*c.dw, dwm, partial[i]);
+    }, [&](size_t l, int64_t n) {
+      for (int64_t i = 1; i < n; ++i) {
+        for (int64_t j = 0; j < w_size; ++j) partial[0][j] += partial[i][j];
+      }
+      if (l == 0) return;
+      for (int64_t j = 0; j < w_size; ++j) dw[j] += later_dw[j];
     });
   } catch (const dnnl::error &) {
     return 1;
-  }
-  for (size_t i = 1; i < partial.size(); ++i) {
-    for (int64_t j = 0; j < w_size; ++j) dw[j] += partial[i][j];
   }
   return 0;
 }
@@ -303,10 +370,18 @@ int backward(int64_t stride, bool same, int nparam, void **params, int *ndims, i
 #define MSDET_DENSECONV(name, S, SAME)                                                                      \
   extern "C" int conv_fwd_##name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
                                  void *, void *) {                                                       \
-    return forward(S, SAME, nparam, params, ndims, shapes, dtypes);                                     \
+    return nparam == 3 ? forward(S, SAME, nparam, params, ndims, shapes, dtypes) : 1;                    \
   }                                                                                                     \
   extern "C" int conv_bwd_##name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
                                  void *, void *) {                                                       \
+    return nparam == 5 ? backward(S, SAME, nparam, params, ndims, shapes, dtypes) : 1;                   \
+  }                                                                                                     \
+  extern "C" int convs_fwd_##name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
+                                  void *, void *) {                                                      \
+    return forward(S, SAME, nparam, params, ndims, shapes, dtypes);                                     \
+  }                                                                                                     \
+  extern "C" int convs_bwd_##name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, \
+                                  void *, void *) {                                                      \
     return backward(S, SAME, nparam, params, ndims, shapes, dtypes);                                    \
   }
 

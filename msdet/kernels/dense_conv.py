@@ -50,6 +50,53 @@ class DenseConv(nn.Cell):
         return self.conv(x, w)
 
 
+def _levels_bprop(grad, levels: int):
+    """The bprop of a ``levels``-level op: MindSpore reads a bprop's arity from its signature (no ``*args``)."""
+    def bprop2(x0, x1, w, out, dout):
+        return grad(x0, x1, w, *dout)
+
+    def bprop3(x0, x1, x2, w, out, dout):
+        return grad(x0, x1, x2, w, *dout)
+
+    def bprop4(x0, x1, x2, x3, w, out, dout):
+        return grad(x0, x1, x2, x3, w, *dout)
+
+    def bprop5(x0, x1, x2, x3, x4, w, out, dout):
+        return grad(x0, x1, x2, x3, x4, w, *dout)
+
+    return {2: bprop2, 3: bprop3, 4: bprop4, 5: bprop5}[levels]
+
+
+#: the level counts :class:`DenseConvLevels` takes (a head with another count runs one conv per level)
+LEVEL_COUNTS = (2, 3, 4, 5)
+
+
+class DenseConvLevels(nn.Cell):
+    """``(conv(x_0, w), .., conv(x_{L-1}, w))`` for the ``levels`` maps of a head that share one conv, as one
+    ``Custom`` primitive each way (``convs_*`` of dense_conv.cc): the weights reordered once, not per level, and
+    their gradient summed over the levels in the op; each level's values those of :class:`DenseConv`."""
+
+    def __init__(self, stride: int, same: bool, levels: int) -> None:
+        super().__init__()
+        name = f"s{stride}_{'same' if same else 'half'}"
+
+        def grad_shape(*shapes):  # x_0.., w, dy_0.. -> dx_0.., dw
+            return (*shapes[:levels], shapes[levels])
+
+        grad = LIBRARY.op(f"convs_bwd_{name}", out_shape=grad_shape, out_dtype=grad_shape)
+        bprop = _levels_bprop(grad, levels)
+
+        def out_shape(*shapes):  # x_0.., w -> y_0..
+            w = shapes[-1]
+            return tuple([x[0], w[0], -(-x[2] // stride), -(-x[3] // stride)] for x in shapes[:-1])
+
+        self.conv = LIBRARY.op(f"convs_fwd_{name}", out_shape=out_shape,
+                               out_dtype=lambda *dtypes: dtypes[:-1], bprop=bprop)
+
+    def construct(self, xs: tuple, w: Tensor) -> tuple:
+        return self.conv(*xs, w)
+
+
 class FastDenseConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, names and checkpoint layout) whose training graph uses :class:`DenseConv`
     (then the bias, if any); in eval mode it is the plain ``nn.Conv2d``."""
@@ -59,6 +106,15 @@ class FastDenseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode=pad_mode, padding=padding,
                          has_bias=has_bias)
         self.fast = DenseConv(kernel_size, stride, pad_mode == "same")
+        self.fast_levels = None
+
+    def share_levels(self, levels: int) -> bool:
+        """Mark this conv as shared by ``levels`` maps, run through :meth:`levels` (a head's tower); False
+        (nothing changed) for a level count :class:`DenseConvLevels` does not take."""
+        if levels not in LEVEL_COUNTS:
+            return False
+        self.fast_levels = DenseConvLevels(self.stride[0], self.pad_mode == "same", levels)
+        return True
 
     def construct(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -67,6 +123,22 @@ class FastDenseConv2d(nn.Conv2d):
         if self.has_bias:
             y = self.bias_add(y, self.bias)
         return y
+
+    def levels(self, xs: tuple) -> tuple:
+        """This conv on every map of ``xs`` (the levels of a head that shares it): in training one op each way for
+        all of them (:class:`DenseConvLevels`), else one conv each."""
+        if not self.training or self.fast_levels is None:
+            out = ()
+            for x in xs:
+                out = out + (self.construct(x),)
+            return out
+        ys = self.fast_levels(xs, self.weight)
+        if not self.has_bias:
+            return ys
+        out = ()
+        for y in ys:
+            out = out + (self.bias_add(y, self.bias),)
+        return out
 
 
 def fits(kernel_size: int, stride: int, pad_mode: str, padding: int, group: int) -> bool:

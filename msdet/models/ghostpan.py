@@ -15,7 +15,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common import initializer as init
 
 from msdet import train_ops
-from msdet.models.layers import batch_norm2d, conv2d, group_norm, norm_act, norm_act_pairs
+from msdet.models.layers import batch_norm2d, conv2d, conv_levels, group_norm, norm_act, norm_act_pairs, share_levels
 from msdet.models.shufflenetv2 import activation_cell
 
 
@@ -64,9 +64,23 @@ class ConvModule(nn.Cell):
             if self.norm_name is not None:
                 norm_act(getattr(self, self.norm_name), self.act)
         kaiming_normal_fan_out(self.conv)
+        self.shared_levels = False
+
+    def share_levels(self, levels: int) -> None:
+        """Run the conv of :meth:`levels` as one op for ``levels`` maps where it can (:func:`layers.share_levels`)."""
+        self.shared_levels = share_levels(self.conv, levels)
+
+    def levels(self, xs: tuple) -> tuple:
+        """This module on every map of ``xs`` (the levels of a head's tower that shares it)."""
+        out = ()
+        for y in conv_levels(self.conv, self.shared_levels, xs):
+            out = out + (self.norm_and_act(y),)
+        return out
 
     def construct(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
+        return self.norm_and_act(self.conv(x))
+
+    def norm_and_act(self, x: Tensor) -> Tensor:
         if self.norm_name == "bn":
             x = self.bn(x)
         elif self.norm_name == "gn":

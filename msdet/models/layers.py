@@ -51,6 +51,24 @@ def norm_act(norm: nn.Cell, act: nn.Cell) -> None:
         act.fused_into_norm = True
 
 
+def share_levels(conv: nn.Cell, levels: int) -> bool:
+    """Mark ``conv`` as shared by the ``levels`` maps of a head, run through :func:`conv_levels`: where it is a
+    kernel-backed conv (``share_levels``), its training graph runs all levels as one op each way. False where
+    nothing changed (each level then runs the conv on its own)."""
+    share = getattr(conv, "share_levels", None)
+    return bool(share is not None and share(levels))
+
+
+def conv_levels(conv: nn.Cell, shared: bool, xs: tuple) -> tuple:
+    """``conv`` on every map of ``xs``; ``shared``: what :func:`share_levels` returned for it."""
+    if shared:
+        return conv.levels(xs)
+    out = ()
+    for x in xs:
+        out = out + (conv(x),)
+    return out
+
+
 def norm_act_pairs(cells: list) -> list:
     """``cells`` (a SequentialCell's list) with :func:`norm_act` applied to every norm directly followed by an
     activation."""

@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from msdet.models.ghostpan import ConvModule, DepthwiseConvModule, GhostPAN, normal_init
-from msdet.models.layers import conv2d
+from msdet.models.layers import conv2d, conv_levels, share_levels
 from msdet.models.shufflenetv2 import ShuffleNetV2
 from msdet.ops.distance_coder import Integral
 
@@ -119,20 +119,23 @@ class SimpleConvHead(nn.Cell):
         self.scales = nn.CellList([Scale(1.0) for _ in strides])
         for m in list(self.cls_convs) + list(self.reg_convs):
             normal_init(m.conv, 0.01)
+            m.share_levels(self.num_levels)
         normal_init(self.gfl_cls, 0.01, CLS_BIAS_INIT)
         normal_init(self.gfl_reg, 0.01, 0.0)
+        self.gfl_shared = (share_levels(self.gfl_cls, self.num_levels), share_levels(self.gfl_reg, self.num_levels))
 
     def construct(self, feats: tuple) -> Tensor:
+        # conv by conv over all levels (the same values as level by level): the CPU kernel runs a conv that the
+        # levels share as one op each way (msdet.models.layers.share_levels)
+        cls_feats, reg_feats = feats, feats
+        for j in range(self.stacked_convs):
+            cls_feats = self.cls_convs[j].levels(cls_feats)
+            reg_feats = self.reg_convs[j].levels(reg_feats)
+        cls_scores = conv_levels(self.gfl_cls, self.gfl_shared[0], cls_feats)
+        bbox_preds = conv_levels(self.gfl_reg, self.gfl_shared[1], reg_feats)
         outs = []
         for lvl in range(self.num_levels):
-            cls_feat = feats[lvl]
-            reg_feat = feats[lvl]
-            for j in range(self.stacked_convs):
-                cls_feat = self.cls_convs[j](cls_feat)
-                reg_feat = self.reg_convs[j](reg_feat)
-            cls_score = self.gfl_cls(cls_feat)
-            bbox_pred = self.scales[lvl](self.gfl_reg(reg_feat))
-            outs.append(ops.concat((cls_score, bbox_pred), axis=1))
+            outs.append(ops.concat((cls_scores[lvl], self.scales[lvl](bbox_preds[lvl])), axis=1))
         return _flatten_levels(outs)
 
 
