@@ -126,6 +126,19 @@ void fused_backward_channel(const FusedArgs &a, int64_t c) {
   }
 }
 
+// The arguments both entry points have: x (params[0]), gamma and beta (params[gamma], params[gamma + 1]), the cfg
+// [eps, momentum, activation, slope] (params[cfg]), the sizes.
+FusedArgs common_args(void **params, int64_t **shapes, int gamma, int cfg_at) {
+  const float *cfg = static_cast<const float *>(params[cfg_at]);
+  FusedArgs a{};
+  a.x = static_cast<const float *>(params[0]);
+  a.gamma = static_cast<const float *>(params[gamma]);
+  a.beta = static_cast<const float *>(params[gamma + 1]);
+  a.eps = cfg[0], a.momentum = cfg[1], a.act = static_cast<int>(cfg[2]), a.slope = cfg[3];
+  a.n = shapes[0][0], a.c = shapes[0][1], a.hw = shapes[0][2] * shapes[0][3];
+  return a;
+}
+
 template <class Fn>
 void over_channels(const FusedArgs &a, Fn fn) {
   parallel_for(a.c, a.n * a.c * a.hw, int64_t{1} << 16, fn);
@@ -137,18 +150,12 @@ void over_channels(const FusedArgs &a, Fn fn) {
 extern "C" int bn_act_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                           void *) {
   if (!float32_args(nparam, 9, dtypes) || ndims[0] != 4) return 1;
-  const float *cfg = static_cast<const float *>(params[5]);
-  FusedArgs a{};
-  a.x = static_cast<const float *>(params[0]);
-  a.gamma = static_cast<const float *>(params[1]);
-  a.beta = static_cast<const float *>(params[2]);
+  FusedArgs a = common_args(params, shapes, 1, 5);
   a.moving_mean = static_cast<float *>(params[3]);
   a.moving_var = static_cast<float *>(params[4]);
-  a.eps = cfg[0], a.momentum = cfg[1], a.act = static_cast<int>(cfg[2]), a.slope = cfg[3];
   a.y_or_dx = static_cast<float *>(params[6]);
   a.mean = static_cast<float *>(params[7]);
   a.var = static_cast<float *>(params[8]);
-  a.n = shapes[0][0], a.c = shapes[0][1], a.hw = shapes[0][2] * shapes[0][3];
   const bool known = with_act(a.act, [&](auto act) {
     over_channels(a, [&](int64_t c) { fused_forward_channel<decltype(act)::value>(a, c); });
   });
@@ -159,19 +166,13 @@ extern "C" int bn_act_fwd(int nparam, void **params, int *ndims, int64_t **shape
 extern "C" int bn_act_bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                           void *) {
   if (!float32_args(nparam, 10, dtypes) || ndims[0] != 4) return 1;
-  const float *cfg = static_cast<const float *>(params[6]);
-  FusedArgs a{};
-  a.x = static_cast<const float *>(params[0]);
+  FusedArgs a = common_args(params, shapes, 2, 6);
   a.dy = static_cast<const float *>(params[1]);
-  a.gamma = static_cast<const float *>(params[2]);
-  a.beta = static_cast<const float *>(params[3]);
   a.mean = static_cast<float *>(params[4]);
   a.var = static_cast<float *>(params[5]);
-  a.eps = cfg[0], a.momentum = cfg[1], a.act = static_cast<int>(cfg[2]), a.slope = cfg[3];
   a.y_or_dx = static_cast<float *>(params[7]);
   a.dgamma = static_cast<float *>(params[8]);
   a.dbeta = static_cast<float *>(params[9]);
-  a.n = shapes[0][0], a.c = shapes[0][1], a.hw = shapes[0][2] * shapes[0][3];
   const bool known = with_act(a.act, [&](auto act) {
     over_channels(a, [&](int64_t c) { fused_backward_channel<decltype(act)::value>(a, c); });
   });

@@ -57,13 +57,20 @@ void grad_plane(const float *dy, int64_t h, int64_t w, float *dx) {
   for (int64_t j = 0; j < w; ++j) down_line(t.data() + j, h, w, dx + j, w);
 }
 
+// N * C planes of h x w (`small`, 4-D) against planes of 2h x 2w (`large`, 4-D): false where they do not pair.
+bool paired(int *ndims, int64_t **shapes, int small, int large, int64_t *planes, int64_t *h, int64_t *w) {
+  if (ndims[small] != 4 || ndims[large] != 4) return false;
+  const int64_t *s = shapes[small], *l = shapes[large];
+  *planes = s[0] * s[1], *h = s[2], *w = s[3];
+  return l[0] * l[1] == *planes && l[2] == 2 * *h && l[3] == 2 * *w;
+}
+
 }  // namespace
 
 extern "C" int up2_fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                        void *) {
-  if (!float32_args(nparam, 2, dtypes) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const int64_t planes = shapes[0][0] * shapes[0][1], h = shapes[0][2], w = shapes[0][3];
-  if (shapes[1][0] * shapes[1][1] != planes || shapes[1][2] != 2 * h || shapes[1][3] != 2 * w) return 1;
+  int64_t planes, h, w;
+  if (!float32_args(nparam, 2, dtypes) || !paired(ndims, shapes, 0, 1, &planes, &h, &w)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   parallel_for(planes, planes * 4 * h * w, kValuesPerThread,
@@ -73,9 +80,8 @@ extern "C" int up2_fwd(int nparam, void **params, int *ndims, int64_t **shapes, 
 
 extern "C" int up2_dx(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                       void *) {
-  if (!float32_args(nparam, 2, dtypes) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const int64_t planes = shapes[1][0] * shapes[1][1], h = shapes[1][2], w = shapes[1][3];
-  if (shapes[0][0] * shapes[0][1] != planes || shapes[0][2] != 2 * h || shapes[0][3] != 2 * w) return 1;
+  int64_t planes, h, w;
+  if (!float32_args(nparam, 2, dtypes) || !paired(ndims, shapes, 1, 0, &planes, &h, &w)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   float *dx = static_cast<float *>(params[1]);
   parallel_for(planes, planes * 4 * h * w, kValuesPerThread,
